@@ -1,0 +1,295 @@
+//! `concord`: run a node, bridge stdio clients to it, and use it from the shell.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use concord_config::Config;
+use concord_mcp::{ClientError, NodeClient};
+use serde_json::{Map, Value};
+
+const DEFAULT_URL: &str = "http://127.0.0.1:8811/mcp";
+
+#[derive(Parser)]
+#[command(name = "concord", version, about = "One MCP endpoint over many MCP servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node fronting the servers in a config file.
+    Up(UpArgs),
+    /// Bridge this process's stdin/stdout to a node, for stdio-only MCP clients.
+    Connect {
+        /// The node's MCP endpoint.
+        #[arg(env = "CONCORD_URL", default_value = DEFAULT_URL)]
+        url: String,
+    },
+    /// List or call the tools a running node exposes.
+    #[command(subcommand)]
+    Tools(ToolsCommand),
+    /// Check a config file without starting anything.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// concord.toml, or an `mcpServers` JSON file (Claude Desktop, Cursor, .mcp.json).
+    #[arg(long, short, default_value = "concord.toml")]
+    config: PathBuf,
+    /// Address to listen on (default: node.listen from the config, else 127.0.0.1:8811).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Where the node keeps its data (default: node.data_dir, else ./.concord).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ToolsCommand {
+    /// List every tool, namespaced as the node exposes it.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Call a tool: `concord tools call everything__echo --arg message=hi`.
+    Call {
+        name: String,
+        /// `key=value`; the value is read as JSON where the tool's schema does not say
+        /// it is a string (`--arg n=3`, `--arg 'tags=["a","b"]'`).
+        #[arg(long = "arg", short = 'a', value_name = "KEY=VALUE")]
+        args: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Args)]
+struct Target {
+    /// The node's MCP endpoint.
+    #[arg(long, env = "CONCORD_URL", default_value = DEFAULT_URL)]
+    url: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file and print the servers it defines.
+    Check { file: PathBuf },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    concord_telemetry::init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Up(args) => up(args).await,
+        Command::Connect { url } => {
+            concord_mcp::run_stdio_bridge(&url).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Tools(ToolsCommand::List { target }) => tools_list(target).await,
+        Command::Tools(ToolsCommand::Call { name, args, target }) => {
+            tools_call(&name, &args, target).await
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            let config = Config::load(&file)?;
+            for server in &config.servers {
+                println!("{:<24} {}", server.name, server.transport.kind());
+            }
+            println!("{}: {} servers, OK", file.display(), config.servers.len());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn up(args: UpArgs) -> Result<std::process::ExitCode> {
+    let config = Config::load(&args.config)?;
+    let listen = args
+        .listen
+        .or(config.node.listen)
+        .unwrap_or_else(|| concord_config::DEFAULT_LISTEN.parse().expect("valid default"));
+    let data_dir = args
+        .data_dir
+        .or_else(|| config.node.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(".concord"));
+    let node = concord_node::start(
+        &config,
+        concord_node::NodeOptions { listen, data_dir },
+    )
+    .await?;
+    println!("Concord node listening; MCP endpoint: {}", node.mcp_url());
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let ready = tokio::select! {
+        ready = node.wait_ready() => Some(ready),
+        _ = tokio::signal::ctrl_c() => None,
+        _ = sigterm.recv() => None,
+    };
+    match ready {
+        Some(Err(error)) => {
+            node.shutdown().await;
+            bail!(error);
+        }
+        Some(Ok(())) => {
+            for server in node.gateway().status() {
+                let detail = server.reason.clone().unwrap_or_else(|| format!("{} tools", server.tools));
+                println!("  {:<20} {:<16} {:<10} {detail}", server.name, server.transport, server.state);
+            }
+            println!("Ready: {} tools. Press Ctrl-C to stop.", node.gateway().tool_count());
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = sigterm.recv() => {}
+            }
+        }
+        None => {}
+    }
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn tools_list(target: Target) -> Result<std::process::ExitCode> {
+    let client = NodeClient::connect(&target.url).await?;
+    let tools = client.list_tools().await;
+    client.close().await;
+    let tools = tools?;
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&tools)?);
+    } else {
+        let width = tools
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .map(str::len)
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        println!("{:<width$}  DESCRIPTION", "NAME");
+        for tool in &tools {
+            let name = tool["name"].as_str().unwrap_or_default();
+            let description = tool["description"].as_str().unwrap_or_default();
+            let first_line = description.lines().next().unwrap_or_default();
+            println!("{name:<width$}  {}", truncate(first_line, 100));
+        }
+        println!("{} tools", tools.len());
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        let cut: String = text.chars().take(max - 1).collect();
+        format!("{cut}…")
+    }
+}
+
+/// Parses `--arg key=value` pairs, reading values as JSON unless the tool's schema declares
+/// the property a string.
+fn parse_args(pairs: &[String], schema: Option<&Value>) -> Result<Map<String, Value>> {
+    let mut out = Map::new();
+    for pair in pairs {
+        let Some((key, raw)) = pair.split_once('=') else {
+            bail!("--arg {pair:?}: expected KEY=VALUE");
+        };
+        let declared_string = schema
+            .and_then(|s| s["properties"][key]["type"].as_str())
+            .is_some_and(|t| t == "string");
+        let value = if declared_string {
+            Value::String(raw.to_string())
+        } else {
+            serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
+        };
+        out.insert(key.to_string(), value);
+    }
+    Ok(out)
+}
+
+async fn tools_call(name: &str, args: &[String], target: Target) -> Result<std::process::ExitCode> {
+    let client = NodeClient::connect(&target.url).await?;
+    let outcome = async {
+        let tools = client.list_tools().await?;
+        let schema = tools
+            .iter()
+            .find(|t| t["name"].as_str() == Some(name))
+            .map(|t| t["inputSchema"].clone());
+        let arguments = parse_args(args, schema.as_ref()).map_err(|e| ClientError::Other(e.to_string()))?;
+        client.call_tool(name, arguments).await
+    }
+    .await;
+    client.close().await;
+    let result = match outcome {
+        Ok(result) => result,
+        Err(ClientError::Rpc { code, message, .. }) => {
+            eprintln!("error {code}: {message}");
+            return Ok(std::process::ExitCode::from(1));
+        }
+        Err(other) => return Err(other.into()),
+    };
+    let is_error = result["isError"].as_bool() == Some(true);
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        for item in result["content"].as_array().into_iter().flatten() {
+            match item["type"].as_str() {
+                Some("text") => println!("{}", item["text"].as_str().unwrap_or_default()),
+                Some(kind @ ("image" | "audio")) => println!(
+                    "[{kind}: {}, {} base64 bytes]",
+                    item["mimeType"].as_str().unwrap_or("?"),
+                    item["data"].as_str().map_or(0, str::len)
+                ),
+                _ => println!("{}", serde_json::to_string_pretty(item)?),
+            }
+        }
+        if let Some(structured) = result.get("structuredContent") {
+            println!("{}", serde_json::to_string_pretty(structured)?);
+        }
+    }
+    Ok(if is_error {
+        std::process::ExitCode::from(1)
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn args_follow_schema_then_json() {
+        let schema = json!({"properties": {"message": {"type": "string"}, "n": {"type": "number"}}});
+        let args = parse_args(
+            &["message=42".into(), "n=3".into(), "tags=[\"a\"]".into(), "free=hello".into()],
+            Some(&schema),
+        )
+        .unwrap();
+        assert_eq!(args["message"], json!("42"));
+        assert_eq!(args["n"], json!(3));
+        assert_eq!(args["tags"], json!(["a"]));
+        assert_eq!(args["free"], json!("hello"));
+        assert!(parse_args(&["novalue".into()], None).is_err());
+    }
+}

@@ -1,0 +1,160 @@
+//! Concord's configuration: the user-facing file formats (`concord.toml` and the standard
+//! `mcpServers` JSON used by Claude Desktop, Cursor and `.mcp.json`) turned into one validated
+//! [`Config`]. This is the only crate that parses configuration; everything downstream receives
+//! already-checked values and never re-validates them.
+
+mod duration;
+mod env;
+mod error;
+mod raw;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use duration::parse_duration;
+pub use env::expand_vars;
+pub use error::ConfigError;
+
+/// Default loopback address a node listens on when neither the file nor the CLI names one.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8811";
+/// Default request body limit for `/mcp` (bytes).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Default per-upstream request timeout.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default interval between MCP `ping` health checks of each upstream.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+/// Names that Concord keeps for its own built-in tools.
+pub const RESERVED_SERVER_NAMES: &[&str] = &["concord", "agents"];
+/// Separator between a server name and a tool or prompt name in the gateway's namespace.
+pub const NAMESPACE_SEPARATOR: &str = "__";
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from, if any (errors and relative paths refer to it).
+    pub source: Option<PathBuf>,
+    pub node: NodeSettings,
+    /// Upstream servers, sorted by name.
+    pub servers: Vec<ServerSpec>,
+}
+
+/// Settings of the node itself (the `[node]` table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSettings {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    /// Extra `Host` header values accepted on `/mcp` besides loopback names.
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins accepted on `/mcp`; empty means requests carrying an `Origin` are
+    /// accepted only from loopback origins.
+    pub allowed_origins: Vec<String>,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub health_interval: Duration,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            data_dir: None,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            health_interval: DEFAULT_HEALTH_INTERVAL,
+        }
+    }
+}
+
+/// One upstream MCP server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSpec {
+    pub name: String,
+    pub transport: TransportSpec,
+    pub prefix: PrefixMode,
+    pub request_timeout: Duration,
+}
+
+/// How to reach an upstream server.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TransportSpec {
+    /// A child process speaking MCP over stdin/stdout.
+    Stdio {
+        command: String,
+        args: Vec<String>,
+        env: BTreeMap<String, String>,
+        cwd: Option<PathBuf>,
+    },
+    /// Streamable HTTP (MCP 2025-03-26 and later).
+    StreamableHttp {
+        url: String,
+        headers: BTreeMap<String, String>,
+    },
+    /// The legacy HTTP+SSE transport (MCP 2024-11-05).
+    Sse {
+        url: String,
+        headers: BTreeMap<String, String>,
+    },
+}
+
+impl TransportSpec {
+    /// A short name for logs and status output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TransportSpec::Stdio { .. } => "stdio",
+            TransportSpec::StreamableHttp { .. } => "streamable-http",
+            TransportSpec::Sse { .. } => "sse",
+        }
+    }
+}
+
+/// When a server's tool and prompt names get the `SERVER__` prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefixMode {
+    /// Always `SERVER__NAME` (the default).
+    #[default]
+    Always,
+    /// Bare names, prefixed only when another server exposes the same name.
+    Conditional,
+    /// Bare names; two servers exposing the same name is an error.
+    Never,
+}
+
+impl Config {
+    /// Reads and validates a configuration file. The format follows the extension (`.json`
+    /// means the `mcpServers` format); anything else is read as TOML.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            file: path.to_path_buf(),
+            source: e,
+        })?;
+        Self::from_str_at(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses configuration text as if it had been read from `path`, expanding `${VAR}` with
+    /// `lookup`. Tests pass their own lookup so they never touch the process environment.
+    pub fn from_str_at(
+        text: &str,
+        path: &Path,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let is_json = path
+            .extension()
+            .is_some_and(|ext| ext.eq_ignore_ascii_case("json"));
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut config = if is_json {
+            raw::parse_json(text, path)?.into_config(path, &base_dir, lookup)?
+        } else {
+            raw::parse_toml(text, path)?.into_config(path, &base_dir, lookup)?
+        };
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,448 @@
+//! The user-facing shapes of the two file formats, kept apart from the validated [`Config`] so
+//! that the formats can evolve without the rest of Concord noticing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::{
+    Config, ConfigError, NAMESPACE_SEPARATOR, NodeSettings, PrefixMode, RESERVED_SERVER_NAMES,
+    ServerSpec, TransportSpec, expand_vars, parse_duration,
+};
+
+type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TomlFile {
+    #[serde(default)]
+    node: RawNode,
+    #[serde(default)]
+    servers: BTreeMap<String, TomlServer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    listen: Option<String>,
+    data_dir: Option<String>,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
+    max_body_bytes: Option<usize>,
+    request_timeout: Option<String>,
+    health_interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlServer {
+    command: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    transport: Option<TransportKind>,
+    prefix: Option<PrefixMode>,
+    timeout: Option<String>,
+    #[serde(default = "yes")]
+    enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+enum TransportKind {
+    #[serde(rename = "stdio")]
+    Stdio,
+    #[serde(
+        rename = "streamable-http",
+        alias = "streamable_http",
+        alias = "streamableHttp",
+        alias = "http"
+    )]
+    StreamableHttp,
+    #[serde(rename = "sse")]
+    Sse,
+}
+
+/// The `mcpServers` JSON of Claude Desktop, Cursor, Windsurf and `.mcp.json` files. Keys outside
+/// `mcpServers` belong to the host application and are ignored; inside an entry, the extra keys
+/// those applications define are tolerated and anything else is an error.
+#[derive(Debug, Deserialize)]
+pub(crate) struct JsonFile {
+    #[serde(rename = "mcpServers", alias = "servers")]
+    mcp_servers: Option<BTreeMap<String, JsonServer>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct JsonServer {
+    command: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(rename = "type", alias = "transport", alias = "transportType")]
+    kind: Option<TransportKind>,
+    #[serde(default)]
+    disabled: bool,
+    /// Milliseconds, as Cline and others write it.
+    timeout: Option<u64>,
+    // Host-application settings that mean nothing to a gateway.
+    #[serde(default, rename = "autoApprove", alias = "alwaysAllow")]
+    _auto_approve: serde_json::Value,
+    #[serde(default, rename = "description")]
+    _description: serde_json::Value,
+}
+
+pub(crate) fn parse_toml(text: &str, file: &Path) -> Result<TomlFile, ConfigError> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
+        file: file.to_path_buf(),
+        location: toml_location(text, e.span()),
+        message: e.message().to_string(),
+    })?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key: if key == "." { "(top level)".into() } else { key },
+            message: format!("{}{}", toml_location(text, inner.span()), inner.message()),
+        }
+    })
+}
+
+fn toml_location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {column}: ")
+}
+
+pub(crate) fn parse_json(text: &str, file: &Path) -> Result<JsonFile, ConfigError> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ConfigError::Syntax {
+                file: file.to_path_buf(),
+                location: format!("line {}, column {}: ", inner.line(), inner.column()),
+                message: inner.to_string(),
+            }
+        } else {
+            ConfigError::Invalid {
+                file: file.to_path_buf(),
+                key: if key == "." { "(top level)".into() } else { key },
+                message: inner.to_string(),
+            }
+        }
+    })
+}
+
+/// The fields both formats share, after format-specific renaming.
+struct CommonServer {
+    command: Option<String>,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    url: Option<String>,
+    headers: BTreeMap<String, String>,
+    kind: Option<TransportKind>,
+    prefix: Option<PrefixMode>,
+    timeout: Option<std::time::Duration>,
+}
+
+impl TomlFile {
+    pub(crate) fn into_config(
+        self,
+        file: &Path,
+        base_dir: &Path,
+        lookup: Lookup<'_>,
+    ) -> Result<Config, ConfigError> {
+        let node = self.node.into_settings(file, base_dir)?;
+        let mut servers = Vec::new();
+        for (name, raw) in self.servers {
+            if !raw.enabled {
+                continue;
+            }
+            let timeout = match &raw.timeout {
+                Some(text) => Some(parse_duration(text).map_err(|m| {
+                    ConfigError::invalid(file, format!("servers.{name}.timeout"), m)
+                })?),
+                None => None,
+            };
+            let common = CommonServer {
+                command: raw.command,
+                args: raw.args,
+                env: raw.env,
+                cwd: raw.cwd,
+                url: raw.url,
+                headers: raw.headers,
+                kind: raw.transport,
+                prefix: raw.prefix,
+                timeout,
+            };
+            servers.push(common.into_spec(&name, "servers", file, base_dir, &node, lookup)?);
+        }
+        Ok(Config {
+            source: None,
+            node,
+            servers,
+        })
+    }
+}
+
+impl JsonFile {
+    pub(crate) fn into_config(
+        self,
+        file: &Path,
+        base_dir: &Path,
+        lookup: Lookup<'_>,
+    ) -> Result<Config, ConfigError> {
+        let Some(entries) = self.mcp_servers else {
+            return Err(ConfigError::invalid(
+                file,
+                "mcpServers",
+                "missing: expected an object mapping server names to {\"command\": ...} or {\"url\": ...}",
+            ));
+        };
+        let node = NodeSettings::default();
+        let mut servers = Vec::new();
+        for (name, raw) in entries {
+            if raw.disabled {
+                continue;
+            }
+            let common = CommonServer {
+                command: raw.command,
+                args: raw.args,
+                env: raw.env,
+                cwd: raw.cwd,
+                url: raw.url,
+                headers: raw.headers,
+                kind: raw.kind,
+                prefix: None,
+                timeout: raw.timeout.map(std::time::Duration::from_millis),
+            };
+            servers.push(common.into_spec(&name, "mcpServers", file, base_dir, &node, lookup)?);
+        }
+        Ok(Config {
+            source: None,
+            node,
+            servers,
+        })
+    }
+}
+
+impl RawNode {
+    fn into_settings(self, file: &Path, base_dir: &Path) -> Result<NodeSettings, ConfigError> {
+        let mut settings = NodeSettings::default();
+        if let Some(listen) = self.listen {
+            settings.listen = Some(listen.parse::<SocketAddr>().map_err(|_| {
+                ConfigError::invalid(
+                    file,
+                    "node.listen",
+                    format!("expected an address like \"127.0.0.1:8811\", got {listen:?}"),
+                )
+            })?);
+        }
+        settings.data_dir = self.data_dir.map(|d| base_dir.join(d));
+        settings.allowed_hosts = self.allowed_hosts;
+        for (i, origin) in self.allowed_origins.iter().enumerate() {
+            if !(origin == "null" || origin.starts_with("http://") || origin.starts_with("https://"))
+            {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("node.allowed_origins[{i}]"),
+                    format!("expected an origin with a scheme like \"https://app.example.com\", got {origin:?}"),
+                ));
+            }
+        }
+        settings.allowed_origins = self.allowed_origins;
+        if let Some(bytes) = self.max_body_bytes {
+            if bytes < 1024 {
+                return Err(ConfigError::invalid(
+                    file,
+                    "node.max_body_bytes",
+                    format!("expected at least 1024 bytes, got {bytes}"),
+                ));
+            }
+            settings.max_body_bytes = bytes;
+        }
+        if let Some(text) = self.request_timeout {
+            settings.request_timeout = parse_duration(&text)
+                .map_err(|m| ConfigError::invalid(file, "node.request_timeout", m))?;
+        }
+        if let Some(text) = self.health_interval {
+            settings.health_interval = parse_duration(&text)
+                .map_err(|m| ConfigError::invalid(file, "node.health_interval", m))?;
+        }
+        Ok(settings)
+    }
+}
+
+impl CommonServer {
+    fn into_spec(
+        self,
+        name: &str,
+        table: &str,
+        file: &Path,
+        base_dir: &Path,
+        node: &NodeSettings,
+        lookup: Lookup<'_>,
+    ) -> Result<ServerSpec, ConfigError> {
+        let key = |field: &str| format!("{table}.{name}{field}");
+        validate_server_name(name).map_err(|m| ConfigError::invalid(file, key(""), m))?;
+        let expand = |field: String, value: &str| {
+            expand_vars(value, lookup).map_err(|m| ConfigError::invalid(file, field, m))
+        };
+
+        let transport = match (self.command, self.url) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    key(""),
+                    "has both `command` and `url`: expected `command` (stdio) or `url` (HTTP), not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    key(""),
+                    "needs `command` (a stdio server) or `url` (a streamable HTTP or SSE server)",
+                ));
+            }
+            (Some(command), None) => {
+                if matches!(self.kind, Some(k) if k != TransportKind::Stdio) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        key(".transport"),
+                        "a server with `command` uses the stdio transport; remove `transport` or use `url`",
+                    ));
+                }
+                if !self.headers.is_empty() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        key(".headers"),
+                        "headers apply to HTTP servers only; pass secrets to a stdio server through `env`",
+                    ));
+                }
+                let command = expand(key(".command"), &command)?;
+                if command.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        key(".command"),
+                        "expected a program name or path, got an empty string",
+                    ));
+                }
+                let args = self
+                    .args
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| expand(key(&format!(".args[{i}]")), a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let env = self
+                    .env
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), expand(key(&format!(".env.{k}")), v)?)))
+                    .collect::<Result<BTreeMap<_, _>, ConfigError>>()?;
+                let cwd = match self.cwd {
+                    Some(cwd) => Some(base_dir.join(expand(key(".cwd"), &cwd)?)),
+                    None => None,
+                };
+                TransportSpec::Stdio {
+                    command,
+                    args,
+                    env,
+                    cwd,
+                }
+            }
+            (None, Some(url)) => {
+                if !self.args.is_empty() || !self.env.is_empty() || self.cwd.is_some() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        key(""),
+                        "`args`, `env` and `cwd` apply to stdio servers only (this one has `url`)",
+                    ));
+                }
+                let url = expand(key(".url"), &url)?;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        key(".url"),
+                        format!("expected an http:// or https:// URL, got {url:?}"),
+                    ));
+                }
+                let headers = self
+                    .headers
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), expand(key(&format!(".headers.{k}")), v)?)))
+                    .collect::<Result<BTreeMap<_, _>, ConfigError>>()?;
+                let path_says_sse = url
+                    .split(['?', '#'])
+                    .next()
+                    .is_some_and(|p| p.trim_end_matches('/').ends_with("/sse"));
+                match self.kind {
+                    Some(TransportKind::Stdio) => {
+                        return Err(ConfigError::invalid(
+                            file,
+                            key(".transport"),
+                            "\"stdio\" needs `command`; a server with `url` is \"streamable-http\" or \"sse\"",
+                        ));
+                    }
+                    Some(TransportKind::Sse) => TransportSpec::Sse { url, headers },
+                    None if path_says_sse => TransportSpec::Sse { url, headers },
+                    _ => TransportSpec::StreamableHttp { url, headers },
+                }
+            }
+        };
+        Ok(ServerSpec {
+            name: name.to_string(),
+            transport,
+            prefix: self.prefix.unwrap_or_default(),
+            request_timeout: self.timeout.unwrap_or(node.request_timeout),
+        })
+    }
+}
+
+fn validate_server_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("server names must be 1 to 64 characters long".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "server name {name:?} may contain only letters, digits, '-' and '_'"
+        ));
+    }
+    if name.contains(NAMESPACE_SEPARATOR) || name.starts_with('_') || name.ends_with('_') {
+        return Err(format!(
+            "server name {name:?} must not contain \"{NAMESPACE_SEPARATOR}\" or start or end with '_' (it separates server and tool names)"
+        ));
+    }
+    if RESERVED_SERVER_NAMES.contains(&name) {
+        return Err(format!(
+            "server name {name:?} is reserved for Concord's built-in tools"
+        ));
+    }
+    Ok(())
+}

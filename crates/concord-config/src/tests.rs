@@ -1,0 +1,165 @@
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "GH_TOKEN" => Some("ghp_test".into()),
+        "HOME_DIR" => Some("/home/u".into()),
+        _ => None,
+    }
+}
+
+fn toml(text: &str) -> Result<Config, ConfigError> {
+    Config::from_str_at(text, Path::new("/etc/concord/concord.toml"), &env)
+}
+
+fn json(text: &str) -> Result<Config, ConfigError> {
+    Config::from_str_at(text, Path::new("/home/u/.mcp.json"), &env)
+}
+
+#[test]
+fn toml_with_every_transport() {
+    let config = toml(
+        r#"
+        [node]
+        listen = "127.0.0.1:9000"
+        request_timeout = "5s"
+
+        [servers.fs]
+        command = "npx"
+        args = ["-y", "@modelcontextprotocol/server-filesystem", "${HOME_DIR}"]
+        cwd = "work"
+
+        [servers.github]
+        url = "https://api.example.com/mcp"
+        headers = { Authorization = "Bearer ${GH_TOKEN}" }
+        prefix = "conditional"
+        timeout = "90s"
+
+        [servers.legacy]
+        url = "http://127.0.0.1:3001/sse"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.node.listen, Some("127.0.0.1:9000".parse().unwrap()));
+    let names: Vec<_> = config.servers.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["fs", "github", "legacy"]);
+    let fs = &config.servers[0];
+    assert_eq!(fs.request_timeout, Duration::from_secs(5));
+    match &fs.transport {
+        TransportSpec::Stdio { args, cwd, .. } => {
+            assert_eq!(args[2], "/home/u");
+            assert_eq!(cwd.as_deref(), Some(Path::new("/etc/concord/work")));
+        }
+        other => panic!("expected stdio, got {other:?}"),
+    }
+    let github = &config.servers[1];
+    assert_eq!(github.prefix, PrefixMode::Conditional);
+    assert_eq!(github.request_timeout, Duration::from_secs(90));
+    assert!(matches!(&github.transport, TransportSpec::StreamableHttp { headers, .. }
+        if headers["Authorization"] == "Bearer ghp_test"));
+    assert!(matches!(config.servers[2].transport, TransportSpec::Sse { .. }));
+}
+
+#[test]
+fn claude_desktop_json_unchanged() {
+    let config = json(
+        r#"{
+          "globalShortcut": "Ctrl+Space",
+          "mcpServers": {
+            "memory": { "command": "npx", "args": ["-y", "@modelcontextprotocol/server-memory"],
+                        "env": { "MEMORY_FILE_PATH": "/tmp/m.jsonl" } },
+            "remote": { "type": "http", "url": "http://localhost:3001/mcp",
+                        "headers": { "X-Key": "${GH_TOKEN}" }, "autoApprove": [] },
+            "old": { "url": "http://localhost:3002/sse" },
+            "off": { "command": "nope", "disabled": true }
+          }
+        }"#,
+    )
+    .unwrap();
+    let names: Vec<_> = config.servers.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["memory", "old", "remote"]);
+    assert!(matches!(config.servers[1].transport, TransportSpec::Sse { .. }));
+    assert!(matches!(&config.servers[2].transport, TransportSpec::StreamableHttp { headers, .. }
+        if headers["X-Key"] == "ghp_test"));
+}
+
+#[test]
+fn unknown_key_names_file_key_and_expectation() {
+    let err = toml("[servers.fs]\ncomand = \"npx\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("/etc/concord/concord.toml: key `servers.fs"), "{err}");
+    assert!(err.contains("unknown field `comand`"), "{err}");
+    assert!(err.contains("expected one of"), "{err}");
+    assert!(err.contains("line 2"), "{err}");
+}
+
+#[test]
+fn wrong_type_names_key() {
+    let err = toml("[servers.fs]\ncommand = \"x\"\nargs = \"-y\"\n").unwrap_err();
+    assert_eq!(err.key(), Some("servers.fs.args"), "{err}");
+    assert!(err.to_string().contains("expected a sequence"), "{err}");
+}
+
+#[test]
+fn bad_prefix_mode_lists_choices() {
+    let err = toml("[servers.fs]\ncommand = \"x\"\nprefix = \"sometimes\"\n").unwrap_err();
+    assert_eq!(err.key(), Some("servers.fs.prefix"));
+    let text = err.to_string();
+    assert!(text.contains("`always`") && text.contains("`never`"), "{text}");
+}
+
+#[test]
+fn missing_variable_names_key_and_variable() {
+    let err = toml("[servers.gh]\nurl = \"http://x/mcp\"\nheaders = { A = \"${NOPE}\" }\n")
+        .unwrap_err();
+    assert_eq!(err.key(), Some("servers.gh.headers.A"));
+    assert!(err.to_string().contains("NOPE is not set"));
+}
+
+#[test]
+fn command_and_url_conflict() {
+    let err = toml("[servers.x]\ncommand = \"a\"\nurl = \"http://b\"\n").unwrap_err();
+    assert!(err.to_string().contains("both `command` and `url`"), "{err}");
+    let err = toml("[servers.x]\nargs = [\"a\"]\n").unwrap_err();
+    assert!(err.to_string().contains("needs `command`"), "{err}");
+}
+
+#[test]
+fn bad_names_and_values() {
+    assert!(toml("[servers.a__b]\ncommand = \"x\"\n").unwrap_err().to_string().contains("\"__\""));
+    assert!(toml("[servers.concord]\ncommand = \"x\"\n").unwrap_err().to_string().contains("reserved"));
+    assert_eq!(
+        toml("[servers.x]\nurl = \"ftp://x\"\n").unwrap_err().key(),
+        Some("servers.x.url")
+    );
+    assert_eq!(
+        toml("[node]\nlisten = \"everywhere\"\n").unwrap_err().key(),
+        Some("node.listen")
+    );
+    assert_eq!(
+        toml("[servers.x]\ncommand = \"a\"\ntimeout = \"soon\"\n").unwrap_err().key(),
+        Some("servers.x.timeout")
+    );
+    assert_eq!(
+        toml("[servers.x]\ncommand = \"a\"\nheaders = { A = \"b\" }\n").unwrap_err().key(),
+        Some("servers.x.headers")
+    );
+}
+
+#[test]
+fn syntax_errors_give_a_location() {
+    let err = toml("[servers.x\ncommand = 1\n").unwrap_err().to_string();
+    assert!(err.contains("syntax error") && err.contains("line 1"), "{err}");
+    let err = json("{\"mcpServers\": {").unwrap_err().to_string();
+    assert!(err.contains("/home/u/.mcp.json") && err.contains("syntax error"), "{err}");
+}
+
+#[test]
+fn json_without_servers_or_with_unknown_entry_key() {
+    assert_eq!(json("{}").unwrap_err().key(), Some("mcpServers"));
+    let err = json(r#"{"mcpServers": {"a": {"command": "x", "bogus": 1}}}"#).unwrap_err();
+    assert_eq!(err.key(), Some("mcpServers.a.bogus"), "{err}");
+    assert!(err.to_string().contains("unknown field `bogus`"));
+}

@@ -1,0 +1,123 @@
+//! Concord as an MCP client of a node: the CLI's `tools` commands and the `connect` stdio
+//! bridge. Results cross this boundary as JSON values so that callers never see rmcp types.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use concord_config::{Config, NodeSettings, PrefixMode, ServerSpec, TransportSpec};
+use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation};
+use rmcp::service::{RoleClient, RunningService, ServiceError};
+use rmcp::ServiceExt;
+use serde_json::{Map, Value};
+
+use crate::gateway::{Gateway, GatewayOptions};
+use crate::session::GatewaySession;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
+    /// The node answered with a JSON-RPC error.
+    #[error("error {code}: {message}")]
+    Rpc {
+        code: i32,
+        message: String,
+        data: Option<Value>,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<ServiceError> for ClientError {
+    fn from(error: ServiceError) -> Self {
+        match error {
+            ServiceError::McpError(e) => ClientError::Rpc {
+                code: e.code.0,
+                message: e.message.to_string(),
+                data: e.data,
+            },
+            other => ClientError::Other(other.to_string()),
+        }
+    }
+}
+
+/// A client session with a node's MCP endpoint.
+pub struct NodeClient {
+    service: RunningService<RoleClient, ClientConfig>,
+}
+
+impl NodeClient {
+    pub async fn connect(url: &str) -> Result<NodeClient, ClientError> {
+        let transport = crate::http_client::streamable_http(url, &BTreeMap::new())
+            .map_err(|reason| ClientError::Connect { url: url.to_string(), reason })?;
+        let info = ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("concord-cli", env!("CARGO_PKG_VERSION")),
+        );
+        let service = tokio::time::timeout(Duration::from_secs(30), info.serve(transport))
+            .await
+            .map_err(|_| ClientError::Connect {
+                url: url.to_string(),
+                reason: "no answer to initialize within 30 s".to_string(),
+            })?
+            .map_err(|e| ClientError::Connect {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(NodeClient { service })
+    }
+
+    /// Every tool the node exposes, as the JSON objects `tools/list` returned.
+    pub async fn list_tools(&self) -> Result<Vec<Value>, ClientError> {
+        let tools = self.service.peer().list_all_tools().await?;
+        tools
+            .into_iter()
+            .map(|t| serde_json::to_value(t).map_err(|e| ClientError::Other(e.to_string())))
+            .collect()
+    }
+
+    /// Calls a tool and returns the `tools/call` result object.
+    pub async fn call_tool(&self, name: &str, arguments: Map<String, Value>) -> Result<Value, ClientError> {
+        let mut params = CallToolRequestParams::new(name.to_string());
+        params.arguments = Some(arguments);
+        let result = self.service.peer().call_tool(params).await?;
+        serde_json::to_value(result).map_err(|e| ClientError::Other(e.to_string()))
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.service.close_with_timeout(Duration::from_secs(2)).await;
+    }
+}
+
+/// Serves MCP on this process's stdin/stdout, forwarding everything to the node at `url`, so
+/// that stdio-only clients (Claude Desktop and the like) can use a node.
+pub async fn run_stdio_bridge(url: &str) -> Result<(), crate::GatewayError> {
+    let config = Config {
+        source: None,
+        node: NodeSettings::default(),
+        servers: vec![ServerSpec {
+            name: "node".to_string(),
+            transport: TransportSpec::StreamableHttp {
+                url: url.to_string(),
+                headers: BTreeMap::new(),
+            },
+            prefix: PrefixMode::Never,
+            request_timeout: Duration::from_secs(600),
+        }],
+    };
+    let gateway = Gateway::new(&config, GatewayOptions::default(), Default::default());
+    gateway.start();
+    gateway.wait_first_attempts(Duration::from_secs(30)).await?;
+    let session = GatewaySession {
+        shared: gateway.shared.clone(),
+    };
+    let result = match session.serve(rmcp::transport::stdio()).await {
+        Ok(running) => {
+            let _ = running.waiting().await;
+            Ok(())
+        }
+        Err(e) => Err(crate::GatewayError::Startup(format!("stdio session failed: {e}"))),
+    };
+    gateway.shutdown().await;
+    result
+}

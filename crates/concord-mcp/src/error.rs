@@ -1,0 +1,126 @@
+//! Gateway errors and their one mapping onto JSON-RPC error objects.
+
+use std::time::Duration;
+
+use rmcp::ErrorData as McpError;
+use rmcp::model::ErrorCode;
+use rmcp::service::ServiceError;
+use serde_json::json;
+
+/// JSON-RPC error codes Concord adds in the implementation-defined server range.
+pub mod codes {
+    /// The upstream that owns the name is not connected or not healthy.
+    pub const UPSTREAM_UNAVAILABLE: i32 = -32010;
+    /// The upstream did not answer within its request timeout.
+    pub const UPSTREAM_TIMEOUT: i32 = -32011;
+    /// The connection to the upstream broke while it was serving the request.
+    pub const UPSTREAM_CONNECTION_LOST: i32 = -32012;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("unknown tool: {0}")]
+    UnknownTool(String),
+    #[error("unknown prompt: {0}")]
+    UnknownPrompt(String),
+    #[error("unknown resource: {0}")]
+    UnknownResource(String),
+    #[error("server '{server}' is unavailable: {reason}")]
+    Unavailable { server: String, reason: String },
+    #[error("server '{server}' did not answer {method} within {}", humanize(*timeout))]
+    Timeout {
+        server: String,
+        method: String,
+        timeout: Duration,
+    },
+    #[error("the connection to server '{server}' was lost during {method}: {reason}")]
+    ConnectionLost {
+        server: String,
+        method: String,
+        reason: String,
+    },
+    #[error("server '{server}' answered {method} with an unexpected result")]
+    UnexpectedResult { server: String, method: String },
+    /// The upstream's own JSON-RPC error, passed through unchanged.
+    #[error("{0}")]
+    Upstream(McpError),
+    #[error("request cancelled by the client")]
+    Cancelled,
+    #[error("{0}")]
+    Startup(String),
+}
+
+fn humanize(d: Duration) -> String {
+    if d.as_millis() < 1000 {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+impl GatewayError {
+    /// Converts an rmcp client error from a request to `server` into a gateway error.
+    pub(crate) fn from_service(server: &str, method: &str, error: ServiceError) -> Self {
+        match error {
+            ServiceError::McpError(e) => GatewayError::Upstream(e),
+            ServiceError::Timeout { timeout } => GatewayError::Timeout {
+                server: server.to_string(),
+                method: method.to_string(),
+                timeout,
+            },
+            ServiceError::TransportClosed => GatewayError::ConnectionLost {
+                server: server.to_string(),
+                method: method.to_string(),
+                reason: "the connection closed (the server exited or hung up); it is being restarted"
+                    .to_string(),
+            },
+            ServiceError::TransportSend(e) => GatewayError::ConnectionLost {
+                server: server.to_string(),
+                method: method.to_string(),
+                reason: e.to_string(),
+            },
+            ServiceError::Cancelled { .. } => GatewayError::Cancelled,
+            _ => GatewayError::UnexpectedResult {
+                server: server.to_string(),
+                method: method.to_string(),
+            },
+        }
+    }
+}
+
+impl From<GatewayError> for McpError {
+    fn from(error: GatewayError) -> Self {
+        let message = error.to_string();
+        match error {
+            GatewayError::UnknownTool(name) | GatewayError::UnknownPrompt(name) => {
+                McpError::invalid_params(message, Some(json!({ "name": name })))
+            }
+            GatewayError::UnknownResource(uri) => {
+                McpError::resource_not_found(message, Some(json!({ "uri": uri })))
+            }
+            GatewayError::Unavailable { server, reason } => McpError::new(
+                ErrorCode(codes::UPSTREAM_UNAVAILABLE),
+                message,
+                Some(json!({ "server": server, "reason": reason })),
+            ),
+            GatewayError::Timeout {
+                server, timeout, ..
+            } => McpError::new(
+                ErrorCode(codes::UPSTREAM_TIMEOUT),
+                message,
+                Some(json!({ "server": server, "timeoutMs": timeout.as_millis() as u64 })),
+            ),
+            GatewayError::ConnectionLost { server, .. } => McpError::new(
+                ErrorCode(codes::UPSTREAM_CONNECTION_LOST),
+                message,
+                Some(json!({ "server": server })),
+            ),
+            GatewayError::UnexpectedResult { server, .. } => {
+                McpError::internal_error(message, Some(json!({ "server": server })))
+            }
+            GatewayError::Upstream(e) => e,
+            GatewayError::Cancelled => McpError::new(ErrorCode(-32800), message, None),
+            GatewayError::Startup(_) => McpError::internal_error(message, None),
+        }
+    }
+}

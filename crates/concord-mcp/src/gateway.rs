@@ -1,0 +1,437 @@
+//! The gateway's shared state: the upstreams, the current catalog, the connected downstream
+//! clients, and the progress relay between them. Per-session handlers are thin views over it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use concord_config::{Config, PrefixMode};
+use concord_telemetry::Metrics;
+use parking_lot::{Mutex, RwLock};
+use rmcp::model::{LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken};
+use rmcp::service::{Peer, RoleServer};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, CatalogInput, Collision};
+use crate::error::GatewayError;
+use crate::upstream::{Health, Upstream, supervise};
+
+/// Tunables of the gateway that do not belong to any one upstream.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    pub health_interval: Duration,
+    /// Items per page in list results.
+    pub page_size: usize,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self {
+            health_interval: concord_config::DEFAULT_HEALTH_INTERVAL,
+            page_size: 200,
+        }
+    }
+}
+
+/// A snapshot of one upstream's state, for status endpoints and the CLI.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamStatus {
+    pub name: String,
+    pub transport: &'static str,
+    /// `starting`, `healthy` or `unhealthy`.
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub tools: usize,
+    pub prompts: usize,
+    pub resources: usize,
+    pub restarts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uptime_seconds: Option<u64>,
+}
+
+pub(crate) struct Shared {
+    pub upstreams: Vec<Arc<Upstream>>,
+    by_name: HashMap<Arc<str>, usize>,
+    catalog: RwLock<Arc<Catalog>>,
+    /// Serialises catalog rebuilds so an older build never replaces a newer one.
+    rebuild_lock: Mutex<()>,
+    pub downstream: Downstream,
+    pub relay: Arc<ProgressRelay>,
+    pub metrics: Arc<Metrics>,
+    pub options: GatewayOptions,
+    pub shutdown: CancellationToken,
+    settled: Notify,
+}
+
+impl Shared {
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.read().clone()
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.by_name.get(name).map(|&i| &self.upstreams[i])
+    }
+
+    pub fn upstream_settled(&self) {
+        self.settled.notify_waiters();
+    }
+
+    fn all_settled(&self) -> bool {
+        self.upstreams
+            .iter()
+            .all(|u| u.state.read().first_attempt_done)
+    }
+
+    /// Rebuilds the catalog from the healthy upstreams and tells connected clients which lists
+    /// changed.
+    pub fn rebuild_catalog(&self) {
+        let _guard = self.rebuild_lock.lock();
+        let snapshots: Vec<_> = self
+            .upstreams
+            .iter()
+            .filter_map(|u| {
+                let state = u.state.read();
+                (state.health == Health::Healthy).then(|| (u, state.lists.clone()))
+            })
+            .collect();
+        let inputs: Vec<CatalogInput<'_>> = snapshots
+            .iter()
+            .map(|(u, lists)| CatalogInput {
+                server: &u.name,
+                prefix: u.spec.prefix,
+                lists,
+            })
+            .collect();
+        let next = Catalog::build(&inputs);
+        for collision in &next.collisions {
+            tracing::error!(%collision, "name collision: the second server's entry is hidden");
+        }
+        let previous = std::mem::replace(&mut *self.catalog.write(), Arc::new(next));
+        let current = self.catalog();
+        let changes = ListChanges {
+            tools: previous.tools != current.tools,
+            prompts: previous.prompts != current.prompts,
+            resources: previous.resources != current.resources
+                || previous.templates != current.templates,
+        };
+        if changes.any() {
+            tracing::info!(
+                tools = current.tools.len(),
+                prompts = current.prompts.len(),
+                resources = current.resources.len(),
+                "catalog changed"
+            );
+            self.downstream.announce(changes);
+        }
+    }
+
+    /// Explains why `name` (a tool or prompt) is not in the catalog when it belongs to an
+    /// upstream that is down, so callers fail fast with a reason rather than "unknown".
+    pub fn unavailable_owner(&self, exposed: &str, kind: NameKind) -> Option<GatewayError> {
+        for upstream in &self.upstreams {
+            let state = upstream.state.read();
+            let reason = match &state.health {
+                Health::Healthy => continue,
+                Health::Starting => "still connecting".to_string(),
+                Health::Unhealthy { reason } => reason.clone(),
+            };
+            let prefixed_bare = exposed
+                .strip_prefix(&*upstream.name)
+                .and_then(|rest| rest.strip_prefix(concord_config::NAMESPACE_SEPARATOR));
+            let owns = match kind {
+                NameKind::Tool => state.lists.tools.iter().any(|t| {
+                    Some(&*t.name) == prefixed_bare
+                        || (upstream.spec.prefix != PrefixMode::Always && *t.name == *exposed)
+                }),
+                NameKind::Prompt => state.lists.prompts.iter().any(|p| {
+                    Some(p.name.as_str()) == prefixed_bare
+                        || (upstream.spec.prefix != PrefixMode::Always && p.name == exposed)
+                }),
+            };
+            // A prefixed name of a server that never listed anything still belongs to it.
+            let never_listed = state.lists.tools.is_empty() && state.lists.prompts.is_empty();
+            if owns || (prefixed_bare.is_some() && never_listed) {
+                return Some(GatewayError::Unavailable {
+                    server: upstream.name.to_string(),
+                    reason,
+                });
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum NameKind {
+    Tool,
+    Prompt,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ListChanges {
+    pub tools: bool,
+    pub prompts: bool,
+    pub resources: bool,
+}
+
+impl ListChanges {
+    fn any(&self) -> bool {
+        self.tools || self.prompts || self.resources
+    }
+}
+
+/// The downstream clients that hold a session and can receive unsolicited notifications.
+#[derive(Default)]
+pub(crate) struct Downstream {
+    peers: Mutex<Vec<Peer<RoleServer>>>,
+}
+
+impl Downstream {
+    pub fn register(&self, peer: Peer<RoleServer>) {
+        let mut peers = self.peers.lock();
+        peers.retain(|p| !p.is_transport_closed());
+        peers.push(peer);
+    }
+
+    fn live_peers(&self) -> Vec<Peer<RoleServer>> {
+        let mut peers = self.peers.lock();
+        peers.retain(|p| !p.is_transport_closed());
+        peers.clone()
+    }
+
+    fn announce(&self, changes: ListChanges) {
+        let peers = self.live_peers();
+        if peers.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for peer in peers {
+                if changes.tools {
+                    let _ = peer.notify_tool_list_changed().await;
+                }
+                if changes.prompts {
+                    let _ = peer.notify_prompt_list_changed().await;
+                }
+                if changes.resources {
+                    let _ = peer.notify_resource_list_changed().await;
+                }
+            }
+        });
+    }
+
+    /// Passes an upstream's log message on to the connected clients, naming the server as the
+    /// logger when the upstream gave none.
+    pub fn forward_log(&self, server: &str, mut params: LoggingMessageNotificationParam) {
+        if params.logger.is_none() {
+            params.logger = Some(server.to_string());
+        }
+        let peers = self.live_peers();
+        if peers.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for peer in peers {
+                let _ = peer.notify_logging_message(params.clone()).await;
+            }
+        });
+    }
+}
+
+/// Where an upstream progress token leads: the client that asked and its own token.
+#[derive(Clone)]
+pub(crate) struct ProgressTarget {
+    pub peer: Peer<RoleServer>,
+    pub token: ProgressToken,
+}
+
+type RelayKey = (Arc<str>, ProgressToken);
+
+/// Maps upstream progress tokens (which rmcp assigns per upstream request) back to the
+/// downstream caller's token. Notifications that arrive before the route is registered (the
+/// upstream can report progress before the request future yields its token to us) are held
+/// briefly and delivered on registration.
+#[derive(Default)]
+pub(crate) struct ProgressRelay {
+    routes: Mutex<HashMap<RelayKey, ProgressTarget>>,
+    early: Mutex<HashMap<RelayKey, Vec<ProgressNotificationParam>>>,
+}
+
+const MAX_EARLY_PROGRESS: usize = 1024;
+
+impl ProgressRelay {
+    pub fn register(
+        self: &Arc<Self>,
+        server: Arc<str>,
+        upstream_token: ProgressToken,
+        target: ProgressTarget,
+    ) -> RelayGuard {
+        let key = (server, upstream_token);
+        let early = self.early.lock().remove(&key);
+        self.routes.lock().insert(key.clone(), target.clone());
+        if let Some(early) = early {
+            tokio::spawn(async move {
+                for mut params in early {
+                    params.progress_token = target.token.clone();
+                    let _ = target.peer.notify_progress(params).await;
+                }
+            });
+        }
+        RelayGuard {
+            relay: self.clone(),
+            key: Some(key),
+        }
+    }
+
+    pub async fn forward(&self, server: &Arc<str>, mut params: ProgressNotificationParam) {
+        let key = (server.clone(), params.progress_token.clone());
+        let target = self.routes.lock().get(&key).cloned();
+        match target {
+            Some(target) => {
+                params.progress_token = target.token;
+                if let Err(e) = target.peer.notify_progress(params).await {
+                    tracing::debug!(error = %e, "progress for a client that has gone");
+                }
+            }
+            None => {
+                let mut early = self.early.lock();
+                if early.len() >= MAX_EARLY_PROGRESS {
+                    early.clear();
+                }
+                early.entry(key).or_default().push(params);
+            }
+        }
+    }
+}
+
+/// Removes a progress route when the call it serves ends, however it ends.
+pub(crate) struct RelayGuard {
+    relay: Arc<ProgressRelay>,
+    key: Option<RelayKey>,
+}
+
+impl Drop for RelayGuard {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.relay.routes.lock().remove(&key);
+            self.relay.early.lock().remove(&key);
+        }
+    }
+}
+
+/// A running gateway: upstream supervisors plus the shared state sessions read.
+#[derive(Clone)]
+pub struct Gateway {
+    pub(crate) shared: Arc<Shared>,
+    started: Arc<AtomicBool>,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Gateway {
+    pub fn new(config: &Config, options: GatewayOptions, metrics: Arc<Metrics>) -> Gateway {
+        let upstreams: Vec<Arc<Upstream>> = config
+            .servers
+            .iter()
+            .map(|spec| Arc::new(Upstream::new(spec.clone())))
+            .collect();
+        let by_name = upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.name.clone(), i))
+            .collect();
+        Gateway {
+            shared: Arc::new(Shared {
+                upstreams,
+                by_name,
+                catalog: RwLock::default(),
+                rebuild_lock: Mutex::new(()),
+                downstream: Downstream::default(),
+                relay: Arc::default(),
+                metrics,
+                options,
+                shutdown: CancellationToken::new(),
+                settled: Notify::new(),
+            }),
+            started: Arc::new(AtomicBool::new(false)),
+            tasks: Arc::default(),
+        }
+    }
+
+    /// Starts one supervisor per upstream. Idempotent.
+    pub fn start(&self) {
+        if self.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut tasks = self.tasks.lock();
+        for index in 0..self.shared.upstreams.len() {
+            tasks.push(tokio::spawn(supervise(self.shared.clone(), index)));
+        }
+    }
+
+    /// Waits until every upstream has finished its first connection attempt (or `limit`
+    /// passes), then refuses to go on if two `never`-prefixed servers expose the same name.
+    pub async fn wait_first_attempts(&self, limit: Duration) -> Result<(), GatewayError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.shared.settled.notified();
+            if self.shared.all_settled() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        let collisions: Vec<Collision> = self.shared.catalog().collisions.clone();
+        if let Some(first) = collisions.first() {
+            return Err(GatewayError::Startup(first.to_string()));
+        }
+        Ok(())
+    }
+
+    /// True once every upstream has had its first connection attempt.
+    pub fn is_ready(&self) -> bool {
+        self.shared.all_settled()
+    }
+
+    pub fn status(&self) -> Vec<UpstreamStatus> {
+        self.shared
+            .upstreams
+            .iter()
+            .map(|u| {
+                let state = u.state.read();
+                let (label, reason) = match &state.health {
+                    Health::Starting => ("starting", None),
+                    Health::Healthy => ("healthy", None),
+                    Health::Unhealthy { reason } => ("unhealthy", Some(reason.clone())),
+                };
+                UpstreamStatus {
+                    name: u.name.to_string(),
+                    transport: u.spec.transport.kind(),
+                    state: label,
+                    reason,
+                    tools: state.lists.tools.len(),
+                    prompts: state.lists.prompts.len(),
+                    resources: state.lists.resources.len(),
+                    restarts: state.restarts,
+                    uptime_seconds: state.connected_since.map(|t| t.elapsed().as_secs()),
+                }
+            })
+            .collect()
+    }
+
+    /// Number of tools currently exposed.
+    pub fn tool_count(&self) -> usize {
+        self.shared.catalog().tools.len()
+    }
+
+    /// Stops every supervisor and waits for stdio children to exit.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock());
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! The only crate that speaks MCP through rmcp: upstream connections (stdio children,
+//! streamable HTTP, legacy SSE), the aggregating gateway server, the progress and cancellation
+//! relay, and Concord's own MCP client. rmcp types never appear in this crate's public API.
+
+// MCP logging (notifications/message, logging/setLevel) is deprecated for 2026-07-28 servers,
+// but 2025-era clients and upstreams still use it and the gateway must carry it.
+#![allow(deprecated)]
+
+mod catalog;
+mod child;
+mod client;
+mod error;
+mod gateway;
+mod http_client;
+mod http_server;
+mod session;
+mod sse_client;
+mod upstream;
+
+pub use client::{ClientError, NodeClient, run_stdio_bridge};
+pub use error::{GatewayError, codes};
+pub use gateway::{Gateway, GatewayOptions, UpstreamStatus};
+pub use http_server::EdgeOptions;

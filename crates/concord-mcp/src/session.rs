@@ -1,0 +1,450 @@
+//! The MCP server every downstream client talks to. One `GatewaySession` value exists per
+//! session (or per request, for sessionless clients); it holds nothing but the shared state, so
+//! no gateway state is ever tied to a session id.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use concord_telemetry::Outcome;
+use rmcp::ErrorData as McpError;
+use rmcp::model::{
+    CallToolRequest, CallToolRequestParams, CallToolResponse, CancelledNotificationParam,
+    ClientRequest, CompleteRequest, CompleteRequestParams, CompleteResult, GetPromptRequest,
+    GetPromptRequestParams, GetPromptResponse, Implementation, ListPromptsResult,
+    ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
+    ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, Reference,
+    RequestMetaObject, ServerCapabilities, ServerConfig, ServerResult, SetLevelRequest,
+    SetLevelRequestParams,
+};
+use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient, RoleServer};
+use rmcp::ServerHandler;
+use tracing::Instrument;
+
+use crate::catalog::Catalog;
+use crate::error::GatewayError;
+use crate::gateway::{NameKind, ProgressTarget, Shared};
+
+#[derive(Clone)]
+pub(crate) struct GatewaySession {
+    pub shared: Arc<Shared>,
+}
+
+/// `_meta` keys that describe one hop of the protocol (the client's own lifecycle data in the
+/// 2026-07-28 era, and the progress token rmcp re-issues per hop); every other key, such as
+/// `traceparent` or application keys, travels upstream unchanged.
+fn forwardable_meta(meta: &RequestMetaObject) -> RequestMetaObject {
+    let mut forwarded = RequestMetaObject::new();
+    for (key, value) in meta.0.0.iter() {
+        if key == "progressToken" || key.starts_with("io.modelcontextprotocol/") {
+            continue;
+        }
+        forwarded.0.0.insert(key.clone(), value.clone());
+    }
+    forwarded
+}
+
+fn page<T: Clone>(items: &[T], cursor: Option<&str>, page_size: usize) -> Result<(Vec<T>, Option<String>), McpError> {
+    let start = match cursor {
+        None => 0,
+        Some(c) => c
+            .strip_prefix("o:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n <= items.len())
+            .ok_or_else(|| McpError::invalid_params(format!("invalid cursor {c:?}"), None))?,
+    };
+    let end = (start + page_size.max(1)).min(items.len());
+    let next = (end < items.len()).then(|| format!("o:{end}"));
+    Ok((items[start..end].to_vec(), next))
+}
+
+fn cursor(params: &Option<PaginatedRequestParams>) -> Option<&str> {
+    params.as_ref().and_then(|p| p.cursor.as_deref())
+}
+
+impl GatewaySession {
+    fn upstream_peer(&self, server: &str) -> Result<(Peer<RoleClient>, std::time::Duration), GatewayError> {
+        let upstream = self
+            .shared
+            .upstream(server)
+            .ok_or_else(|| GatewayError::Unavailable {
+                server: server.to_string(),
+                reason: "not configured".to_string(),
+            })?;
+        let peer = upstream.peer().map_err(|reason| GatewayError::Unavailable {
+            server: server.to_string(),
+            reason,
+        })?;
+        Ok((peer, upstream.spec.request_timeout))
+    }
+
+    /// Sends `request` to `server`, relaying progress to the caller and forwarding the caller's
+    /// cancellation to that upstream only.
+    async fn forward(
+        &self,
+        server: &Arc<str>,
+        method: &'static str,
+        request: ClientRequest,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<ServerResult, GatewayError> {
+        let (peer, timeout) = self.upstream_peer(server)?;
+        let options = PeerRequestOptions::with_timeout(timeout).with_meta(forwardable_meta(&context.meta));
+        let handle = peer
+            .send_request_with_option(request, options)
+            .await
+            .map_err(|e| GatewayError::from_service(server, method, e))?;
+        let upstream_id = handle.id.clone();
+        let _relay = context.meta.get_progress_token().map(|token| {
+            self.shared.relay.register(
+                server.clone(),
+                handle.progress_token.clone(),
+                ProgressTarget {
+                    peer: context.peer.clone(),
+                    token,
+                },
+            )
+        });
+        tokio::select! {
+            response = handle.await_response() => {
+                response.map_err(|e| GatewayError::from_service(server, method, e))
+            }
+            _ = context.ct.cancelled() => {
+                let _ = peer
+                    .notify_cancelled(CancelledNotificationParam::new(
+                        Some(upstream_id),
+                        Some("cancelled by the downstream client".to_string()),
+                    ))
+                    .await;
+                Err(GatewayError::Cancelled)
+            }
+        }
+    }
+
+    fn observe(&self, method: &str, server: &str, ok: bool) {
+        self.shared.metrics.observe_request(
+            method,
+            server,
+            if ok { Outcome::Ok } else { Outcome::Error },
+        );
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.shared.catalog()
+    }
+}
+
+impl ServerHandler for GatewaySession {
+    fn get_info(&self) -> ServerConfig {
+        let capabilities = ServerCapabilities::builder()
+            .enable_logging()
+            .enable_completions()
+            .enable_prompts()
+            .enable_prompts_list_changed()
+            .enable_resources()
+            .enable_resources_list_changed()
+            .enable_tools()
+            .enable_tool_list_changed()
+            .build();
+        ServerConfig::new(capabilities)
+            .with_server_info(Implementation::new("concord", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "Concord gateway: tools and prompts of every upstream server, named SERVER__NAME."
+                    .to_string(),
+            )
+    }
+
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        self.shared.downstream.register(context.peer);
+    }
+
+    async fn list_tools(
+        &self,
+        params: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        let catalog = self.catalog();
+        let (tools, next) = page(&catalog.tools, cursor(&params), self.shared.options.page_size)?;
+        let mut result = ListToolsResult::with_all_items(tools);
+        result.next_cursor = next;
+        self.observe("tools/list", "", true);
+        Ok(result)
+    }
+
+    async fn call_tool(
+        &self,
+        params: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let started = Instant::now();
+        let catalog = self.catalog();
+        let Some(route) = catalog.tool_routes.get(&*params.name).cloned() else {
+            let error = self
+                .shared
+                .unavailable_owner(&params.name, NameKind::Tool)
+                .unwrap_or_else(|| GatewayError::UnknownTool(params.name.to_string()));
+            self.observe("tools/call", "", false);
+            return Err(error.into());
+        };
+        drop(catalog);
+        let span = tracing::info_span!(
+            "tools/call",
+            server = %route.server,
+            tool = %route.name,
+            outcome = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        );
+        let mut upstream_params = CallToolRequestParams::new(route.name.clone());
+        upstream_params.arguments = params.arguments;
+        upstream_params.input_responses = params.input_responses;
+        upstream_params.request_state = params.request_state;
+        let request = ClientRequest::CallToolRequest(CallToolRequest::new(upstream_params));
+        let result = self
+            .forward(&route.server, "tools/call", request, &context)
+            .instrument(span.clone())
+            .await;
+        let elapsed = started.elapsed();
+        let (response, outcome) = match result {
+            Ok(ServerResult::CallToolResult(r)) => {
+                let outcome = if r.is_error == Some(true) { Outcome::ToolError } else { Outcome::Ok };
+                (Ok(CallToolResponse::Complete(r)), outcome)
+            }
+            Ok(ServerResult::InputRequiredResult(r)) => (Ok(CallToolResponse::InputRequired(r)), Outcome::Ok),
+            Ok(_) => (
+                Err(GatewayError::UnexpectedResult {
+                    server: route.server.to_string(),
+                    method: "tools/call".into(),
+                }),
+                Outcome::Error,
+            ),
+            Err(e) => (Err(e), Outcome::Error),
+        };
+        span.record("outcome", format!("{outcome:?}"));
+        span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
+        if let Err(e) = &response {
+            tracing::warn!(parent: &span, error = %e, "tool call failed");
+        }
+        self.shared.metrics.observe_tool_call(&route.server, &route.name, outcome, elapsed);
+        self.shared.metrics.observe_request("tools/call", &route.server, if outcome == Outcome::Error { Outcome::Error } else { Outcome::Ok });
+        response.map_err(McpError::from)
+    }
+
+    async fn list_prompts(
+        &self,
+        params: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, McpError> {
+        let catalog = self.catalog();
+        let (prompts, next) = page(&catalog.prompts, cursor(&params), self.shared.options.page_size)?;
+        let mut result = ListPromptsResult::with_all_items(prompts);
+        result.next_cursor = next;
+        self.observe("prompts/list", "", true);
+        Ok(result)
+    }
+
+    async fn get_prompt(
+        &self,
+        params: GetPromptRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, McpError> {
+        let Some(route) = self.catalog().prompt_routes.get(&params.name).cloned() else {
+            let error = self
+                .shared
+                .unavailable_owner(&params.name, NameKind::Prompt)
+                .unwrap_or_else(|| GatewayError::UnknownPrompt(params.name.clone()));
+            self.observe("prompts/get", "", false);
+            return Err(error.into());
+        };
+        let mut upstream_params = params;
+        upstream_params.name = route.name.clone();
+        upstream_params.meta = None;
+        let span = tracing::info_span!("prompts/get", server = %route.server, prompt = %route.name);
+        let result = self
+            .forward(
+                &route.server,
+                "prompts/get",
+                ClientRequest::GetPromptRequest(GetPromptRequest::new(upstream_params)),
+                &context,
+            )
+            .instrument(span)
+            .await;
+        self.observe("prompts/get", &route.server, result.is_ok());
+        match result? {
+            ServerResult::GetPromptResult(r) => Ok(GetPromptResponse::Complete(r)),
+            ServerResult::InputRequiredResult(r) => Ok(GetPromptResponse::InputRequired(r)),
+            _ => Err(GatewayError::UnexpectedResult {
+                server: route.server.to_string(),
+                method: "prompts/get".into(),
+            }
+            .into()),
+        }
+    }
+
+    async fn list_resources(
+        &self,
+        params: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, McpError> {
+        let catalog = self.catalog();
+        let (resources, next) = page(&catalog.resources, cursor(&params), self.shared.options.page_size)?;
+        let mut result = ListResourcesResult::with_all_items(resources);
+        result.next_cursor = next;
+        self.observe("resources/list", "", true);
+        Ok(result)
+    }
+
+    async fn list_resource_templates(
+        &self,
+        params: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, McpError> {
+        let catalog = self.catalog();
+        let (templates, next) = page(&catalog.templates, cursor(&params), self.shared.options.page_size)?;
+        let mut result = ListResourceTemplatesResult::with_all_items(templates);
+        result.next_cursor = next;
+        self.observe("resources/templates/list", "", true);
+        Ok(result)
+    }
+
+    async fn read_resource(
+        &self,
+        params: ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, McpError> {
+        let Some(server) = self.catalog().resource_owner(&params.uri).cloned() else {
+            self.observe("resources/read", "", false);
+            return Err(GatewayError::UnknownResource(params.uri).into());
+        };
+        let mut upstream_params = params;
+        upstream_params.meta = None;
+        let span = tracing::info_span!("resources/read", server = %server, uri = %upstream_params.uri);
+        let result = self
+            .forward(
+                &server,
+                "resources/read",
+                ClientRequest::ReadResourceRequest(ReadResourceRequest::new(upstream_params)),
+                &context,
+            )
+            .instrument(span)
+            .await;
+        self.observe("resources/read", &server, result.is_ok());
+        match result? {
+            ServerResult::ReadResourceResult(r) => Ok(ReadResourceResponse::Complete(r)),
+            ServerResult::InputRequiredResult(r) => Ok(ReadResourceResponse::InputRequired(r)),
+            _ => Err(GatewayError::UnexpectedResult {
+                server: server.to_string(),
+                method: "resources/read".into(),
+            }
+            .into()),
+        }
+    }
+
+    async fn complete(
+        &self,
+        params: CompleteRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, McpError> {
+        let catalog = self.catalog();
+        let mut upstream_params = params;
+        upstream_params.meta = None;
+        let server = match &mut upstream_params.r#ref {
+            Reference::Prompt(prompt) => {
+                let route = catalog
+                    .prompt_routes
+                    .get(&prompt.name)
+                    .cloned()
+                    .ok_or_else(|| GatewayError::UnknownPrompt(prompt.name.clone()))?;
+                prompt.name = route.name;
+                route.server
+            }
+            Reference::Resource(resource) => catalog
+                .template_owner(&resource.uri)
+                .or_else(|| catalog.resource_owner(&resource.uri))
+                .cloned()
+                .ok_or_else(|| GatewayError::UnknownResource(resource.uri.clone()))?,
+            _ => {
+                return Err(McpError::invalid_params(
+                    "completion/complete: unsupported reference type",
+                    None,
+                ));
+            }
+        };
+        drop(catalog);
+        let result = self
+            .forward(
+                &server,
+                "completion/complete",
+                ClientRequest::CompleteRequest(CompleteRequest::new(upstream_params)),
+                &context,
+            )
+            .await;
+        self.observe("completion/complete", &server, result.is_ok());
+        match result? {
+            ServerResult::CompleteResult(r) => Ok(r),
+            _ => Err(GatewayError::UnexpectedResult {
+                server: server.to_string(),
+                method: "completion/complete".into(),
+            }
+            .into()),
+        }
+    }
+
+    async fn set_level(
+        &self,
+        params: SetLevelRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        // Every healthy upstream that logs gets the new level; one that fails does not stop
+        // the others.
+        let servers: Vec<Arc<str>> = self
+            .shared
+            .upstreams
+            .iter()
+            .filter(|u| {
+                u.is_healthy()
+                    && u.state
+                        .read()
+                        .capabilities
+                        .as_ref()
+                        .is_some_and(|c| c.logging.is_some())
+            })
+            .map(|u| u.name.clone())
+            .collect();
+        for server in servers {
+            let request = ClientRequest::SetLevelRequest(SetLevelRequest::new(SetLevelRequestParams::new(params.level)));
+            if let Err(e) = self.forward(&server, "logging/setLevel", request, &context).await {
+                tracing::warn!(server = %server, error = %e, "logging/setLevel not accepted upstream");
+            }
+        }
+        self.observe("logging/setLevel", "", true);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_and_cursors() {
+        let items: Vec<u32> = (0..5).collect();
+        let (first, next) = page(&items, None, 2).unwrap();
+        assert_eq!(first, [0, 1]);
+        assert_eq!(next.as_deref(), Some("o:2"));
+        let (last, next) = page(&items, Some("o:4"), 2).unwrap();
+        assert_eq!(last, [4]);
+        assert_eq!(next, None);
+        assert!(page(&items, Some("bogus"), 2).is_err());
+        assert!(page(&items, Some("o:99"), 2).is_err());
+    }
+
+    #[test]
+    fn meta_forwarding_keeps_trace_and_app_keys_only() {
+        let mut meta = RequestMetaObject::new();
+        meta.0.0.insert("progressToken".into(), serde_json::json!(7));
+        meta.0.0.insert("traceparent".into(), serde_json::json!("00-abc-def-01"));
+        meta.0.0.insert("io.modelcontextprotocol/protocolVersion".into(), serde_json::json!("2026-07-28"));
+        meta.0.0.insert("com.example/tenant".into(), serde_json::json!("acme"));
+        let forwarded = forwardable_meta(&meta);
+        let keys: Vec<_> = forwarded.0.0.keys().cloned().collect();
+        assert_eq!(keys, ["traceparent", "com.example/tenant"]);
+    }
+}

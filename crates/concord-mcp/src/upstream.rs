@@ -1,0 +1,461 @@
+//! One upstream MCP server: how to connect to it, and the supervisor that keeps it connected,
+//! health-checked and its lists fresh. The supervisor is the only writer of an upstream's state.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use concord_config::{ServerSpec, TransportSpec};
+use parking_lot::RwLock;
+use rmcp::model::{
+    ClientCapabilities, ClientConfig, ClientRequest, Implementation, LoggingMessageNotificationParam,
+    PingRequest, ProgressNotificationParam, ServerCapabilities, ServerResult,
+};
+use rmcp::service::{NotificationContext, Peer, RoleClient, RunningService};
+use rmcp::{ClientHandler, ServiceExt};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::catalog::UpstreamLists;
+use crate::child::{self, ChildProcess};
+use crate::gateway::Shared;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long an upstream has to complete the `initialize` handshake.
+const CONNECT_TIMEOUT_FLOOR: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Health {
+    /// Never connected yet: the first attempt is under way.
+    Starting,
+    Healthy,
+    Unhealthy { reason: String },
+}
+
+pub(crate) struct UpstreamState {
+    pub health: Health,
+    pub peer: Option<Peer<RoleClient>>,
+    /// The last lists the server gave; kept while it is down so that calls to its names can
+    /// fail with a reason instead of "unknown".
+    pub lists: Arc<UpstreamLists>,
+    pub capabilities: Option<ServerCapabilities>,
+    pub first_attempt_done: bool,
+    pub connected_since: Option<Instant>,
+    pub restarts: u64,
+}
+
+pub(crate) struct Upstream {
+    pub name: Arc<str>,
+    pub spec: ServerSpec,
+    pub state: RwLock<UpstreamState>,
+}
+
+impl Upstream {
+    pub fn new(spec: ServerSpec) -> Self {
+        Self {
+            name: spec.name.as_str().into(),
+            spec,
+            state: RwLock::new(UpstreamState {
+                health: Health::Starting,
+                peer: None,
+                lists: Arc::default(),
+                capabilities: None,
+                first_attempt_done: false,
+                connected_since: None,
+                restarts: 0,
+            }),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.state.read().health == Health::Healthy
+    }
+
+    /// The connected peer, or why there is none.
+    pub fn peer(&self) -> Result<Peer<RoleClient>, String> {
+        let state = self.state.read();
+        match (&state.health, &state.peer) {
+            (Health::Healthy, Some(peer)) => Ok(peer.clone()),
+            (Health::Starting, _) => Err("still connecting".to_string()),
+            (Health::Unhealthy { reason }, _) => Err(reason.clone()),
+            (Health::Healthy, None) => Err("not connected".to_string()),
+        }
+    }
+}
+
+/// What the upstream's notifications ask the supervisor to do.
+#[derive(Debug)]
+enum UpstreamEvent {
+    ToolsChanged,
+    PromptsChanged,
+    ResourcesChanged,
+}
+
+/// The client side of one upstream connection: relays the upstream's notifications.
+#[derive(Clone)]
+pub(crate) struct UpstreamClient {
+    server: Arc<str>,
+    shared: Weak<Shared>,
+    events: mpsc::UnboundedSender<UpstreamEvent>,
+}
+
+impl ClientHandler for UpstreamClient {
+    fn get_info(&self) -> ClientConfig {
+        ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("concord", env!("CARGO_PKG_VERSION")),
+        )
+    }
+
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.relay.forward(&self.server, params).await;
+        }
+    }
+
+    async fn on_logging_message(
+        &self,
+        params: LoggingMessageNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.downstream.forward_log(&self.server, params);
+        }
+    }
+
+    async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        let _ = self.events.send(UpstreamEvent::ToolsChanged);
+    }
+
+    async fn on_prompt_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        let _ = self.events.send(UpstreamEvent::PromptsChanged);
+    }
+
+    async fn on_resource_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        let _ = self.events.send(UpstreamEvent::ResourcesChanged);
+    }
+}
+
+/// A live connection plus, for stdio servers, the process behind it.
+struct Connection {
+    service: RunningService<RoleClient, UpstreamClient>,
+    child: Option<ChildProcess>,
+}
+
+impl Connection {
+    async fn close(mut self) {
+        let _ = self
+            .service
+            .close_with_timeout(Duration::from_secs(2))
+            .await;
+        if let Some(child) = self.child.take() {
+            child.terminate().await;
+        }
+    }
+}
+
+async fn connect(spec: &ServerSpec, handler: UpstreamClient) -> Result<Connection, String> {
+    let handshake_timeout = spec.request_timeout.max(CONNECT_TIMEOUT_FLOOR);
+    match &spec.transport {
+        TransportSpec::Stdio {
+            command,
+            args,
+            env,
+            cwd,
+        } => {
+            let spawned = child::spawn(&spec.name, command, args, env, cwd.as_deref())
+                .map_err(|e| format!("cannot start `{command}`: {e}"))?;
+            let process = spawned.process;
+            let serve = handler.serve((spawned.stdout, spawned.stdin));
+            let service = tokio::select! {
+                result = tokio::time::timeout(handshake_timeout, serve) => match result {
+                    Ok(Ok(service)) => service,
+                    Ok(Err(e)) => {
+                        process.terminate().await;
+                        return Err(format!("initialize failed: {e}"));
+                    }
+                    Err(_) => {
+                        process.terminate().await;
+                        return Err(format!("no answer to initialize within {handshake_timeout:?}"));
+                    }
+                },
+                exit = process.exited() => return Err(format!("{exit} before completing initialize")),
+            };
+            Ok(Connection {
+                service,
+                child: Some(process),
+            })
+        }
+        TransportSpec::StreamableHttp { url, headers } => {
+            let transport = crate::http_client::streamable_http(url, headers)?;
+            let service = tokio::time::timeout(handshake_timeout, handler.serve(transport))
+                .await
+                .map_err(|_| format!("no answer to initialize within {handshake_timeout:?}"))?
+                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            Ok(Connection {
+                service,
+                child: None,
+            })
+        }
+        TransportSpec::Sse { url, headers } => {
+            let transport = crate::sse_client::connect(url, headers, handshake_timeout).await?;
+            let service = tokio::time::timeout(handshake_timeout, handler.serve(transport))
+                .await
+                .map_err(|_| format!("no answer to initialize within {handshake_timeout:?}"))?
+                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            Ok(Connection {
+                service,
+                child: None,
+            })
+        }
+    }
+}
+
+/// Fetches every list the server's capabilities promise, following pagination.
+async fn fetch_lists(
+    peer: &Peer<RoleClient>,
+    capabilities: &ServerCapabilities,
+    timeout: Duration,
+) -> Result<UpstreamLists, String> {
+    let fetch = async {
+        let mut lists = UpstreamLists::default();
+        if capabilities.tools.is_some() {
+            lists.tools = peer.list_all_tools().await.map_err(|e| format!("tools/list failed: {e}"))?;
+        }
+        if capabilities.prompts.is_some() {
+            lists.prompts = peer
+                .list_all_prompts()
+                .await
+                .map_err(|e| format!("prompts/list failed: {e}"))?;
+        }
+        if capabilities.resources.is_some() {
+            lists.resources = peer
+                .list_all_resources()
+                .await
+                .map_err(|e| format!("resources/list failed: {e}"))?;
+            lists.templates = peer
+                .list_all_resource_templates()
+                .await
+                .map_err(|e| format!("resources/templates/list failed: {e}"))?;
+        }
+        Ok(lists)
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| format!("listing tools, prompts and resources took over {timeout:?}"))?
+}
+
+async fn ping(peer: &Peer<RoleClient>, timeout: Duration) -> Result<(), String> {
+    let request = ClientRequest::PingRequest(PingRequest::default());
+    match tokio::time::timeout(timeout, peer.send_request(request)).await {
+        Ok(Ok(ServerResult::EmptyResult(_))) => Ok(()),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("ping failed: {e}")),
+        Err(_) => Err(format!("no answer to ping within {timeout:?}")),
+    }
+}
+
+/// Keeps one upstream connected until the gateway shuts down.
+pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
+    let upstream = shared.upstreams[index].clone();
+    let span = tracing::info_span!("upstream", server = %upstream.name, transport = upstream.spec.transport.kind());
+    async move {
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt: u64 = 0;
+        loop {
+            if shared.shutdown.is_cancelled() {
+                return;
+            }
+            attempt += 1;
+            let (events_tx, mut events) = mpsc::unbounded_channel();
+            let handler = UpstreamClient {
+                server: upstream.name.clone(),
+                shared: Arc::downgrade(&shared),
+                events: events_tx,
+            };
+            let connected = tokio::select! {
+                result = connect(&upstream.spec, handler) => result,
+                _ = shared.shutdown.cancelled() => return,
+            };
+            let failure = match connected {
+                Err(reason) => reason,
+                Ok(connection) => {
+                    let outcome = serve_connection(&shared, &upstream, connection, &mut events).await;
+                    match outcome {
+                        ConnectionEnd::Shutdown => return,
+                        ConnectionEnd::Failed { reason, was_healthy } => {
+                            if was_healthy {
+                                backoff = FIRST_BACKOFF;
+                            }
+                            reason
+                        }
+                    }
+                }
+            };
+            if attempt > 1 || upstream.state.read().first_attempt_done {
+                shared.metrics.count_upstream_restart(&upstream.name);
+            }
+            tracing::warn!(reason = %failure, retry_in_ms = backoff.as_millis() as u64, "upstream unhealthy");
+            mark_unhealthy(&shared, &upstream, failure);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shared.shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+enum ConnectionEnd {
+    Shutdown,
+    Failed { reason: String, was_healthy: bool },
+}
+
+async fn serve_connection(
+    shared: &Arc<Shared>,
+    upstream: &Arc<Upstream>,
+    connection: Connection,
+    events: &mut mpsc::UnboundedReceiver<UpstreamEvent>,
+) -> ConnectionEnd {
+    let peer = connection.service.peer().clone();
+    peer.set_response_cache_config(rmcp::service::ClientCacheConfig::disabled())
+        .await;
+    let capabilities = peer
+        .peer_info()
+        .map(|info| info.capabilities.clone())
+        .unwrap_or_default();
+    let timeout = upstream.spec.request_timeout;
+    let lists = match fetch_lists(&peer, &capabilities, timeout).await {
+        Ok(lists) => lists,
+        Err(reason) => {
+            connection.close().await;
+            return ConnectionEnd::Failed {
+                reason,
+                was_healthy: false,
+            };
+        }
+    };
+    tracing::info!(
+        tools = lists.tools.len(),
+        prompts = lists.prompts.len(),
+        resources = lists.resources.len(),
+        "upstream connected"
+    );
+    {
+        let mut state = upstream.state.write();
+        state.health = Health::Healthy;
+        state.peer = Some(peer.clone());
+        state.lists = Arc::new(lists);
+        state.capabilities = Some(capabilities.clone());
+        state.first_attempt_done = true;
+        state.connected_since = Some(Instant::now());
+    }
+    shared.metrics.set_upstream_up(&upstream.name, true);
+    shared.rebuild_catalog();
+    shared.upstream_settled();
+
+    let health_interval = shared.options.health_interval;
+    let ping_timeout = timeout.min(health_interval.max(Duration::from_secs(5)));
+    let mut next_ping = tokio::time::Instant::now() + health_interval;
+    let end = loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break ConnectionEnd::Shutdown,
+            exit = async {
+                match &connection.child {
+                    Some(child) => child.exited().await,
+                    None => std::future::pending().await,
+                }
+            } => break ConnectionEnd::Failed { reason: exit, was_healthy: true },
+            _ = tokio::time::sleep_until(next_ping) => {
+                if let Err(reason) = ping(&peer, ping_timeout).await {
+                    break ConnectionEnd::Failed { reason, was_healthy: true };
+                }
+                next_ping = tokio::time::Instant::now() + health_interval;
+            }
+            Some(event) = events.recv() => {
+                if let Err(reason) = refresh(upstream, &peer, &capabilities, event, timeout).await {
+                    break ConnectionEnd::Failed { reason, was_healthy: true };
+                }
+                shared.rebuild_catalog();
+            }
+        }
+        if connection.service.is_closed() {
+            break ConnectionEnd::Failed {
+                reason: "the connection closed".to_string(),
+                was_healthy: true,
+            };
+        }
+    };
+    // Take the server out of the catalog before tearing the connection down, so no new call
+    // is routed to it while it closes.
+    if let ConnectionEnd::Failed { reason, .. } = &end {
+        mark_unhealthy(shared, upstream, reason.clone());
+    }
+    connection.close().await;
+    end
+}
+
+async fn refresh(
+    upstream: &Upstream,
+    peer: &Peer<RoleClient>,
+    capabilities: &ServerCapabilities,
+    event: UpstreamEvent,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut lists = (*upstream.state.read().lists).clone();
+    let work = async {
+        match event {
+            UpstreamEvent::ToolsChanged if capabilities.tools.is_some() => {
+                lists.tools = peer.list_all_tools().await.map_err(|e| e.to_string())?;
+            }
+            UpstreamEvent::PromptsChanged if capabilities.prompts.is_some() => {
+                lists.prompts = peer.list_all_prompts().await.map_err(|e| e.to_string())?;
+            }
+            UpstreamEvent::ResourcesChanged if capabilities.resources.is_some() => {
+                lists.resources = peer.list_all_resources().await.map_err(|e| e.to_string())?;
+                lists.templates = peer
+                    .list_all_resource_templates()
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            _ => {}
+        }
+        Ok::<_, String>(())
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("refreshing lists took over {timeout:?}"))?
+        .map_err(|e| format!("refreshing lists failed: {e}"))?;
+    upstream.state.write().lists = Arc::new(lists);
+    Ok(())
+}
+
+fn mark_unhealthy(shared: &Shared, upstream: &Upstream, reason: String) {
+    let changed = {
+        let mut state = upstream.state.write();
+        let was_serving = state.health == Health::Healthy;
+        if matches!(&state.health, Health::Unhealthy { reason: r } if *r == reason) {
+            false
+        } else {
+            state.health = Health::Unhealthy { reason };
+            state.peer = None;
+            state.first_attempt_done = true;
+            state.connected_since = None;
+            if was_serving {
+                state.restarts += 1;
+            }
+            true
+        }
+    };
+    shared.metrics.set_upstream_up(&upstream.name, false);
+    if changed {
+        shared.rebuild_catalog();
+    }
+    shared.upstream_settled();
+}

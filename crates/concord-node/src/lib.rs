@@ -1,0 +1,200 @@
+//! The composition root of a Concord node: it wires configuration, telemetry and the MCP
+//! gateway into one axum application (`/mcp`, `/healthz`, `/readyz`, `/metrics`) and owns the
+//! node's lifecycle from bind to clean shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use concord_config::Config;
+use concord_mcp::{EdgeOptions, Gateway, GatewayError, GatewayOptions};
+use concord_telemetry::Metrics;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long start-up waits for every upstream's first connection attempt before it reports
+/// readiness anyway (slow `npx` downloads should not keep a node from serving the others).
+const FIRST_ATTEMPT_LIMIT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+}
+
+/// Where and how to run, after the CLI has merged its flags over the config file.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone)]
+struct AppState {
+    gateway: Gateway,
+    metrics: Arc<Metrics>,
+}
+
+/// A node that is serving.
+pub struct RunningNode {
+    local_addr: SocketAddr,
+    gateway: Gateway,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningNode {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn mcp_url(&self) -> String {
+        format!("http://{}/mcp", self.local_addr)
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// Waits for every upstream's first attempt; fails on a `never`-prefix name collision.
+    pub async fn wait_ready(&self) -> Result<(), NodeError> {
+        Ok(self.gateway.wait_first_attempts(FIRST_ATTEMPT_LIMIT).await?)
+    }
+
+    /// Stops accepting requests, ends sessions, stops every upstream (children reaped).
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+        self.gateway.shutdown().await;
+    }
+}
+
+/// Binds, starts the upstream supervisors and serves. Returns as soon as the listener is up.
+pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode, NodeError> {
+    std::fs::create_dir_all(&options.data_dir).map_err(|source| NodeError::DataDir {
+        path: options.data_dir.clone(),
+        source,
+    })?;
+    if !options.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %options.listen,
+            "listening beyond loopback: only the Host names in node.allowed_hosts are accepted, and there is no authentication yet"
+        );
+    }
+    let metrics = Arc::new(Metrics::new());
+    let gateway = Gateway::new(
+        config,
+        GatewayOptions {
+            health_interval: config.node.health_interval,
+            page_size: GatewayOptions::default().page_size,
+        },
+        metrics.clone(),
+    );
+    let shutdown = CancellationToken::new();
+    let edge = EdgeOptions {
+        allowed_hosts: config.node.allowed_hosts.clone(),
+        allowed_origins: config.node.allowed_origins.clone(),
+        max_body_bytes: config.node.max_body_bytes,
+    };
+    let app = router(
+        AppState {
+            gateway: gateway.clone(),
+            metrics,
+        },
+        &edge,
+        shutdown.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|source| NodeError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| NodeError::Bind {
+        addr: options.listen,
+        source,
+    })?;
+    gateway.start();
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    Ok(RunningNode {
+        local_addr,
+        gateway,
+        shutdown,
+        server,
+    })
+}
+
+fn router(state: AppState, edge: &EdgeOptions, shutdown: CancellationToken) -> Router {
+    let mcp = state.gateway.http_router("/mcp", edge, shutdown);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+        .merge(mcp)
+        .layer(middleware::from_fn(http_span))
+}
+
+/// One span per HTTP request; MCP method spans nest inside it.
+async fn http_span(request: Request, next: Next) -> Response {
+    let span = tracing::info_span!(
+        "http",
+        method = %request.method(),
+        path = %request.uri().path(),
+        status = tracing::field::Empty,
+    );
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("status", response.status().as_u16());
+    response
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let ready = state.gateway.is_ready();
+    let body = serde_json::json!({
+        "ready": ready,
+        "tools": state.gateway.tool_count(),
+        "servers": state.gateway.status(),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
