@@ -12,7 +12,11 @@ use serde_json::{Map, Value};
 const DEFAULT_URL: &str = "http://127.0.0.1:8811/mcp";
 
 #[derive(Parser)]
-#[command(name = "concord", version, about = "One MCP endpoint over many MCP servers")]
+#[command(
+    name = "concord",
+    version,
+    about = "One MCP endpoint over many MCP servers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -124,19 +128,16 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
 
 async fn up(args: UpArgs) -> Result<std::process::ExitCode> {
     let config = Config::load(&args.config)?;
-    let listen = args
-        .listen
-        .or(config.node.listen)
-        .unwrap_or_else(|| concord_config::DEFAULT_LISTEN.parse().expect("valid default"));
+    let listen = args.listen.or(config.node.listen).unwrap_or_else(|| {
+        concord_config::DEFAULT_LISTEN
+            .parse()
+            .expect("valid default")
+    });
     let data_dir = args
         .data_dir
         .or_else(|| config.node.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from(".concord"));
-    let node = concord_node::start(
-        &config,
-        concord_node::NodeOptions { listen, data_dir },
-    )
-    .await?;
+    let node = concord_node::start(&config, concord_node::NodeOptions { listen, data_dir }).await?;
     println!("Concord node listening; MCP endpoint: {}", node.mcp_url());
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -153,10 +154,19 @@ async fn up(args: UpArgs) -> Result<std::process::ExitCode> {
         }
         Some(Ok(())) => {
             for server in node.gateway().status() {
-                let detail = server.reason.clone().unwrap_or_else(|| format!("{} tools", server.tools));
-                println!("  {:<20} {:<16} {:<10} {detail}", server.name, server.transport, server.state);
+                let detail = server
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| format!("{} tools", server.tools));
+                println!(
+                    "  {:<20} {:<16} {:<10} {detail}",
+                    server.name, server.transport, server.state
+                );
             }
-            println!("Ready: {} tools. Press Ctrl-C to stop.", node.gateway().tool_count());
+            println!(
+                "Ready: {} tools. Press Ctrl-C to stop.",
+                node.gateway().tool_count()
+            );
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = sigterm.recv() => {}
@@ -234,7 +244,8 @@ async fn tools_call(name: &str, args: &[String], target: Target) -> Result<std::
             .iter()
             .find(|t| t["name"].as_str() == Some(name))
             .map(|t| t["inputSchema"].clone());
-        let arguments = parse_args(args, schema.as_ref()).map_err(|e| ClientError::Other(e.to_string()))?;
+        let arguments =
+            parse_args(args, schema.as_ref()).map_err(|e| ClientError::Other(e.to_string()))?;
         client.call_tool(name, arguments).await
     }
     .await;
@@ -280,9 +291,15 @@ mod tests {
 
     #[test]
     fn args_follow_schema_then_json() {
-        let schema = json!({"properties": {"message": {"type": "string"}, "n": {"type": "number"}}});
+        let schema =
+            json!({"properties": {"message": {"type": "string"}, "n": {"type": "number"}}});
         let args = parse_args(
-            &["message=42".into(), "n=3".into(), "tags=[\"a\"]".into(), "free=hello".into()],
+            &[
+                "message=42".into(),
+                "n=3".into(),
+                "tags=[\"a\"]".into(),
+                "free=hello".into(),
+            ],
             Some(&schema),
         )
         .unwrap();

@@ -7,9 +7,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("expected a duration like \"30s\", \"250ms\" or \"5m\", got {text:?}"))?;
+    let value: f64 = number.parse().map_err(|_| {
+        format!("expected a duration like \"30s\", \"250ms\" or \"5m\", got {text:?}")
+    })?;
     let seconds = match unit.trim() {
         "" | "s" => value,
         "ms" => value / 1000.0,
@@ -42,8 +42,16 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(parse_duration("soon").unwrap_err().contains("expected a duration"));
-        assert!(parse_duration("3 weeks").unwrap_err().contains("unknown duration unit"));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("expected a duration")
+        );
+        assert!(
+            parse_duration("3 weeks")
+                .unwrap_err()
+                .contains("unknown duration unit")
+        );
         assert!(parse_duration("0s").unwrap_err().contains("positive"));
     }
 }

@@ -24,11 +24,7 @@ pub fn expand_vars(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resul
             Some((name, default)) => (name, Some(default)),
             None => (body, None),
         };
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!(
                 "\"${{{body}}}\" is not a valid variable reference; expected ${{NAME}} or ${{NAME:-default}}"
             ));
@@ -58,15 +54,30 @@ mod tests {
 
     #[test]
     fn expands_set_default_and_escape() {
-        assert_eq!(expand_vars("Bearer ${TOKEN}", &lookup).unwrap(), "Bearer s3cret");
+        assert_eq!(
+            expand_vars("Bearer ${TOKEN}", &lookup).unwrap(),
+            "Bearer s3cret"
+        );
         assert_eq!(expand_vars("${MISSING:-x}", &lookup).unwrap(), "x");
         assert_eq!(expand_vars("$${TOKEN} $5", &lookup).unwrap(), "${TOKEN} $5");
     }
 
     #[test]
     fn missing_and_malformed_are_errors() {
-        assert!(expand_vars("${MISSING}", &lookup).unwrap_err().contains("MISSING is not set"));
-        assert!(expand_vars("${TOKEN", &lookup).unwrap_err().contains("unterminated"));
-        assert!(expand_vars("${A B}", &lookup).unwrap_err().contains("not a valid variable"));
+        assert!(
+            expand_vars("${MISSING}", &lookup)
+                .unwrap_err()
+                .contains("MISSING is not set")
+        );
+        assert!(
+            expand_vars("${TOKEN", &lookup)
+                .unwrap_err()
+                .contains("unterminated")
+        );
+        assert!(
+            expand_vars("${A B}", &lookup)
+                .unwrap_err()
+                .contains("not a valid variable")
+        );
     }
 }

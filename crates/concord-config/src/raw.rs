@@ -120,7 +120,11 @@ pub(crate) fn parse_toml(text: &str, file: &Path) -> Result<TomlFile, ConfigErro
         let inner = e.into_inner();
         ConfigError::Invalid {
             file: file.to_path_buf(),
-            key: if key == "." { "(top level)".into() } else { key },
+            key: if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            },
             message: format!("{}{}", toml_location(text, inner.span()), inner.message()),
         }
     })
@@ -150,7 +154,11 @@ pub(crate) fn parse_json(text: &str, file: &Path) -> Result<JsonFile, ConfigErro
         } else {
             ConfigError::Invalid {
                 file: file.to_path_buf(),
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 message: inner.to_string(),
             }
         }
@@ -266,12 +274,16 @@ impl RawNode {
         settings.data_dir = self.data_dir.map(|d| base_dir.join(d));
         settings.allowed_hosts = self.allowed_hosts;
         for (i, origin) in self.allowed_origins.iter().enumerate() {
-            if !(origin == "null" || origin.starts_with("http://") || origin.starts_with("https://"))
+            if !(origin == "null"
+                || origin.starts_with("http://")
+                || origin.starts_with("https://"))
             {
                 return Err(ConfigError::invalid(
                     file,
                     format!("node.allowed_origins[{i}]"),
-                    format!("expected an origin with a scheme like \"https://app.example.com\", got {origin:?}"),
+                    format!(
+                        "expected an origin with a scheme like \"https://app.example.com\", got {origin:?}"
+                    ),
                 ));
             }
         }

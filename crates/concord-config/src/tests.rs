@@ -58,9 +58,14 @@ fn toml_with_every_transport() {
     let github = &config.servers[1];
     assert_eq!(github.prefix, PrefixMode::Conditional);
     assert_eq!(github.request_timeout, Duration::from_secs(90));
-    assert!(matches!(&github.transport, TransportSpec::StreamableHttp { headers, .. }
-        if headers["Authorization"] == "Bearer ghp_test"));
-    assert!(matches!(config.servers[2].transport, TransportSpec::Sse { .. }));
+    assert!(
+        matches!(&github.transport, TransportSpec::StreamableHttp { headers, .. }
+        if headers["Authorization"] == "Bearer ghp_test")
+    );
+    assert!(matches!(
+        config.servers[2].transport,
+        TransportSpec::Sse { .. }
+    ));
 }
 
 #[test]
@@ -81,15 +86,25 @@ fn claude_desktop_json_unchanged() {
     .unwrap();
     let names: Vec<_> = config.servers.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["memory", "old", "remote"]);
-    assert!(matches!(config.servers[1].transport, TransportSpec::Sse { .. }));
-    assert!(matches!(&config.servers[2].transport, TransportSpec::StreamableHttp { headers, .. }
-        if headers["X-Key"] == "ghp_test"));
+    assert!(matches!(
+        config.servers[1].transport,
+        TransportSpec::Sse { .. }
+    ));
+    assert!(
+        matches!(&config.servers[2].transport, TransportSpec::StreamableHttp { headers, .. }
+        if headers["X-Key"] == "ghp_test")
+    );
 }
 
 #[test]
 fn unknown_key_names_file_key_and_expectation() {
-    let err = toml("[servers.fs]\ncomand = \"npx\"\n").unwrap_err().to_string();
-    assert!(err.starts_with("/etc/concord/concord.toml: key `servers.fs"), "{err}");
+    let err = toml("[servers.fs]\ncomand = \"npx\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("/etc/concord/concord.toml: key `servers.fs"),
+        "{err}"
+    );
     assert!(err.contains("unknown field `comand`"), "{err}");
     assert!(err.contains("expected one of"), "{err}");
     assert!(err.contains("line 2"), "{err}");
@@ -107,13 +122,16 @@ fn bad_prefix_mode_lists_choices() {
     let err = toml("[servers.fs]\ncommand = \"x\"\nprefix = \"sometimes\"\n").unwrap_err();
     assert_eq!(err.key(), Some("servers.fs.prefix"));
     let text = err.to_string();
-    assert!(text.contains("`always`") && text.contains("`never`"), "{text}");
+    assert!(
+        text.contains("`always`") && text.contains("`never`"),
+        "{text}"
+    );
 }
 
 #[test]
 fn missing_variable_names_key_and_variable() {
-    let err = toml("[servers.gh]\nurl = \"http://x/mcp\"\nheaders = { A = \"${NOPE}\" }\n")
-        .unwrap_err();
+    let err =
+        toml("[servers.gh]\nurl = \"http://x/mcp\"\nheaders = { A = \"${NOPE}\" }\n").unwrap_err();
     assert_eq!(err.key(), Some("servers.gh.headers.A"));
     assert!(err.to_string().contains("NOPE is not set"));
 }
@@ -121,15 +139,28 @@ fn missing_variable_names_key_and_variable() {
 #[test]
 fn command_and_url_conflict() {
     let err = toml("[servers.x]\ncommand = \"a\"\nurl = \"http://b\"\n").unwrap_err();
-    assert!(err.to_string().contains("both `command` and `url`"), "{err}");
+    assert!(
+        err.to_string().contains("both `command` and `url`"),
+        "{err}"
+    );
     let err = toml("[servers.x]\nargs = [\"a\"]\n").unwrap_err();
     assert!(err.to_string().contains("needs `command`"), "{err}");
 }
 
 #[test]
 fn bad_names_and_values() {
-    assert!(toml("[servers.a__b]\ncommand = \"x\"\n").unwrap_err().to_string().contains("\"__\""));
-    assert!(toml("[servers.concord]\ncommand = \"x\"\n").unwrap_err().to_string().contains("reserved"));
+    assert!(
+        toml("[servers.a__b]\ncommand = \"x\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("\"__\"")
+    );
+    assert!(
+        toml("[servers.concord]\ncommand = \"x\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("reserved")
+    );
     assert_eq!(
         toml("[servers.x]\nurl = \"ftp://x\"\n").unwrap_err().key(),
         Some("servers.x.url")
@@ -139,11 +170,15 @@ fn bad_names_and_values() {
         Some("node.listen")
     );
     assert_eq!(
-        toml("[servers.x]\ncommand = \"a\"\ntimeout = \"soon\"\n").unwrap_err().key(),
+        toml("[servers.x]\ncommand = \"a\"\ntimeout = \"soon\"\n")
+            .unwrap_err()
+            .key(),
         Some("servers.x.timeout")
     );
     assert_eq!(
-        toml("[servers.x]\ncommand = \"a\"\nheaders = { A = \"b\" }\n").unwrap_err().key(),
+        toml("[servers.x]\ncommand = \"a\"\nheaders = { A = \"b\" }\n")
+            .unwrap_err()
+            .key(),
         Some("servers.x.headers")
     );
 }
@@ -151,9 +186,15 @@ fn bad_names_and_values() {
 #[test]
 fn syntax_errors_give_a_location() {
     let err = toml("[servers.x\ncommand = 1\n").unwrap_err().to_string();
-    assert!(err.contains("syntax error") && err.contains("line 1"), "{err}");
+    assert!(
+        err.contains("syntax error") && err.contains("line 1"),
+        "{err}"
+    );
     let err = json("{\"mcpServers\": {").unwrap_err().to_string();
-    assert!(err.contains("/home/u/.mcp.json") && err.contains("syntax error"), "{err}");
+    assert!(
+        err.contains("/home/u/.mcp.json") && err.contains("syntax error"),
+        "{err}"
+    );
 }
 
 #[test]

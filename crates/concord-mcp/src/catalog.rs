@@ -76,7 +76,12 @@ impl Catalog {
         let mut catalog = Catalog::default();
 
         let tool_names = |input: &CatalogInput<'_>| -> Vec<String> {
-            input.lists.tools.iter().map(|t| t.name.to_string()).collect()
+            input
+                .lists
+                .tools
+                .iter()
+                .map(|t| t.name.to_string())
+                .collect()
         };
         let prompt_names = |input: &CatalogInput<'_>| -> Vec<String> {
             input.lists.prompts.iter().map(|p| p.name.clone()).collect()
@@ -275,7 +280,7 @@ fn match_parts(parts: &[TemplatePart], input: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rmcp::model::{JsonObject, RawResource};
+    use rmcp::model::JsonObject;
 
     fn tool(name: &str) -> Tool {
         Tool::new(name.to_string(), "d", Arc::new(JsonObject::new()))
@@ -375,13 +380,11 @@ mod tests {
     fn resources_route_by_listing_then_template() {
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let la = UpstreamLists {
-            resources: vec![RawResource::new("file:///x", "x").no_annotation()],
+            resources: vec![Resource::new("file:///x", "x")],
             ..Default::default()
         };
         let lb = UpstreamLists {
-            templates: vec![
-                rmcp::model::RawResourceTemplate::new("demo://resource/{id}", "r").no_annotation(),
-            ],
+            templates: vec![ResourceTemplate::new("demo://resource/{id}", "r")],
             ..Default::default()
         };
         let catalog = Catalog::build(&[
@@ -397,7 +400,10 @@ mod tests {
             },
         ]);
         assert_eq!(catalog.resource_owner("file:///x").map(|s| &**s), Some("a"));
-        assert_eq!(catalog.resource_owner("demo://resource/7").map(|s| &**s), Some("b"));
+        assert_eq!(
+            catalog.resource_owner("demo://resource/7").map(|s| &**s),
+            Some("b")
+        );
         assert_eq!(catalog.resource_owner("demo://resource/7/extra"), None);
         assert_eq!(catalog.resource_owner("other://x"), None);
     }

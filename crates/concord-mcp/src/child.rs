@@ -45,7 +45,9 @@ pub(crate) fn spawn(
         cmd.current_dir(cwd);
     }
     let mut child = cmd.spawn()?;
-    let pid = child.id().ok_or_else(|| std::io::Error::other("child exited at once"))? as i32;
+    let pid = child
+        .id()
+        .ok_or_else(|| std::io::Error::other("child exited at once"))? as i32;
     let stdout = child.stdout.take().expect("stdout was piped");
     let stdin = child.stdin.take().expect("stdin was piped");
     let stderr = child.stderr.take().expect("stderr was piped");
@@ -65,7 +67,10 @@ pub(crate) fn spawn(
     let (exit_tx, exit_rx) = watch::channel(None);
     tokio::spawn(async move {
         let description = match child.wait().await {
-            Ok(status) => match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+            Ok(status) => match (
+                status.code(),
+                std::os::unix::process::ExitStatusExt::signal(&status),
+            ) {
                 (Some(code), _) => format!("process exited with status {code}"),
                 (None, Some(signal)) => format!("process killed by signal {signal}"),
                 _ => "process exited".to_string(),

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use concord_config::{Config, NodeSettings, PrefixMode, ServerSpec, TransportSpec};
+use rmcp::ServiceExt;
 use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation};
 use rmcp::service::{RoleClient, RunningService, ServiceError};
-use rmcp::ServiceExt;
 use serde_json::{Map, Value};
 
 use crate::gateway::{Gateway, GatewayOptions};
@@ -48,8 +48,13 @@ pub struct NodeClient {
 
 impl NodeClient {
     pub async fn connect(url: &str) -> Result<NodeClient, ClientError> {
-        let transport = crate::http_client::streamable_http(url, &BTreeMap::new())
-            .map_err(|reason| ClientError::Connect { url: url.to_string(), reason })?;
+        let transport =
+            crate::http_client::streamable_http(url, &BTreeMap::new()).map_err(|reason| {
+                ClientError::Connect {
+                    url: url.to_string(),
+                    reason,
+                }
+            })?;
         let info = ClientConfig::new(
             ClientCapabilities::default(),
             Implementation::new("concord-cli", env!("CARGO_PKG_VERSION")),
@@ -77,7 +82,11 @@ impl NodeClient {
     }
 
     /// Calls a tool and returns the `tools/call` result object.
-    pub async fn call_tool(&self, name: &str, arguments: Map<String, Value>) -> Result<Value, ClientError> {
+    pub async fn call_tool(
+        &self,
+        name: &str,
+        arguments: Map<String, Value>,
+    ) -> Result<Value, ClientError> {
         let mut params = CallToolRequestParams::new(name.to_string());
         params.arguments = Some(arguments);
         let result = self.service.peer().call_tool(params).await?;
@@ -85,7 +94,10 @@ impl NodeClient {
     }
 
     pub async fn close(mut self) {
-        let _ = self.service.close_with_timeout(Duration::from_secs(2)).await;
+        let _ = self
+            .service
+            .close_with_timeout(Duration::from_secs(2))
+            .await;
     }
 }
 
@@ -116,7 +128,9 @@ pub async fn run_stdio_bridge(url: &str) -> Result<(), crate::GatewayError> {
             let _ = running.waiting().await;
             Ok(())
         }
-        Err(e) => Err(crate::GatewayError::Startup(format!("stdio session failed: {e}"))),
+        Err(e) => Err(crate::GatewayError::Startup(format!(
+            "stdio session failed: {e}"
+        ))),
     };
     gateway.shutdown().await;
     result

@@ -71,8 +71,9 @@ impl GatewayError {
             ServiceError::TransportClosed => GatewayError::ConnectionLost {
                 server: server.to_string(),
                 method: method.to_string(),
-                reason: "the connection closed (the server exited or hung up); it is being restarted"
-                    .to_string(),
+                reason:
+                    "the connection closed (the server exited or hung up); it is being restarted"
+                        .to_string(),
             },
             ServiceError::TransportSend(e) => GatewayError::ConnectionLost {
                 server: server.to_string(),

@@ -34,7 +34,12 @@ pub struct EdgeOptions {
 
 impl Gateway {
     /// An axum router serving MCP streamable HTTP at `path`.
-    pub fn http_router(&self, path: &str, edge: &EdgeOptions, shutdown: CancellationToken) -> axum::Router {
+    pub fn http_router(
+        &self,
+        path: &str,
+        edge: &EdgeOptions,
+        shutdown: CancellationToken,
+    ) -> axum::Router {
         let hosts: Vec<String> = LOOPBACK_HOSTS
             .iter()
             .map(|h| h.to_string())
@@ -52,7 +57,11 @@ impl Gateway {
             .with_cancellation_token(shutdown);
         let shared = self.shared.clone();
         let service = StreamableHttpService::new(
-            move || Ok(GatewaySession { shared: shared.clone() }),
+            move || {
+                Ok(GatewaySession {
+                    shared: shared.clone(),
+                })
+            },
             Arc::new(LocalSessionManager::default()),
             config,
         );

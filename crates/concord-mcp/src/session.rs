@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use concord_telemetry::Outcome;
 use rmcp::ErrorData as McpError;
+use rmcp::ServerHandler;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CancelledNotificationParam,
     ClientRequest, CompleteRequest, CompleteRequestParams, CompleteResult, GetPromptRequest,
@@ -16,8 +17,9 @@ use rmcp::model::{
     RequestMetaObject, ServerCapabilities, ServerConfig, ServerResult, SetLevelRequest,
     SetLevelRequestParams,
 };
-use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient, RoleServer};
-use rmcp::ServerHandler;
+use rmcp::service::{
+    NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient, RoleServer,
+};
 use tracing::Instrument;
 
 use crate::catalog::Catalog;
@@ -43,7 +45,11 @@ fn forwardable_meta(meta: &RequestMetaObject) -> RequestMetaObject {
     forwarded
 }
 
-fn page<T: Clone>(items: &[T], cursor: Option<&str>, page_size: usize) -> Result<(Vec<T>, Option<String>), McpError> {
+fn page<T: Clone>(
+    items: &[T],
+    cursor: Option<&str>,
+    page_size: usize,
+) -> Result<(Vec<T>, Option<String>), McpError> {
     let start = match cursor {
         None => 0,
         Some(c) => c
@@ -62,7 +68,10 @@ fn cursor(params: &Option<PaginatedRequestParams>) -> Option<&str> {
 }
 
 impl GatewaySession {
-    fn upstream_peer(&self, server: &str) -> Result<(Peer<RoleClient>, std::time::Duration), GatewayError> {
+    fn upstream_peer(
+        &self,
+        server: &str,
+    ) -> Result<(Peer<RoleClient>, std::time::Duration), GatewayError> {
         let upstream = self
             .shared
             .upstream(server)
@@ -70,10 +79,12 @@ impl GatewaySession {
                 server: server.to_string(),
                 reason: "not configured".to_string(),
             })?;
-        let peer = upstream.peer().map_err(|reason| GatewayError::Unavailable {
-            server: server.to_string(),
-            reason,
-        })?;
+        let peer = upstream
+            .peer()
+            .map_err(|reason| GatewayError::Unavailable {
+                server: server.to_string(),
+                reason,
+            })?;
         Ok((peer, upstream.spec.request_timeout))
     }
 
@@ -87,7 +98,8 @@ impl GatewaySession {
         context: &RequestContext<RoleServer>,
     ) -> Result<ServerResult, GatewayError> {
         let (peer, timeout) = self.upstream_peer(server)?;
-        let options = PeerRequestOptions::with_timeout(timeout).with_meta(forwardable_meta(&context.meta));
+        let options =
+            PeerRequestOptions::with_timeout(timeout).with_meta(forwardable_meta(&context.meta));
         let handle = peer
             .send_request_with_option(request, options)
             .await
@@ -162,7 +174,11 @@ impl ServerHandler for GatewaySession {
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
         let catalog = self.catalog();
-        let (tools, next) = page(&catalog.tools, cursor(&params), self.shared.options.page_size)?;
+        let (tools, next) = page(
+            &catalog.tools,
+            cursor(&params),
+            self.shared.options.page_size,
+        )?;
         let mut result = ListToolsResult::with_all_items(tools);
         result.next_cursor = next;
         self.observe("tools/list", "", true);
@@ -204,10 +220,16 @@ impl ServerHandler for GatewaySession {
         let elapsed = started.elapsed();
         let (response, outcome) = match result {
             Ok(ServerResult::CallToolResult(r)) => {
-                let outcome = if r.is_error == Some(true) { Outcome::ToolError } else { Outcome::Ok };
+                let outcome = if r.is_error == Some(true) {
+                    Outcome::ToolError
+                } else {
+                    Outcome::Ok
+                };
                 (Ok(CallToolResponse::Complete(r)), outcome)
             }
-            Ok(ServerResult::InputRequiredResult(r)) => (Ok(CallToolResponse::InputRequired(r)), Outcome::Ok),
+            Ok(ServerResult::InputRequiredResult(r)) => {
+                (Ok(CallToolResponse::InputRequired(r)), Outcome::Ok)
+            }
             Ok(_) => (
                 Err(GatewayError::UnexpectedResult {
                     server: route.server.to_string(),
@@ -222,8 +244,18 @@ impl ServerHandler for GatewaySession {
         if let Err(e) = &response {
             tracing::warn!(parent: &span, error = %e, "tool call failed");
         }
-        self.shared.metrics.observe_tool_call(&route.server, &route.name, outcome, elapsed);
-        self.shared.metrics.observe_request("tools/call", &route.server, if outcome == Outcome::Error { Outcome::Error } else { Outcome::Ok });
+        self.shared
+            .metrics
+            .observe_tool_call(&route.server, &route.name, outcome, elapsed);
+        self.shared.metrics.observe_request(
+            "tools/call",
+            &route.server,
+            if outcome == Outcome::Error {
+                Outcome::Error
+            } else {
+                Outcome::Ok
+            },
+        );
         response.map_err(McpError::from)
     }
 
@@ -233,7 +265,11 @@ impl ServerHandler for GatewaySession {
         _context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, McpError> {
         let catalog = self.catalog();
-        let (prompts, next) = page(&catalog.prompts, cursor(&params), self.shared.options.page_size)?;
+        let (prompts, next) = page(
+            &catalog.prompts,
+            cursor(&params),
+            self.shared.options.page_size,
+        )?;
         let mut result = ListPromptsResult::with_all_items(prompts);
         result.next_cursor = next;
         self.observe("prompts/list", "", true);
@@ -284,7 +320,11 @@ impl ServerHandler for GatewaySession {
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, McpError> {
         let catalog = self.catalog();
-        let (resources, next) = page(&catalog.resources, cursor(&params), self.shared.options.page_size)?;
+        let (resources, next) = page(
+            &catalog.resources,
+            cursor(&params),
+            self.shared.options.page_size,
+        )?;
         let mut result = ListResourcesResult::with_all_items(resources);
         result.next_cursor = next;
         self.observe("resources/list", "", true);
@@ -297,7 +337,11 @@ impl ServerHandler for GatewaySession {
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, McpError> {
         let catalog = self.catalog();
-        let (templates, next) = page(&catalog.templates, cursor(&params), self.shared.options.page_size)?;
+        let (templates, next) = page(
+            &catalog.templates,
+            cursor(&params),
+            self.shared.options.page_size,
+        )?;
         let mut result = ListResourceTemplatesResult::with_all_items(templates);
         result.next_cursor = next;
         self.observe("resources/templates/list", "", true);
@@ -315,7 +359,8 @@ impl ServerHandler for GatewaySession {
         };
         let mut upstream_params = params;
         upstream_params.meta = None;
-        let span = tracing::info_span!("resources/read", server = %server, uri = %upstream_params.uri);
+        let span =
+            tracing::info_span!("resources/read", server = %server, uri = %upstream_params.uri);
         let result = self
             .forward(
                 &server,
@@ -409,8 +454,13 @@ impl ServerHandler for GatewaySession {
             .map(|u| u.name.clone())
             .collect();
         for server in servers {
-            let request = ClientRequest::SetLevelRequest(SetLevelRequest::new(SetLevelRequestParams::new(params.level)));
-            if let Err(e) = self.forward(&server, "logging/setLevel", request, &context).await {
+            let request = ClientRequest::SetLevelRequest(SetLevelRequest::new(
+                SetLevelRequestParams::new(params.level),
+            ));
+            if let Err(e) = self
+                .forward(&server, "logging/setLevel", request, &context)
+                .await
+            {
                 tracing::warn!(server = %server, error = %e, "logging/setLevel not accepted upstream");
             }
         }
@@ -439,10 +489,19 @@ mod tests {
     #[test]
     fn meta_forwarding_keeps_trace_and_app_keys_only() {
         let mut meta = RequestMetaObject::new();
-        meta.0.0.insert("progressToken".into(), serde_json::json!(7));
-        meta.0.0.insert("traceparent".into(), serde_json::json!("00-abc-def-01"));
-        meta.0.0.insert("io.modelcontextprotocol/protocolVersion".into(), serde_json::json!("2026-07-28"));
-        meta.0.0.insert("com.example/tenant".into(), serde_json::json!("acme"));
+        meta.0
+            .0
+            .insert("progressToken".into(), serde_json::json!(7));
+        meta.0
+            .0
+            .insert("traceparent".into(), serde_json::json!("00-abc-def-01"));
+        meta.0.0.insert(
+            "io.modelcontextprotocol/protocolVersion".into(),
+            serde_json::json!("2026-07-28"),
+        );
+        meta.0
+            .0
+            .insert("com.example/tenant".into(), serde_json::json!("acme"));
         let forwarded = forwardable_meta(&meta);
         let keys: Vec<_> = forwarded.0.0.keys().cloned().collect();
         assert_eq!(keys, ["traceparent", "com.example/tenant"]);

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use concord_config::{ServerSpec, TransportSpec};
 use parking_lot::RwLock;
 use rmcp::model::{
-    ClientCapabilities, ClientConfig, ClientRequest, Implementation, LoggingMessageNotificationParam,
-    PingRequest, ProgressNotificationParam, ServerCapabilities, ServerResult,
+    ClientCapabilities, ClientConfig, ClientRequest, Implementation,
+    LoggingMessageNotificationParam, PingRequest, ProgressNotificationParam, ServerCapabilities,
+    ServerResult,
 };
 use rmcp::service::{NotificationContext, Peer, RoleClient, RunningService};
 use rmcp::{ClientHandler, ServiceExt};
@@ -29,7 +30,9 @@ pub enum Health {
     /// Never connected yet: the first attempt is under way.
     Starting,
     Healthy,
-    Unhealthy { reason: String },
+    Unhealthy {
+        reason: String,
+    },
 }
 
 pub(crate) struct UpstreamState {
@@ -83,12 +86,12 @@ impl Upstream {
     }
 }
 
-/// What the upstream's notifications ask the supervisor to do.
+/// Which list an upstream announced as changed.
 #[derive(Debug)]
-enum UpstreamEvent {
-    ToolsChanged,
-    PromptsChanged,
-    ResourcesChanged,
+enum ListChanged {
+    Tools,
+    Prompts,
+    Resources,
 }
 
 /// The client side of one upstream connection: relays the upstream's notifications.
@@ -96,7 +99,7 @@ enum UpstreamEvent {
 pub(crate) struct UpstreamClient {
     server: Arc<str>,
     shared: Weak<Shared>,
-    events: mpsc::UnboundedSender<UpstreamEvent>,
+    events: mpsc::UnboundedSender<ListChanged>,
 }
 
 impl ClientHandler for UpstreamClient {
@@ -128,15 +131,15 @@ impl ClientHandler for UpstreamClient {
     }
 
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
-        let _ = self.events.send(UpstreamEvent::ToolsChanged);
+        let _ = self.events.send(ListChanged::Tools);
     }
 
     async fn on_prompt_list_changed(&self, _context: NotificationContext<RoleClient>) {
-        let _ = self.events.send(UpstreamEvent::PromptsChanged);
+        let _ = self.events.send(ListChanged::Prompts);
     }
 
     async fn on_resource_list_changed(&self, _context: NotificationContext<RoleClient>) {
-        let _ = self.events.send(UpstreamEvent::ResourcesChanged);
+        let _ = self.events.send(ListChanged::Resources);
     }
 }
 
@@ -224,7 +227,10 @@ async fn fetch_lists(
     let fetch = async {
         let mut lists = UpstreamLists::default();
         if capabilities.tools.is_some() {
-            lists.tools = peer.list_all_tools().await.map_err(|e| format!("tools/list failed: {e}"))?;
+            lists.tools = peer
+                .list_all_tools()
+                .await
+                .map_err(|e| format!("tools/list failed: {e}"))?;
         }
         if capabilities.prompts.is_some() {
             lists.prompts = peer
@@ -321,7 +327,7 @@ async fn serve_connection(
     shared: &Arc<Shared>,
     upstream: &Arc<Upstream>,
     connection: Connection,
-    events: &mut mpsc::UnboundedReceiver<UpstreamEvent>,
+    events: &mut mpsc::UnboundedReceiver<ListChanged>,
 ) -> ConnectionEnd {
     let peer = connection.service.peer().clone();
     peer.set_response_cache_config(rmcp::service::ClientCacheConfig::disabled())
@@ -405,19 +411,19 @@ async fn refresh(
     upstream: &Upstream,
     peer: &Peer<RoleClient>,
     capabilities: &ServerCapabilities,
-    event: UpstreamEvent,
+    event: ListChanged,
     timeout: Duration,
 ) -> Result<(), String> {
     let mut lists = (*upstream.state.read().lists).clone();
     let work = async {
         match event {
-            UpstreamEvent::ToolsChanged if capabilities.tools.is_some() => {
+            ListChanged::Tools if capabilities.tools.is_some() => {
                 lists.tools = peer.list_all_tools().await.map_err(|e| e.to_string())?;
             }
-            UpstreamEvent::PromptsChanged if capabilities.prompts.is_some() => {
+            ListChanged::Prompts if capabilities.prompts.is_some() => {
                 lists.prompts = peer.list_all_prompts().await.map_err(|e| e.to_string())?;
             }
-            UpstreamEvent::ResourcesChanged if capabilities.resources.is_some() => {
+            ListChanged::Resources if capabilities.resources.is_some() => {
                 lists.resources = peer.list_all_resources().await.map_err(|e| e.to_string())?;
                 lists.templates = peer
                     .list_all_resource_templates()

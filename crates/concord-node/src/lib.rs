@@ -19,6 +19,8 @@ use concord_telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod edge;
+
 /// How long start-up waits for every upstream's first connection attempt before it reports
 /// readiness anyway (slow `npx` downloads should not keep a node from serving the others).
 const FIRST_ATTEMPT_LIMIT: Duration = Duration::from_secs(120);
@@ -77,7 +79,10 @@ impl RunningNode {
 
     /// Waits for every upstream's first attempt; fails on a `never`-prefix name collision.
     pub async fn wait_ready(&self) -> Result<(), NodeError> {
-        Ok(self.gateway.wait_first_attempts(FIRST_ATTEMPT_LIMIT).await?)
+        Ok(self
+            .gateway
+            .wait_first_attempts(FIRST_ATTEMPT_LIMIT)
+            .await?)
     }
 
     /// Stops accepting requests, ends sessions, stops every upstream (children reaped).
@@ -149,7 +154,14 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
 }
 
 fn router(state: AppState, edge: &EdgeOptions, shutdown: CancellationToken) -> Router {
-    let mcp = state.gateway.http_router("/mcp", edge, shutdown);
+    let mcp =
+        state
+            .gateway
+            .http_router("/mcp", edge, shutdown)
+            .layer(middleware::from_fn_with_state(
+                edge::BodyLimit(edge.max_body_bytes),
+                edge::jsonrpc_edge,
+            ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -151,18 +151,39 @@ impl Metrics {
                 "concord_tool_call_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
                 h.count
             );
-            let _ = writeln!(out, "concord_tool_call_duration_seconds_sum{{{labels}}} {}", h.sum);
-            let _ = writeln!(out, "concord_tool_call_duration_seconds_count{{{labels}}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "concord_tool_call_duration_seconds_sum{{{labels}}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "concord_tool_call_duration_seconds_count{{{labels}}} {}",
+                h.count
+            );
         }
-        out.push_str("# HELP concord_upstream_up Whether an upstream server is healthy (1) or not (0).\n");
+        out.push_str(
+            "# HELP concord_upstream_up Whether an upstream server is healthy (1) or not (0).\n",
+        );
         out.push_str("# TYPE concord_upstream_up gauge\n");
         for (server, up) in &inner.upstream_up {
-            let _ = writeln!(out, "concord_upstream_up{{server=\"{}\"}} {}", escape(server), u8::from(*up));
+            let _ = writeln!(
+                out,
+                "concord_upstream_up{{server=\"{}\"}} {}",
+                escape(server),
+                u8::from(*up)
+            );
         }
-        out.push_str("# HELP concord_upstream_restarts_total Reconnections or restarts of an upstream.\n");
+        out.push_str(
+            "# HELP concord_upstream_restarts_total Reconnections or restarts of an upstream.\n",
+        );
         out.push_str("# TYPE concord_upstream_restarts_total counter\n");
         for (server, n) in &inner.upstream_restarts {
-            let _ = writeln!(out, "concord_upstream_restarts_total{{server=\"{}\"}} {n}", escape(server));
+            let _ = writeln!(
+                out,
+                "concord_upstream_restarts_total{{server=\"{}\"}} {n}",
+                escape(server)
+            );
         }
         out
     }
@@ -187,11 +208,25 @@ mod tests {
         m.observe_request("tools/call", "fs", Outcome::Ok);
         m.set_upstream_up("fs", true);
         let text = m.render();
-        assert!(text.contains("concord_tool_calls_total{server=\"fs\",tool=\"read\",outcome=\"ok\"} 1"));
-        assert!(text.contains("concord_tool_calls_total{server=\"fs\",tool=\"read\",outcome=\"error\"} 1"));
-        assert!(text.contains("concord_tool_call_duration_seconds_bucket{server=\"fs\",tool=\"read\",le=\"0.0025\"} 1"));
-        assert!(text.contains("concord_tool_call_duration_seconds_bucket{server=\"fs\",tool=\"read\",le=\"0.05\"} 2"));
-        assert!(text.contains("concord_tool_call_duration_seconds_count{server=\"fs\",tool=\"read\"} 2"));
+        assert!(
+            text.contains("concord_tool_calls_total{server=\"fs\",tool=\"read\",outcome=\"ok\"} 1")
+        );
+        assert!(
+            text.contains(
+                "concord_tool_calls_total{server=\"fs\",tool=\"read\",outcome=\"error\"} 1"
+            )
+        );
+        assert!(text.contains(
+            "concord_tool_call_duration_seconds_bucket{server=\"fs\",tool=\"read\",le=\"0.0025\"} 1"
+        ));
+        assert!(text.contains(
+            "concord_tool_call_duration_seconds_bucket{server=\"fs\",tool=\"read\",le=\"0.05\"} 2"
+        ));
+        assert!(
+            text.contains(
+                "concord_tool_call_duration_seconds_count{server=\"fs\",tool=\"read\"} 2"
+            )
+        );
         assert!(text.contains("concord_upstream_up{server=\"fs\"} 1"));
     }
 

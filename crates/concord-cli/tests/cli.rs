@@ -1,0 +1,208 @@
+//! End-to-end tests of the `concord` binary: configuration errors as a user sees them, a node
+//! started with `concord up`, the `tools` commands against it, and a clean SIGTERM shutdown
+//! that leaves no upstream process behind.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn concord() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_concord"))
+}
+
+fn run(args: &[&str]) -> Output {
+    concord().args(args).output().expect("concord runs")
+}
+
+#[test]
+fn config_error_names_file_key_and_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("concord.toml");
+    std::fs::write(&file, "[servers.fs]\ncommand = \"npx\"\nargz = [\"-y\"]\n").unwrap();
+    let output = run(&[
+        "up",
+        "--config",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    assert!(stderr.contains("servers.fs.argz"), "{stderr}");
+    assert!(
+        stderr.contains("unknown field `argz`, expected one of"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let output = run(&["up", "--config", "/nonexistent/concord.toml"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/concord.toml: cannot read"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_check_accepts_claude_desktop_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("claude_desktop_config.json");
+    std::fs::write(
+        &file,
+        r#"{"mcpServers": {"memory": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-memory"]},
+                           "remote": {"url": "http://127.0.0.1:9/mcp"}}}"#,
+    )
+    .unwrap();
+    let output = run(&["config", "check", file.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("memory") && stdout.contains("stdio"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("remote") && stdout.contains("streamable-http"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 servers, OK"), "{stdout}");
+}
+
+struct Node {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = concord_testkit::workspace_bin("concord-fixture");
+        let config = dir.path().join("concord.toml");
+        std::fs::write(
+            &config,
+            format!("[servers.fx]\ncommand = {fixture:?}\nargs = [\"--name\", \"fx\"]\n"),
+        )
+        .unwrap();
+        let port = concord_testkit::free_port();
+        let mut child = concord()
+            .args(["up", "--config", config.to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let mut url = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(found) = line.strip_prefix("Concord node listening; MCP endpoint: ") {
+                url = Some(found.to_string());
+            }
+            if line.starts_with("Ready:") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node did not become ready");
+        }
+        // Keep draining stdout so the node never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Node {
+            child,
+            url: url.expect("printed MCP URL"),
+            _dir: dir,
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        concord()
+            .args(args)
+            .args(["--url", &self.url])
+            .output()
+            .unwrap()
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn tools_commands_against_a_running_node_then_clean_shutdown() {
+    let node = Node::start();
+
+    let list = node.cli(&["tools", "list"]);
+    assert!(list.status.success(), "{list:?}");
+    let table = String::from_utf8_lossy(&list.stdout);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("fx__echo") && table.contains("Echoes back the message"),
+        "{table}"
+    );
+
+    let json_list = node.cli(&["tools", "list", "--json"]);
+    let tools: Vec<Value> = serde_json::from_slice(&json_list.stdout).unwrap();
+    let echo = tools
+        .iter()
+        .find(|t| t["name"] == "fx__echo")
+        .expect("fx__echo listed");
+    assert_eq!(echo["annotations"]["readOnlyHint"], true);
+
+    let call = node.cli(&["tools", "call", "fx__echo", "--arg", "message=42"]);
+    assert!(call.status.success(), "{call:?}");
+    let text = String::from_utf8_lossy(&call.stdout);
+    // The schema says `message` is a string, so 42 stays "42".
+    assert!(text.contains("Echo: 42"), "{text}");
+
+    let call = node.cli(&["tools", "call", "fx__stats", "--json"]);
+    let stats: Value = serde_json::from_slice(&call.stdout).unwrap();
+    let upstream_pid = stats["structuredContent"]["pid"]
+        .as_u64()
+        .expect("fixture pid") as i32;
+
+    let unknown = node.cli(&["tools", "call", "fx__missing"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown tool: fx__missing"));
+
+    let status = node.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    // The upstream child was reaped, not orphaned.
+    assert!(
+        !Path::new(&format!("/proc/{upstream_pid}")).exists(),
+        "upstream {upstream_pid} survived"
+    );
+}
+
+#[test]
+fn tools_list_against_no_node_is_a_clear_error() {
+    let port = concord_testkit::free_port();
+    let output = run(&[
+        "tools",
+        "list",
+        "--url",
+        &format!("http://127.0.0.1:{port}/mcp"),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot connect to http://127.0.0.1:{port}/mcp")),
+        "{stderr}"
+    );
+}

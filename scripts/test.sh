@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace, installing first what the tests need:
+#   - Node.js and npm, Python 3 with venv (from the system's packages, if missing);
+#   - the real MCP peers (reference servers, MCP Inspector) from tests/peers/package-lock.json;
+#   - a virtualenv (.venv) with the official MCP Python SDK and pytest (tests/e2e/requirements.txt).
+# Then: Rust unit, integration and end-to-end tests (cargo test), and the Python end-to-end
+# suite (pytest), all against real peers on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+have() { command -v "$1" >/dev/null 2>&1; }
+apt_install() {
+    if ! have apt-get; then
+        echo "missing: $* (install them with your package manager)" >&2
+        exit 1
+    fi
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+have cargo || { echo "missing: the Rust toolchain (https://rustup.rs)" >&2; exit 1; }
+{ have node && have npm; } || apt_install nodejs npm
+have python3 || apt_install python3 python3-venv python3-pip
+python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
+
+# npm peers: reinstall only when the lockfile changed.
+stamp="tests/peers/node_modules/.lock-sha"
+lock_sha=$(sha256sum tests/peers/package-lock.json | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$lock_sha" ]; then
+    echo "== installing MCP peers (npm ci)"
+    (cd tests/peers && npm ci --no-audit --no-fund --loglevel=error 2>&1 | grep -v 'Unknown user config' || true)
+    [ -d tests/peers/node_modules/@modelcontextprotocol/server-everything ] || { echo "npm ci failed" >&2; exit 1; }
+    echo "$lock_sha" > "$stamp"
+fi
+
+# Python SDK venv: reinstall only when the requirements changed.
+req_sha=$(sha256sum tests/e2e/requirements.txt | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.req-sha 2>/dev/null)" != "$req_sha" ]; then
+    echo "== creating .venv (official MCP Python SDK, pytest)"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+    echo "$req_sha" > .venv/.req-sha
+fi
+
+echo "== building"
+cargo build --workspace --bins --locked
+
+echo "== cargo test"
+cargo test --workspace --locked
+
+echo "== end-to-end (pytest, official MCP Python SDK)"
+cd "$root"
+.venv/bin/python -m pytest tests/e2e -q -p no:cacheprovider
