@@ -25,6 +25,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default interval between MCP `ping` health checks of each upstream.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+/// Default number of items per page in aggregated list results.
+pub const DEFAULT_PAGE_SIZE: usize = 200;
 /// Names that Concord keeps for its own built-in tools.
 pub const RESERVED_SERVER_NAMES: &[&str] = &["concord", "agents"];
 /// Separator between a server name and a tool or prompt name in the gateway's namespace.
@@ -53,6 +55,8 @@ pub struct NodeSettings {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub health_interval: Duration,
+    /// Items per page of the aggregated `*/list` results.
+    pub page_size: usize,
 }
 
 impl Default for NodeSettings {
@@ -65,6 +69,7 @@ impl Default for NodeSettings {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             health_interval: DEFAULT_HEALTH_INTERVAL,
+            page_size: DEFAULT_PAGE_SIZE,
         }
     }
 }

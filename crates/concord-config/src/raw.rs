@@ -35,6 +35,7 @@ struct RawNode {
     max_body_bytes: Option<usize>,
     request_timeout: Option<String>,
     health_interval: Option<String>,
+    page_size: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -305,6 +306,16 @@ impl RawNode {
         if let Some(text) = self.health_interval {
             settings.health_interval = parse_duration(&text)
                 .map_err(|m| ConfigError::invalid(file, "node.health_interval", m))?;
+        }
+        if let Some(size) = self.page_size {
+            if size == 0 {
+                return Err(ConfigError::invalid(
+                    file,
+                    "node.page_size",
+                    "expected at least 1 item per page, got 0",
+                ));
+            }
+            settings.page_size = size;
         }
         Ok(settings)
     }

@@ -30,7 +30,7 @@ impl Default for GatewayOptions {
     fn default() -> Self {
         Self {
             health_interval: concord_config::DEFAULT_HEALTH_INTERVAL,
-            page_size: 200,
+            page_size: concord_config::DEFAULT_PAGE_SIZE,
         }
     }
 }

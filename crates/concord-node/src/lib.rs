@@ -110,7 +110,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         config,
         GatewayOptions {
             health_interval: config.node.health_interval,
-            page_size: GatewayOptions::default().page_size,
+            page_size: config.node.page_size,
         },
         metrics.clone(),
     );

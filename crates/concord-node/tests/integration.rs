@@ -188,6 +188,10 @@ async fn unknown_method_is_method_not_found() {
     let answer = parse_body(&body);
     assert_eq!(answer["id"], 3);
     assert_eq!(answer["error"]["code"], -32601, "{answer}");
+    assert_eq!(
+        answer["error"]["message"],
+        "Method not found: tools/teleport"
+    );
     // The same session goes on working.
     assert_eq!(
         call_echo(&node.url(), &session, "x").await["result"]["content"][0]["text"],
@@ -438,4 +442,48 @@ async fn upstream_timeout_names_server_and_leaves_others_alone() {
 async fn config_data_dir_is_created() {
     let node = TestNode::start("").await.unwrap();
     assert!(Path::new(&node._dir.path().join("data")).is_dir());
+}
+
+#[tokio::test]
+async fn lists_are_paginated_with_cursors_that_cover_everything_once() {
+    let node = TestNode::start("[node]\npage_size = 4\n").await.unwrap();
+    let session = open_session(&node.url()).await;
+    let mut names = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let params = match &cursor {
+            Some(c) => json!({"cursor": c}),
+            None => json!({}),
+        };
+        let (_, body) = post_raw(
+            &node.url(),
+            json!({"jsonrpc": "2.0", "id": 10 + pages, "method": "tools/list", "params": params})
+                .to_string(),
+            Some(&session),
+        )
+        .await;
+        let result = parse_body(&body)["result"].clone();
+        let page = result["tools"].as_array().unwrap();
+        assert!(page.len() <= 4, "{result}");
+        names.extend(page.iter().map(|t| t["name"].as_str().unwrap().to_string()));
+        pages += 1;
+        match result["nextCursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 2, "6 fixture tools in pages of 4");
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 6, "{names:?}");
+    let (_, body) = post_raw(
+        &node.url(),
+        json!({"jsonrpc": "2.0", "id": 99, "method": "tools/list", "params": {"cursor": "bogus"}})
+            .to_string(),
+        Some(&session),
+    )
+    .await;
+    assert_eq!(parse_body(&body)["error"]["code"], -32602);
 }

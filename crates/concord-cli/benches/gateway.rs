@@ -1,0 +1,357 @@
+//! Gateway overhead benchmark: `tools/call` of a trivial echo tool through a Concord node vs
+//! directly against the same streamable HTTP upstream, measured in the same run, at
+//! concurrency 1, 16 and 64; plus the node's CPU time per request and the idle RSS of a node
+//! with three upstreams.
+//!
+//! Two upstreams: the reference `server-everything` (Node.js; it saturates one core, so it
+//! hides gateway cost at high concurrency) and the testkit's `concord-fixture` (Rust; fast, so
+//! the gateway's own cost shows).
+//!
+//! The load generator is closed-loop (each worker sends its next request when the previous
+//! answer arrives), so latencies do not include coordinated-omission queueing.
+//!
+//! Run: `./scripts/bench.sh` (or `cargo bench -p concord-cli --bench gateway` after
+//! `cargo build --release --workspace --bins`). `BENCH_SECONDS` sets the time per point.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin(name: &str) -> std::path::PathBuf {
+    concord_testkit::workspace_bin(name)
+}
+
+async fn wait_http(url: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if client.get(url).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} did not come up");
+}
+
+/// One initialized MCP session over raw HTTP, cheap enough to measure others with.
+#[derive(Clone)]
+struct Session {
+    client: reqwest::Client,
+    url: String,
+    id: Option<String>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Session {
+    async fn open(url: &str) -> Session {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .unwrap();
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "concord-bench", "version": "1"}}});
+        let response = client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(init.to_string())
+            .send()
+            .await
+            .expect("initialize");
+        let id = response
+            .headers()
+            .get("mcp-session-id")
+            .map(|v| v.to_str().unwrap().to_string());
+        let _ = response.text().await;
+        let session = Session {
+            client,
+            url: url.to_string(),
+            id,
+            next_id: Arc::new(AtomicU64::new(1)),
+        };
+        session
+            .post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        session
+    }
+
+    async fn post(&self, body: Value) -> String {
+        let mut request = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2025-11-25");
+        if let Some(id) = &self.id {
+            request = request.header("mcp-session-id", id);
+        }
+        request
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("post")
+            .text()
+            .await
+            .expect("body")
+    }
+
+    async fn echo(&self, tool: &str) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = self
+            .post(json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": {"name": tool, "arguments": {"message": "hello"}}}))
+            .await;
+        assert!(body.contains("Echo: hello"), "unexpected answer: {body}");
+    }
+}
+
+struct Point {
+    requests: u64,
+    seconds: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Point {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+}
+
+async fn measure(session: &Session, tool: &str, concurrency: usize, duration: Duration) -> Point {
+    // Warm up connections and caches.
+    for _ in 0..50 {
+        session.echo(tool).await;
+    }
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let session = session.clone();
+        let tool = tool.to_string();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                session.echo(&tool).await;
+                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(worker.await.unwrap());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pick = |q: f64| all[((all.len() as f64 - 1.0) * q).round() as usize];
+    Point {
+        requests: all.len() as u64,
+        seconds,
+        p50_ms: pick(0.50),
+        p99_ms: pick(0.99),
+    }
+}
+
+/// User + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    kib / 1024.0
+}
+
+fn start_node(config: &str, dir: &std::path::Path, port: u16) -> Proc {
+    let path = dir.join(format!("concord-{port}.toml"));
+    std::fs::write(&path, config).unwrap();
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_concord"))
+            .args(["up", "--config", path.to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--data-dir", dir.join("data").to_str().unwrap()])
+            .env("CONCORD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn wait_ready(port: u16) {
+    let client = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("node on {port} did not become ready");
+}
+
+#[tokio::main]
+async fn main() {
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let duration = Duration::from_secs(seconds);
+    let dir = tempfile::tempdir().unwrap();
+    let peers = concord_testkit::peers_node_modules();
+    let everything_js = peers.join("@modelcontextprotocol/server-everything/dist/index.js");
+
+    let everything_port = concord_testkit::free_port();
+    let _everything = Proc(
+        Command::new("node")
+            .arg(&everything_js)
+            .arg("streamableHttp")
+            .env("PORT", everything_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node (Node.js) on PATH"),
+    );
+    let fixture_port = concord_testkit::free_port();
+    let _fixture = Proc(
+        Command::new(bin("concord-fixture"))
+            .args(["--http", &format!("127.0.0.1:{fixture_port}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let everything_url = format!("http://127.0.0.1:{everything_port}/mcp");
+    let fixture_url = format!("http://127.0.0.1:{fixture_port}/mcp");
+    wait_http(&everything_url).await;
+    wait_http(&fixture_url).await;
+
+    let node_port = concord_testkit::free_port();
+    let node = start_node(
+        &format!(
+            "[servers.everything]\nurl = \"{everything_url}\"\n[servers.fixture]\nurl = \"{fixture_url}\"\n"
+        ),
+        dir.path(),
+        node_port,
+    );
+    wait_ready(node_port).await;
+    let node_pid = node.0.id();
+    let node_url = format!("http://127.0.0.1:{node_port}/mcp");
+
+    let mut report = String::new();
+    report.push_str(&format!(
+        "tools/call echo, closed-loop, {seconds} s per point, one session per target, unique ids\n\n"
+    ));
+    report.push_str("| upstream | c | direct req/s | gateway req/s | gateway/direct | direct p50 / p99 ms | gateway p50 / p99 ms | added p50 ms | gateway CPU ms/req |\n");
+    report.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for (label, direct_url, direct_tool, gateway_tool) in [
+        (
+            "server-everything (Node)",
+            &everything_url,
+            "echo",
+            "everything__echo",
+        ),
+        (
+            "concord-fixture (Rust)",
+            &fixture_url,
+            "echo",
+            "fixture__echo",
+        ),
+    ] {
+        let direct = Session::open(direct_url).await;
+        let gateway = Session::open(&node_url).await;
+        for concurrency in [1usize, 16, 64] {
+            let d = measure(&direct, direct_tool, concurrency, duration).await;
+            let cpu_before = cpu_seconds(node_pid);
+            let g = measure(&gateway, gateway_tool, concurrency, duration).await;
+            let cpu_ms_per_request =
+                (cpu_seconds(node_pid) - cpu_before) * 1000.0 / g.requests as f64;
+            let line = format!(
+                "| {label} | {concurrency} | {:.0} | {:.0} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} | {:+.3} | {:.3} |\n",
+                d.rps(),
+                g.rps(),
+                g.rps() / d.rps(),
+                d.p50_ms,
+                d.p99_ms,
+                g.p50_ms,
+                g.p99_ms,
+                g.p50_ms - d.p50_ms,
+                cpu_ms_per_request,
+            );
+            eprint!("{line}");
+            report.push_str(&line);
+        }
+    }
+    drop(node);
+
+    // Idle RSS: a node with three stdio upstreams, after it settles.
+    let fixture_bin = bin("concord-fixture");
+    let idle_port = concord_testkit::free_port();
+    let idle = start_node(
+        &format!(
+            "[servers.everything]\ncommand = \"node\"\nargs = [{everything_js:?}, \"stdio\"]\n\
+             [servers.memory]\ncommand = \"node\"\nargs = [{:?}]\nenv = {{ MEMORY_FILE_PATH = {:?} }}\n\
+             [servers.fixture]\ncommand = {fixture_bin:?}\n",
+            peers.join("@modelcontextprotocol/server-memory/dist/index.js"),
+            dir.path().join("memory.jsonl"),
+        ),
+        dir.path(),
+        idle_port,
+    );
+    wait_ready(idle_port).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = rss_mib(idle.0.id());
+    let line = format!(
+        "\nIdle node with three stdio upstreams (everything, memory, fixture): RSS {rss:.1} MiB\n"
+    );
+    eprint!("{line}");
+    report.push_str(&line);
+    drop(idle);
+
+    let out = concord_testkit::workspace_root().join("bench-results");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("gateway.md"), &report).unwrap();
+    println!("{report}");
+}
