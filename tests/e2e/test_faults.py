@@ -17,11 +17,13 @@ from mcp.types import ToolListChangedNotification
 
 from conftest import (
     EVERYTHING_JS,
+    FIXTURE_BIN,
     NODE_BIN,
     Node,
     NodeFactory,
     ProcIdentity,
     connect,
+    descendants,
     eventually,
     fixture_server,
     pid_alive,
@@ -33,6 +35,7 @@ from conftest import (
 pytestmark = pytest.mark.anyio
 
 HEALTH = "500ms"
+LAUNCHER_SLEEP = 3217  # seconds; also marks the launcher's helper process
 RECOVERY_TIMEOUT = 15.0
 
 
@@ -123,7 +126,13 @@ class OtherKeepsWorking:
 def restart_node(concord: NodeFactory):
     node = concord.start(
         "restarts",
-        {"fx": fixture_server("fx"), "other": fixture_server("other")},
+        {
+            "fx": fixture_server("fx"),
+            "other": fixture_server("other"),
+            # A launcher (like npx or uvx): the shell starts a helper in the background,
+            # then becomes the server itself.
+            "wrapped": stdio_server("sh", "-c", f"sleep {LAUNCHER_SLEEP} & exec {FIXTURE_BIN} --name wrapped"),
+        },
         health_interval=HEALTH,
     )
     yield node
@@ -187,6 +196,27 @@ async def test_upstream_killed_from_outside_is_restarted(restart_node: Node) -> 
         assert text_of(result) == "Echo: after kill -9"
         result = await client.call_tool("other__echo", {"message": "unaffected"})
         assert text_of(result) == "Echo: unaffected"
+
+
+async def test_launcher_helpers_do_not_outlive_a_restart(restart_node: Node) -> None:
+    """When a launched server dies, the rest of its process group goes with it."""
+    async with connect(restart_node.url) as client:
+        result = await client.call_tool("wrapped__stats", {})
+        leader = int(result.structured_content["pid"])
+        helpers = {p for p in descendants(leader) if f"sleep {LAUNCHER_SLEEP}" in p.cmd}
+        assert helpers, f"the launcher's helper is not running under {leader}: {descendants(leader)}"
+
+        os.kill(leader, signal.SIGKILL)
+
+        async def restarted() -> bool:
+            if "wrapped__stats" not in await tool_names(client):
+                return False
+            result = await client.call_tool("wrapped__stats", {})
+            return not result.is_error and int(result.structured_content["pid"]) != leader
+
+        await eventually(restarted, timeout=RECOVERY_TIMEOUT, what="wrapped to be restarted")
+        orphans = [p for p in helpers if p.alive()]
+        assert not orphans, f"helpers of the dead server were left running: {orphans}"
 
 
 async def _has(client: Any, name: str) -> bool:
@@ -293,6 +323,7 @@ async def test_sigterm_leaves_no_upstream_process(concord: NodeFactory) -> None:
         {
             "fx": fixture_server("fx"),
             "everything": stdio_server(NODE_BIN, EVERYTHING_JS, "stdio"),
+            "wrapped": stdio_server("sh", "-c", f"sleep {LAUNCHER_SLEEP} & exec {FIXTURE_BIN} --name wrapped"),
         },
         health_interval=HEALTH,
     )
@@ -302,6 +333,7 @@ async def test_sigterm_leaves_no_upstream_process(concord: NodeFactory) -> None:
     children = node.upstream_processes()
     assert fx in children, (fx, children)
     assert any("server-everything" in p.cmd for p in children), children
+    assert any(f"sleep {LAUNCHER_SLEEP}" in p.cmd for p in children), children
 
     node.stop()  # SIGTERM; asserts exit within 10 s and that no child survives
 

@@ -255,23 +255,25 @@ type RelayKey = (Arc<str>, ProgressToken);
 /// briefly and delivered on registration.
 #[derive(Default)]
 pub(crate) struct ProgressRelay {
-    routes: Mutex<HashMap<RelayKey, ProgressTarget>>,
+    /// `None` marks a call whose caller asked for no progress: its notifications are dropped.
+    routes: Mutex<HashMap<RelayKey, Option<ProgressTarget>>>,
     early: Mutex<HashMap<RelayKey, Vec<ProgressNotificationParam>>>,
 }
 
 const MAX_EARLY_PROGRESS: usize = 1024;
 
 impl ProgressRelay {
+    /// Routes the upstream's progress for one call to `target` until the guard drops.
     pub fn register(
         self: &Arc<Self>,
         server: Arc<str>,
         upstream_token: ProgressToken,
-        target: ProgressTarget,
+        target: Option<ProgressTarget>,
     ) -> RelayGuard {
         let key = (server, upstream_token);
         let early = self.early.lock().remove(&key);
         self.routes.lock().insert(key.clone(), target.clone());
-        if let Some(early) = early {
+        if let (Some(early), Some(target)) = (early, target) {
             tokio::spawn(async move {
                 for mut params in early {
                     params.progress_token = target.token.clone();
@@ -287,14 +289,15 @@ impl ProgressRelay {
 
     pub async fn forward(&self, server: &Arc<str>, mut params: ProgressNotificationParam) {
         let key = (server.clone(), params.progress_token.clone());
-        let target = self.routes.lock().get(&key).cloned();
-        match target {
-            Some(target) => {
+        let route = self.routes.lock().get(&key).cloned();
+        match route {
+            Some(Some(target)) => {
                 params.progress_token = target.token;
                 if let Err(e) = target.peer.notify_progress(params).await {
                     tracing::debug!(error = %e, "progress for a client that has gone");
                 }
             }
+            Some(None) => {}
             None => {
                 let mut early = self.early.lock();
                 if early.len() >= MAX_EARLY_PROGRESS {

@@ -105,16 +105,17 @@ impl GatewaySession {
             .await
             .map_err(|e| GatewayError::from_service(server, method, e))?;
         let upstream_id = handle.id.clone();
-        let _relay = context.meta.get_progress_token().map(|token| {
-            self.shared.relay.register(
-                server.clone(),
-                handle.progress_token.clone(),
-                ProgressTarget {
+        let _relay = self.shared.relay.register(
+            server.clone(),
+            handle.progress_token.clone(),
+            context
+                .meta
+                .get_progress_token()
+                .map(|token| ProgressTarget {
                     peer: context.peer.clone(),
                     token,
-                },
-            )
-        });
+                }),
+        );
         tokio::select! {
             response = handle.await_response() => {
                 response.map_err(|e| GatewayError::from_service(server, method, e))
