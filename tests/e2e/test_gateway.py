@@ -20,12 +20,11 @@ from typing import Any
 
 import anyio
 import pytest
-from pydantic import ValidationError
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.types import ToolListChangedNotification
+from pydantic import ValidationError
 
 from conftest import (
-    CLIENT_MODE,
     CONCORD_BIN,
     EVERYTHING_JS,
     FILESYSTEM_JS,
@@ -234,6 +233,45 @@ async def test_progress_notifications_are_relayed(gateway: Gateway) -> None:
     assert "completed" in text_of(result)
     assert [p[0] for p in progress] == [float(i) for i in range(1, steps + 1)], progress
     assert all(p[1] == steps for p in progress), progress
+
+
+async def _progress_runs(url: str, tool: str, steps: int, runs: int) -> list[list[float]]:
+    """Calls server-everything's long-running operation with no delay between its steps (its
+    progress notifications and its result leave back to back) and records what arrived."""
+    seen: list[list[float]] = []
+    async with connect(url) as client:
+        for _ in range(runs):
+            progress: list[float] = []
+
+            async def on_progress(value: float, total: float | None, message: str | None) -> None:
+                progress.append(value)
+
+            with anyio.fail_after(20):
+                result = await client.call_tool(tool, {"duration": 0, "steps": steps}, progress_callback=on_progress)
+            assert not result.is_error, text_of(result)
+            seen.append(progress)
+    return seen
+
+
+async def test_back_to_back_progress_keeps_order_and_count(gateway: Gateway) -> None:
+    """An upstream that sends its progress notifications in order, each before its result,
+    must have them all delivered in that order (progress MUST increase), none after the
+    result. Control: the same calls made directly to the server."""
+    steps, runs = 20, 8
+    expected = [float(i) for i in range(1, steps + 1)]
+    direct = await _progress_runs(gateway.everything_http_url, "trigger-long-running-operation", steps, runs)
+    assert direct == [expected] * runs, f"control (no gateway) failed: {direct}"
+    through = {
+        upstream: await _progress_runs(gateway.url, f"{upstream}__trigger-long-running-operation", steps, runs)
+        for upstream in ("everything", "everything_http")
+    }
+    wrong = [
+        f"{upstream}: " + " ".join(str(int(p)) for p in run)
+        for upstream, seen in through.items()
+        for run in seen
+        if run != expected
+    ]
+    assert wrong == [], "progress values received through the gateway (expected 1..20 in order):\n" + "\n".join(wrong)
 
 
 async def test_cancellation_reaches_the_upstream(gateway: Gateway) -> None:

@@ -147,6 +147,13 @@ impl Catalog {
                 catalog.resources.push(resource.clone());
             }
             for template in &input.lists.templates {
+                if catalog
+                    .templates
+                    .iter()
+                    .any(|t| t.uri_template == template.uri_template)
+                {
+                    continue;
+                }
                 catalog.template_routes.push((
                     UriTemplate::parse(&template.uri_template),
                     input.server.clone(),

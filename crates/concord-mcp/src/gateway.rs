@@ -11,7 +11,7 @@ use concord_telemetry::Metrics;
 use parking_lot::{Mutex, RwLock};
 use rmcp::model::{LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken};
 use rmcp::service::{Peer, RoleServer};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogInput, Collision};
@@ -240,62 +240,70 @@ impl Downstream {
     }
 }
 
-/// Where an upstream progress token leads: the client that asked and its own token.
-#[derive(Clone)]
-pub(crate) struct ProgressTarget {
-    pub peer: Peer<RoleServer>,
-    pub token: ProgressToken,
-}
-
 type RelayKey = (Arc<str>, ProgressToken);
+type ProgressSender = mpsc::UnboundedSender<ProgressNotificationParam>;
 
-/// Maps upstream progress tokens (which rmcp assigns per upstream request) back to the
-/// downstream caller's token. Notifications that arrive before the route is registered (the
-/// upstream can report progress before the request future yields its token to us) are held
-/// briefly and delivered on registration.
+/// Maps upstream progress tokens (which rmcp assigns per upstream request) to the call that is
+/// waiting for them. The transport tap pushes notifications here in wire order; the waiting
+/// call sends them to its own client from its own task, so they keep that order and all arrive
+/// before the response. Notifications that come before the call has registered its route (the
+/// upstream can report progress before the request future yields its token) are held briefly
+/// and handed over on registration.
 #[derive(Default)]
 pub(crate) struct ProgressRelay {
     /// `None` marks a call whose caller asked for no progress: its notifications are dropped.
-    routes: Mutex<HashMap<RelayKey, Option<ProgressTarget>>>,
+    routes: Mutex<HashMap<RelayKey, Option<ProgressSender>>>,
     early: Mutex<HashMap<RelayKey, Vec<ProgressNotificationParam>>>,
 }
 
 const MAX_EARLY_PROGRESS: usize = 1024;
 
 impl ProgressRelay {
-    /// Routes the upstream's progress for one call to `target` until the guard drops.
+    /// Opens the route for one upstream call; progress arrives on the returned receiver (only
+    /// when `wanted`) until the guard drops.
     pub fn register(
         self: &Arc<Self>,
         server: Arc<str>,
         upstream_token: ProgressToken,
-        target: Option<ProgressTarget>,
-    ) -> RelayGuard {
+        wanted: bool,
+    ) -> (
+        RelayGuard,
+        Option<mpsc::UnboundedReceiver<ProgressNotificationParam>>,
+    ) {
         let key = (server, upstream_token);
+        let (sender, receiver) = if wanted {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        // Both maps are touched under the routes lock so a concurrent push cannot slip
+        // between draining the early buffer and installing the route.
+        let mut routes = self.routes.lock();
         let early = self.early.lock().remove(&key);
-        self.routes.lock().insert(key.clone(), target.clone());
-        if let (Some(early), Some(target)) = (early, target) {
-            tokio::spawn(async move {
-                for mut params in early {
-                    params.progress_token = target.token.clone();
-                    let _ = target.peer.notify_progress(params).await;
-                }
-            });
+        if let (Some(early), Some(tx)) = (early, &sender) {
+            for params in early {
+                let _ = tx.send(params);
+            }
         }
-        RelayGuard {
-            relay: self.clone(),
-            key: Some(key),
-        }
+        routes.insert(key.clone(), sender);
+        drop(routes);
+        (
+            RelayGuard {
+                relay: self.clone(),
+                key: Some(key),
+            },
+            receiver,
+        )
     }
 
-    pub async fn forward(&self, server: &Arc<str>, mut params: ProgressNotificationParam) {
+    /// Called by the transport tap, in wire order.
+    pub fn push(&self, server: &Arc<str>, params: ProgressNotificationParam) {
         let key = (server.clone(), params.progress_token.clone());
-        let route = self.routes.lock().get(&key).cloned();
-        match route {
-            Some(Some(target)) => {
-                params.progress_token = target.token;
-                if let Err(e) = target.peer.notify_progress(params).await {
-                    tracing::debug!(error = %e, "progress for a client that has gone");
-                }
+        let routes = self.routes.lock();
+        match routes.get(&key) {
+            Some(Some(sender)) => {
+                let _ = sender.send(params);
             }
             Some(None) => {}
             None => {

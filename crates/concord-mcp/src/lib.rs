@@ -15,6 +15,7 @@ mod http_client;
 mod http_server;
 mod session;
 mod sse_client;
+mod tap;
 mod upstream;
 
 pub use client::{ClientError, NodeClient, run_stdio_bridge};

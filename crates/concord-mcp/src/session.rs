@@ -13,9 +13,9 @@ use rmcp::model::{
     ClientRequest, CompleteRequest, CompleteRequestParams, CompleteResult, CustomRequest,
     CustomResult, ErrorCode, GetPromptRequest, GetPromptRequestParams, GetPromptResponse,
     Implementation, ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult,
-    ListToolsResult, PaginatedRequestParams, ReadResourceRequest, ReadResourceRequestParams,
-    ReadResourceResponse, Reference, RequestMetaObject, ServerCapabilities, ServerConfig,
-    ServerResult, SetLevelRequest, SetLevelRequestParams,
+    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ReadResourceRequest,
+    ReadResourceRequestParams, ReadResourceResponse, Reference, RequestMetaObject, ResultType,
+    ServerCapabilities, ServerConfig, ServerResult, SetLevelRequest, SetLevelRequestParams,
 };
 use rmcp::service::{
     NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient, RoleServer,
@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
-use crate::gateway::{NameKind, ProgressTarget, Shared};
+use crate::gateway::{NameKind, Shared};
 
 #[derive(Clone)]
 pub(crate) struct GatewaySession {
@@ -43,6 +43,21 @@ fn forwardable_meta(meta: &RequestMetaObject) -> RequestMetaObject {
         forwarded.0.0.insert(key.clone(), value.clone());
     }
     forwarded
+}
+
+/// 2026-07-28 requires `resultType` on every result, and 2025-era upstreams never send one. An
+/// absent type means "complete" in both eras, so saying so explicitly is always correct; rmcp
+/// removes it again for clients of older versions.
+fn with_result_type(mut result: ServerResult) -> ServerResult {
+    let slot = match &mut result {
+        ServerResult::CallToolResult(r) => &mut r.result_type,
+        ServerResult::GetPromptResult(r) => &mut r.result_type,
+        ServerResult::ReadResourceResult(r) => &mut r.result_type,
+        ServerResult::CompleteResult(r) => &mut r.result_type,
+        _ => return result,
+    };
+    slot.get_or_insert(ResultType::COMPLETE);
+    result
 }
 
 fn page<T: Clone>(
@@ -105,29 +120,55 @@ impl GatewaySession {
             .await
             .map_err(|e| GatewayError::from_service(server, method, e))?;
         let upstream_id = handle.id.clone();
-        let _relay = self.shared.relay.register(
+        let downstream_token = context.meta.get_progress_token();
+        let (_route, mut progress) = self.shared.relay.register(
             server.clone(),
             handle.progress_token.clone(),
-            context
-                .meta
-                .get_progress_token()
-                .map(|token| ProgressTarget {
-                    peer: context.peer.clone(),
-                    token,
-                }),
+            downstream_token.is_some(),
         );
-        tokio::select! {
-            response = handle.await_response() => {
-                response.map_err(|e| GatewayError::from_service(server, method, e))
+        let relay_progress = |mut params: ProgressNotificationParam| {
+            let token = downstream_token.clone();
+            let peer = context.peer.clone();
+            async move {
+                if let Some(token) = token {
+                    params.progress_token = token;
+                    if let Err(e) = peer.notify_progress(params).await {
+                        tracing::debug!(error = %e, "progress for a client that has gone");
+                    }
+                }
             }
-            _ = context.ct.cancelled() => {
-                let _ = peer
-                    .notify_cancelled(CancelledNotificationParam::new(
-                        Some(upstream_id),
-                        Some("cancelled by the downstream client".to_string()),
-                    ))
-                    .await;
-                Err(GatewayError::Cancelled)
+        };
+        let response = handle.await_response();
+        tokio::pin!(response);
+        loop {
+            tokio::select! {
+                biased;
+                Some(params) = async {
+                    match progress.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => relay_progress(params).await,
+                result = &mut response => {
+                    // Everything the upstream sent before its response is already queued.
+                    if let Some(rx) = progress.as_mut() {
+                        while let Ok(params) = rx.try_recv() {
+                            relay_progress(params).await;
+                        }
+                    }
+                    return result
+                        .map(with_result_type)
+                        .map_err(|e| GatewayError::from_service(server, method, e));
+                }
+                _ = context.ct.cancelled() => {
+                    let _ = peer
+                        .notify_cancelled(CancelledNotificationParam::new(
+                            Some(upstream_id),
+                            Some("cancelled by the downstream client".to_string()),
+                        ))
+                        .await;
+                    return Err(GatewayError::Cancelled);
+                }
             }
         }
     }

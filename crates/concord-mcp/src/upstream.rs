@@ -8,17 +8,19 @@ use concord_config::{ServerSpec, TransportSpec};
 use parking_lot::RwLock;
 use rmcp::model::{
     ClientCapabilities, ClientConfig, ClientRequest, Implementation,
-    LoggingMessageNotificationParam, PingRequest, ProgressNotificationParam, ServerCapabilities,
+    LoggingMessageNotificationParam, PingRequest, ProtocolVersion, ServerCapabilities,
     ServerResult,
 };
 use rmcp::service::{NotificationContext, Peer, RoleClient, RunningService};
+use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::{ClientHandler, ServiceExt};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::catalog::UpstreamLists;
 use crate::child::{self, ChildProcess};
-use crate::gateway::Shared;
+use crate::gateway::{ProgressRelay, Shared};
+use crate::tap::ProgressTap;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -104,20 +106,14 @@ pub(crate) struct UpstreamClient {
 
 impl ClientHandler for UpstreamClient {
     fn get_info(&self) -> ClientConfig {
-        ClientConfig::new(
+        // Upstreams are reached through the `initialize` handshake of 2025-11-25; the
+        // 2026-07-28 discover lifecycle for upstreams is not wired yet.
+        let mut info = ClientConfig::new(
             ClientCapabilities::default(),
             Implementation::new("concord", env!("CARGO_PKG_VERSION")),
-        )
-    }
-
-    async fn on_progress(
-        &self,
-        params: ProgressNotificationParam,
-        _context: NotificationContext<RoleClient>,
-    ) {
-        if let Some(shared) = self.shared.upgrade() {
-            shared.relay.forward(&self.server, params).await;
-        }
+        );
+        info.protocol_version = ProtocolVersion::V_2025_11_25;
+        info
     }
 
     async fn on_logging_message(
@@ -161,7 +157,12 @@ impl Connection {
     }
 }
 
-async fn connect(spec: &ServerSpec, handler: UpstreamClient) -> Result<Connection, String> {
+async fn connect(
+    spec: &ServerSpec,
+    handler: UpstreamClient,
+    relay: Arc<ProgressRelay>,
+) -> Result<Connection, String> {
+    let server: Arc<str> = spec.name.as_str().into();
     let handshake_timeout = spec.request_timeout.max(CONNECT_TIMEOUT_FLOOR);
     match &spec.transport {
         TransportSpec::Stdio {
@@ -173,7 +174,12 @@ async fn connect(spec: &ServerSpec, handler: UpstreamClient) -> Result<Connectio
             let spawned = child::spawn(&spec.name, command, args, env, cwd.as_deref())
                 .map_err(|e| format!("cannot start `{command}`: {e}"))?;
             let process = spawned.process;
-            let serve = handler.serve((spawned.stdout, spawned.stdin));
+            let transport = ProgressTap::new(
+                AsyncRwTransport::<RoleClient, _, _>::new_client(spawned.stdout, spawned.stdin),
+                server,
+                relay,
+            );
+            let serve = handler.serve(transport);
             let service = tokio::select! {
                 result = tokio::time::timeout(handshake_timeout, serve) => match result {
                     Ok(Ok(service)) => service,
@@ -194,7 +200,11 @@ async fn connect(spec: &ServerSpec, handler: UpstreamClient) -> Result<Connectio
             })
         }
         TransportSpec::StreamableHttp { url, headers } => {
-            let transport = crate::http_client::streamable_http(url, headers)?;
+            let transport = ProgressTap::new(
+                crate::http_client::streamable_http(url, headers)?,
+                server,
+                relay,
+            );
             let service = tokio::time::timeout(handshake_timeout, handler.serve(transport))
                 .await
                 .map_err(|_| format!("no answer to initialize within {handshake_timeout:?}"))?
@@ -205,7 +215,11 @@ async fn connect(spec: &ServerSpec, handler: UpstreamClient) -> Result<Connectio
             })
         }
         TransportSpec::Sse { url, headers } => {
-            let transport = crate::sse_client::connect(url, headers, handshake_timeout).await?;
+            let transport = ProgressTap::new(
+                crate::sse_client::connect(url, headers, handshake_timeout).await?,
+                server,
+                relay,
+            );
             let service = tokio::time::timeout(handshake_timeout, handler.serve(transport))
                 .await
                 .map_err(|_| format!("no answer to initialize within {handshake_timeout:?}"))?
@@ -284,7 +298,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
                 events: events_tx,
             };
             let connected = tokio::select! {
-                result = connect(&upstream.spec, handler) => result,
+                result = connect(&upstream.spec, handler, shared.relay.clone()) => result,
                 _ = shared.shutdown.cancelled() => return,
             };
             let failure = match connected {

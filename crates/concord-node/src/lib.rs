@@ -141,6 +141,11 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
     gateway.start();
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {
+        // Small JSON-RPC answers must leave at once: without TCP_NODELAY, Nagle's algorithm and
+        // the client's delayed ACK hold each response back by about 40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await

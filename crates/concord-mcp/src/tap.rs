@@ -1,0 +1,58 @@
+//! A transport wrapper that takes upstream progress notifications out of the message stream in
+//! the order they arrive. rmcp hands each notification to its handler on a task of its own, so
+//! two progress notifications (or the last progress and the response) can overtake each other;
+//! reading them here, before rmcp dispatches, keeps them in wire order and guarantees that every
+//! progress sent before a response is queued before that response is delivered.
+
+use std::sync::Arc;
+
+use rmcp::RoleClient;
+use rmcp::model::{JsonRpcMessage, JsonRpcNotification, ServerNotification};
+use rmcp::service::{RxJsonRpcMessage, TxJsonRpcMessage};
+use rmcp::transport::Transport;
+
+use crate::gateway::ProgressRelay;
+
+pub(crate) struct ProgressTap<T> {
+    inner: T,
+    server: Arc<str>,
+    relay: Arc<ProgressRelay>,
+}
+
+impl<T> ProgressTap<T> {
+    pub fn new(inner: T, server: Arc<str>, relay: Arc<ProgressRelay>) -> Self {
+        Self {
+            inner,
+            server,
+            relay,
+        }
+    }
+}
+
+impl<T: Transport<RoleClient>> Transport<RoleClient> for ProgressTap<T> {
+    type Error = T::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleClient>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        self.inner.send(item)
+    }
+
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleClient>> {
+        loop {
+            let message = self.inner.receive().await?;
+            match message {
+                JsonRpcMessage::Notification(JsonRpcNotification {
+                    notification: ServerNotification::ProgressNotification(progress),
+                    ..
+                }) => self.relay.push(&self.server, progress.params),
+                other => return Some(other),
+            }
+        }
+    }
+
+    fn close(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        self.inner.close()
+    }
+}
