@@ -33,5 +33,21 @@ pub(crate) fn streamable_http(
         .max_concurrent_requests(MAX_CONCURRENT_POSTS)
         .reinit_on_expired_session(true)
         .custom_headers(header_map(headers)?);
-    Ok(StreamableHttpClientTransport::from_config(config))
+    Ok(StreamableHttpClientTransport::with_client(
+        pooled_client()?,
+        config,
+    ))
+}
+
+/// rmcp's default client keeps no idle connections, so every request to an upstream would pay
+/// a TCP (and TLS) handshake. This one keeps them, briefly, and follows no redirects: a
+/// redirected POST would replay the session id and custom headers (secrets) to another place.
+fn pooled_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .pool_idle_timeout(std::time::Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
