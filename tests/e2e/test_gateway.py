@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
-from mcp.types import ToolListChangedNotification
+from mcp.types import PromptReference, ResourceTemplateReference, ToolListChangedNotification
 from pydantic import ValidationError
 
 from conftest import (
@@ -367,6 +367,38 @@ async def test_prompts_and_resources(gateway: Gateway) -> None:
         assert [c.text for c in contents] == ["fx served fixture://fx/info"]
         contents = (await client.read_resource("fixture://fx/items/7")).contents
         assert [c.text for c in contents] == ["fx served fixture://fx/items/7"]
+
+
+async def test_completion_is_routed_to_the_owner(gateway: Gateway) -> None:
+    async with connect(gateway.url) as client:
+        by_prompt = await client.complete(PromptReference(type="ref/prompt", name="fx__greet"), {"name": "who", "value": "A"})
+        assert by_prompt.completion.values == ["fx-Ada", "fx-Alan"]
+        by_template = await client.complete(
+            ResourceTemplateReference(type="ref/resource", uri="fixture://fx/items/{id}"), {"name": "id", "value": "G"}
+        )
+        assert by_template.completion.values == ["fx-Grace"]
+        with pytest.raises(MCPError) as unknown:
+            await client.complete(PromptReference(type="ref/prompt", name="nobody__greet"), {"name": "who", "value": ""})
+        assert "unknown prompt" in str(unknown.value)
+
+
+async def test_upstream_log_messages_reach_the_client(gateway: Gateway) -> None:
+    received: list[Any] = []
+
+    async def on_log(params: Any) -> None:
+        received.append(params)
+
+    async with connect(gateway.url, logging_callback=on_log) as client:
+        await client.set_logging_level("debug")
+        result = await client.call_tool("fx__log", {"message": "disk almost full"})
+        assert text_of(result) == "logged"
+        async def arrived() -> bool:
+            return any(p.data == "disk almost full" for p in received)
+
+        await eventually(arrived, timeout=10, what="the upstream's log message")
+        entry = next(p for p in received if p.data == "disk almost full")
+        assert entry.level == "warning"
+        assert entry.logger == "fx", "the gateway names the upstream as the logger"
 
 
 def _inspector(node: Node, *args: str) -> Any:

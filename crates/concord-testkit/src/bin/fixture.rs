@@ -57,6 +57,12 @@ async fn tool_list(state: &State) -> Value {
         ),
         tool("hang", "Never answers", json!({}), true),
         tool(
+            "log",
+            "Sends `message` as a notifications/message log entry, then answers",
+            json!({"message": {"type": "string"}}),
+            true,
+        ),
+        tool(
             "crash",
             "Exits the server process without answering",
             json!({}),
@@ -105,6 +111,7 @@ async fn handle_request(
                 "prompts": {"listChanged": false},
                 "resources": {"listChanged": false},
                 "logging": {},
+                "completions": {},
             },
             "serverInfo": {"name": state.name, "version": "1.0.0"},
         })),
@@ -130,6 +137,16 @@ async fn handle_request(
             "text": format!("{} served {}", state.name, params["uri"].as_str().unwrap_or_default()),
         }]})),
         "logging/setLevel" => Ok(json!({})),
+        "completion/complete" => {
+            // Prefixed with the server's name so tests can see which server answered.
+            let typed = params["argument"]["value"].as_str().unwrap_or_default();
+            let values: Vec<String> = ["Ada", "Alan", "Grace"]
+                .iter()
+                .filter(|c| c.starts_with(typed))
+                .map(|c| format!("{}-{c}", state.name))
+                .collect();
+            Ok(json!({"completion": {"values": values, "total": values.len(), "hasMore": false}}))
+        }
         "tools/call" => {
             state.calls.fetch_add(1, Ordering::Relaxed);
             let args = &params["arguments"];
@@ -170,6 +187,17 @@ async fn handle_request(
                     Ok(text_result(format!("done after {steps} steps")))
                 }
                 "hang" => return None,
+                "log" => {
+                    let message = args["message"].as_str().unwrap_or_default().to_string();
+                    if let Some(outbox) = outbox {
+                        let _ = outbox.send(json!({
+                            "jsonrpc": "2.0",
+                            "method": "notifications/message",
+                            "params": {"level": "warning", "data": message},
+                        }));
+                    }
+                    Ok(text_result("logged"))
+                }
                 "crash" => {
                     eprintln!("fixture {}: crashing on purpose", state.name);
                     std::process::exit(3);
