@@ -9,9 +9,13 @@ use std::time::Duration;
 use concord_config::{Config, PrefixMode};
 use concord_telemetry::Metrics;
 use parking_lot::{Mutex, RwLock};
-use rmcp::model::{LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken};
+use rmcp::ErrorData as McpError;
+use rmcp::model::{
+    ClientResult, LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
+    RequestId, ServerRequest,
+};
 use rmcp::service::{Peer, RoleServer};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogInput, Collision};
@@ -59,7 +63,7 @@ pub(crate) struct Shared {
     /// Serialises catalog rebuilds so an older build never replaces a newer one.
     rebuild_lock: Mutex<()>,
     pub downstream: Downstream,
-    pub relay: Arc<ProgressRelay>,
+    pub router: Arc<CallRouter>,
     pub metrics: Arc<Metrics>,
     pub options: GatewayOptions,
     pub shutdown: CancellationToken,
@@ -240,72 +244,77 @@ impl Downstream {
     }
 }
 
-type RelayKey = (Arc<str>, ProgressToken);
-type ProgressSender = mpsc::UnboundedSender<ProgressNotificationParam>;
+type ProgressKey = (Arc<str>, ProgressToken);
+type RequestKey = (Arc<str>, RequestId);
+type CallSender = mpsc::UnboundedSender<CallEvent>;
 
-/// Maps upstream progress tokens (which rmcp assigns per upstream request) to the call that is
-/// waiting for them. The transport tap pushes notifications here in wire order; the waiting
-/// call sends them to its own client from its own task, so they keep that order and all arrive
-/// before the response. Notifications that come before the call has registered its route (the
-/// upstream can report progress before the request future yields its token) are held briefly
-/// and handed over on registration.
+/// Upstream traffic that belongs to one in-flight downstream call.
+pub(crate) enum CallEvent {
+    Progress(ProgressNotificationParam),
+    /// A request the upstream sent to its client while serving the call (sampling,
+    /// elicitation); the call forwards it to its own client and replies through `reply`.
+    Request {
+        request: ServerRequest,
+        reply: oneshot::Sender<Result<ClientResult, McpError>>,
+    },
+}
+
+/// Routes what an upstream sends while serving a call to the call that caused it. Progress is
+/// keyed by the upstream progress token (rmcp assigns one per upstream request); server-to-client
+/// requests by the upstream request whose response stream carried them. Progress pushed by the
+/// transport tap arrives here in wire order, and the call sends it on from its own task, so it
+/// keeps that order and all of it precedes the response. Progress that comes before the call
+/// has registered (the upstream can report before the request future yields its token) is
+/// held briefly and handed over on registration.
 #[derive(Default)]
-pub(crate) struct ProgressRelay {
-    /// `None` marks a call whose caller asked for no progress: its notifications are dropped.
-    routes: Mutex<HashMap<RelayKey, Option<ProgressSender>>>,
-    early: Mutex<HashMap<RelayKey, Vec<ProgressNotificationParam>>>,
+pub(crate) struct CallRouter {
+    by_token: Mutex<HashMap<ProgressKey, CallSender>>,
+    by_request: Mutex<HashMap<RequestKey, CallSender>>,
+    early: Mutex<HashMap<ProgressKey, Vec<ProgressNotificationParam>>>,
 }
 
 const MAX_EARLY_PROGRESS: usize = 1024;
 
-impl ProgressRelay {
-    /// Opens the route for one upstream call; progress arrives on the returned receiver (only
-    /// when `wanted`) until the guard drops.
+impl CallRouter {
+    /// Opens the routes for one upstream call until the guard drops.
     pub fn register(
         self: &Arc<Self>,
         server: Arc<str>,
+        upstream_request: RequestId,
         upstream_token: ProgressToken,
-        wanted: bool,
-    ) -> (
-        RelayGuard,
-        Option<mpsc::UnboundedReceiver<ProgressNotificationParam>>,
-    ) {
-        let key = (server, upstream_token);
-        let (sender, receiver) = if wanted {
-            let (tx, rx) = mpsc::unbounded_channel();
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        // Both maps are touched under the routes lock so a concurrent push cannot slip
-        // between draining the early buffer and installing the route.
-        let mut routes = self.routes.lock();
-        let early = self.early.lock().remove(&key);
-        if let (Some(early), Some(tx)) = (early, &sender) {
+    ) -> (CallGuard, mpsc::UnboundedReceiver<CallEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let token_key = (server.clone(), upstream_token);
+        let request_key = (server, upstream_request);
+        // The early buffer is drained under the token lock so a concurrent push cannot slip
+        // between draining it and installing the route.
+        let mut by_token = self.by_token.lock();
+        if let Some(early) = self.early.lock().remove(&token_key) {
             for params in early {
-                let _ = tx.send(params);
+                let _ = tx.send(CallEvent::Progress(params));
             }
         }
-        routes.insert(key.clone(), sender);
-        drop(routes);
+        by_token.insert(token_key.clone(), tx.clone());
+        drop(by_token);
+        self.by_request.lock().insert(request_key.clone(), tx);
         (
-            RelayGuard {
-                relay: self.clone(),
-                key: Some(key),
+            CallGuard {
+                router: self.clone(),
+                token_key: Some(token_key),
+                request_key: Some(request_key),
             },
-            receiver,
+            rx,
         )
     }
 
     /// Called by the transport tap, in wire order.
-    pub fn push(&self, server: &Arc<str>, params: ProgressNotificationParam) {
+    pub fn push_progress(&self, server: &Arc<str>, params: ProgressNotificationParam) {
         let key = (server.clone(), params.progress_token.clone());
-        let routes = self.routes.lock();
-        match routes.get(&key) {
-            Some(Some(sender)) => {
-                let _ = sender.send(params);
+        let by_token = self.by_token.lock();
+        match by_token.get(&key) {
+            Some(sender) => {
+                let _ = sender.send(CallEvent::Progress(params));
             }
-            Some(None) => {}
             None => {
                 let mut early = self.early.lock();
                 if early.len() >= MAX_EARLY_PROGRESS {
@@ -315,19 +324,86 @@ impl ProgressRelay {
             }
         }
     }
+
+    /// Forwards a server-to-client request to the caller whose call it belongs to. `origin` is
+    /// the upstream request whose response stream carried it (streamable HTTP); without one
+    /// (stdio, or a standalone stream), it goes to the server's only call in flight. It is never
+    /// guessed: with several calls in flight and no origin, the upstream gets an error.
+    pub async fn route_request(
+        &self,
+        server: &Arc<str>,
+        origin: Option<RequestId>,
+        request: ServerRequest,
+    ) -> Result<ClientResult, McpError> {
+        let sender = {
+            let by_request = self.by_request.lock();
+            match origin {
+                Some(id) => by_request.get(&(server.clone(), id)).cloned(),
+                None => {
+                    let mut calls = by_request.iter().filter(|((s, _), _)| s == server);
+                    match (calls.next(), calls.next()) {
+                        (Some((_, sender)), None) => Some(sender.clone()),
+                        (None, _) => None,
+                        (Some(_), Some(_)) => {
+                            return Err(McpError::invalid_request(
+                                format!(
+                                    "{} cannot be relayed: several calls to server '{server}' are in flight and the request does not say which one it belongs to",
+                                    server_request_method(&request)
+                                ),
+                                None,
+                            ));
+                        }
+                    }
+                }
+            }
+        };
+        let Some(sender) = sender else {
+            return Err(McpError::invalid_request(
+                format!(
+                    "{} cannot be relayed: no call to server '{server}' is in flight, so there is no client to ask",
+                    server_request_method(&request)
+                ),
+                None,
+            ));
+        };
+        let (reply, answer) = oneshot::channel();
+        sender
+            .send(CallEvent::Request { request, reply })
+            .map_err(|_| {
+                McpError::internal_error("the call this request belongs to has ended", None)
+            })?;
+        answer.await.map_err(|_| {
+            McpError::internal_error("the call this request belongs to has ended", None)
+        })?
+    }
 }
 
-/// Removes a progress route when the call it serves ends, however it ends.
-pub(crate) struct RelayGuard {
-    relay: Arc<ProgressRelay>,
-    key: Option<RelayKey>,
+/// The JSON-RPC method of a server-to-client request, for messages.
+pub(crate) fn server_request_method(request: &ServerRequest) -> &'static str {
+    match request {
+        ServerRequest::PingRequest(_) => "ping",
+        ServerRequest::CreateMessageRequest(_) => "sampling/createMessage",
+        ServerRequest::ListRootsRequest(_) => "roots/list",
+        ServerRequest::ElicitRequest(_) => "elicitation/create",
+        _ => "a server-to-client request",
+    }
 }
 
-impl Drop for RelayGuard {
+/// Removes a call's routes when the call ends, however it ends.
+pub(crate) struct CallGuard {
+    router: Arc<CallRouter>,
+    token_key: Option<ProgressKey>,
+    request_key: Option<RequestKey>,
+}
+
+impl Drop for CallGuard {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            self.relay.routes.lock().remove(&key);
-            self.relay.early.lock().remove(&key);
+        if let Some(key) = self.token_key.take() {
+            self.router.by_token.lock().remove(&key);
+            self.router.early.lock().remove(&key);
+        }
+        if let Some(key) = self.request_key.take() {
+            self.router.by_request.lock().remove(&key);
         }
     }
 }
@@ -359,7 +435,7 @@ impl Gateway {
                 catalog: RwLock::default(),
                 rebuild_lock: Mutex::new(()),
                 downstream: Downstream::default(),
-                relay: Arc::default(),
+                router: Arc::default(),
                 metrics,
                 options,
                 shutdown: CancellationToken::new(),

@@ -10,12 +10,13 @@ use rmcp::ErrorData as McpError;
 use rmcp::ServerHandler;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CancelledNotificationParam,
-    ClientRequest, CompleteRequest, CompleteRequestParams, CompleteResult, CustomRequest,
-    CustomResult, ErrorCode, GetPromptRequest, GetPromptRequestParams, GetPromptResponse,
-    Implementation, ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult,
-    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ReadResourceRequest,
-    ReadResourceRequestParams, ReadResourceResponse, Reference, RequestMetaObject, ResultType,
-    ServerCapabilities, ServerConfig, ServerResult, SetLevelRequest, SetLevelRequestParams,
+    ClientRequest, ClientResult, CompleteRequest, CompleteRequestParams, CompleteResult,
+    CustomRequest, CustomResult, ErrorCode, GetPromptRequest, GetPromptRequestParams,
+    GetPromptResponse, Implementation, ListPromptsResult, ListResourceTemplatesResult,
+    ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
+    ProgressToken, ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, Reference,
+    RequestMetaObject, ResultType, ServerCapabilities, ServerConfig, ServerRequest, ServerResult,
+    SetLevelRequest, SetLevelRequestParams,
 };
 use rmcp::service::{
     NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient, RoleServer,
@@ -24,7 +25,8 @@ use tracing::Instrument;
 
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
-use crate::gateway::{NameKind, Shared};
+use crate::gateway::{CallEvent, NameKind, Shared, server_request_method};
+use futures::StreamExt;
 
 #[derive(Clone)]
 pub(crate) struct GatewaySession {
@@ -43,6 +45,53 @@ fn forwardable_meta(meta: &RequestMetaObject) -> RequestMetaObject {
         forwarded.0.0.insert(key.clone(), value.clone());
     }
     forwarded
+}
+
+async fn relay_progress(
+    peer: &Peer<RoleServer>,
+    downstream_token: &Option<ProgressToken>,
+    mut params: ProgressNotificationParam,
+) {
+    // A caller that sent no progress token asked for no progress.
+    let Some(token) = downstream_token else {
+        return;
+    };
+    params.progress_token = token.clone();
+    if let Err(e) = peer.notify_progress(params).await {
+        tracing::debug!(error = %e, "progress for a client that has gone");
+    }
+}
+
+/// Puts an upstream's sampling or elicitation request to the calling client, if it declared
+/// the capability; otherwise the upstream hears that this client cannot answer.
+async fn ask_client(
+    peer: &Peer<RoleServer>,
+    request: ServerRequest,
+) -> Result<ClientResult, McpError> {
+    let capabilities = peer.peer_info().map(|info| info.capabilities.clone());
+    let declared = match &request {
+        ServerRequest::CreateMessageRequest(_) => {
+            capabilities.as_ref().is_some_and(|c| c.sampling.is_some())
+        }
+        ServerRequest::ElicitRequest(_) => capabilities
+            .as_ref()
+            .is_some_and(|c| c.elicitation.is_some()),
+        _ => true,
+    };
+    if !declared {
+        return Err(McpError::invalid_request(
+            format!(
+                "the calling client does not support {}",
+                server_request_method(&request)
+            ),
+            None,
+        ));
+    }
+    let method = server_request_method(&request).to_string();
+    peer.send_request(request).await.map_err(|e| match e {
+        rmcp::service::ServiceError::McpError(e) => e,
+        other => McpError::internal_error(format!("{method} to the client failed: {other}"), None),
+    })
 }
 
 /// 2026-07-28 requires `resultType` on every result, and 2025-era upstreams never send one. An
@@ -121,39 +170,38 @@ impl GatewaySession {
             .map_err(|e| GatewayError::from_service(server, method, e))?;
         let upstream_id = handle.id.clone();
         let downstream_token = context.meta.get_progress_token();
-        let (_route, mut progress) = self.shared.relay.register(
+        let (_routes, mut events) = self.shared.router.register(
             server.clone(),
+            upstream_id.clone(),
             handle.progress_token.clone(),
-            downstream_token.is_some(),
         );
-        let relay_progress = |mut params: ProgressNotificationParam| {
-            let token = downstream_token.clone();
-            let peer = context.peer.clone();
-            async move {
-                if let Some(token) = token {
-                    params.progress_token = token;
-                    if let Err(e) = peer.notify_progress(params).await {
-                        tracing::debug!(error = %e, "progress for a client that has gone");
-                    }
-                }
-            }
-        };
+        // Requests to the client run beside the wait for the upstream's response (the upstream
+        // usually needs their answers to finish), inside this handler's task so that rmcp sends
+        // them on this request's own response stream.
+        let mut client_requests = futures::stream::FuturesUnordered::new();
         let response = handle.await_response();
         tokio::pin!(response);
         loop {
             tokio::select! {
                 biased;
-                Some(params) = async {
-                    match progress.as_mut() {
-                        Some(rx) => rx.recv().await,
-                        None => std::future::pending().await,
+                Some(event) = events.recv() => match event {
+                    CallEvent::Progress(params) => {
+                        relay_progress(&context.peer, &downstream_token, params).await;
                     }
-                } => relay_progress(params).await,
+                    CallEvent::Request { request, reply } => {
+                        let peer = context.peer.clone();
+                        client_requests.push(async move {
+                            let answer = ask_client(&peer, request).await;
+                            let _ = reply.send(answer);
+                        });
+                    }
+                },
+                Some(()) = client_requests.next(), if !client_requests.is_empty() => {}
                 result = &mut response => {
                     // Everything the upstream sent before its response is already queued.
-                    if let Some(rx) = progress.as_mut() {
-                        while let Ok(params) = rx.try_recv() {
-                            relay_progress(params).await;
+                    while let Ok(event) = events.try_recv() {
+                        if let CallEvent::Progress(params) = event {
+                            relay_progress(&context.peer, &downstream_token, params).await;
                         }
                     }
                     return result

@@ -11,20 +11,20 @@ use rmcp::model::{JsonRpcMessage, JsonRpcNotification, ServerNotification};
 use rmcp::service::{RxJsonRpcMessage, TxJsonRpcMessage};
 use rmcp::transport::Transport;
 
-use crate::gateway::ProgressRelay;
+use crate::gateway::CallRouter;
 
 pub(crate) struct ProgressTap<T> {
     inner: T,
     server: Arc<str>,
-    relay: Arc<ProgressRelay>,
+    router: Arc<CallRouter>,
 }
 
 impl<T> ProgressTap<T> {
-    pub fn new(inner: T, server: Arc<str>, relay: Arc<ProgressRelay>) -> Self {
+    pub fn new(inner: T, server: Arc<str>, router: Arc<CallRouter>) -> Self {
         Self {
             inner,
             server,
-            relay,
+            router,
         }
     }
 }
@@ -46,7 +46,7 @@ impl<T: Transport<RoleClient>> Transport<RoleClient> for ProgressTap<T> {
                 JsonRpcMessage::Notification(JsonRpcNotification {
                     notification: ServerNotification::ProgressNotification(progress),
                     ..
-                }) => self.relay.push(&self.server, progress.params),
+                }) => self.router.push_progress(&self.server, progress.params),
                 other => return Some(other),
             }
         }

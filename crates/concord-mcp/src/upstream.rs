@@ -6,12 +6,16 @@ use std::time::{Duration, Instant};
 
 use concord_config::{ServerSpec, TransportSpec};
 use parking_lot::RwLock;
+use rmcp::ErrorData as McpError;
 use rmcp::model::{
-    ClientCapabilities, ClientConfig, ClientRequest, Implementation,
-    LoggingMessageNotificationParam, PingRequest, ProtocolVersion, ServerCapabilities,
-    ServerResult,
+    ClientCapabilities, ClientConfig, ClientRequest, ClientResult, CreateMessageRequest,
+    CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
+    ElicitResult, Implementation, LoggingMessageNotificationParam, PingRequest, ProtocolVersion,
+    ServerCapabilities, ServerRequest, ServerResult,
 };
-use rmcp::service::{NotificationContext, Peer, RoleClient, RunningService};
+use rmcp::service::{
+    InboundStreamOrigin, NotificationContext, Peer, RequestContext, RoleClient, RunningService,
+};
 use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::{ClientHandler, ServiceExt};
 use tokio::sync::mpsc;
@@ -19,7 +23,7 @@ use tracing::Instrument;
 
 use crate::catalog::UpstreamLists;
 use crate::child::{self, ChildProcess};
-use crate::gateway::{ProgressRelay, Shared};
+use crate::gateway::{CallRouter, Shared};
 use crate::tap::ProgressTap;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -108,12 +112,50 @@ impl ClientHandler for UpstreamClient {
     fn get_info(&self) -> ClientConfig {
         // Upstreams are reached through the `initialize` handshake of 2025-11-25; the
         // 2026-07-28 discover lifecycle for upstreams is not wired yet.
+        // Sampling and elicitation are declared so upstreams may use them; each request is
+        // relayed to the client of the call it belongs to, which may still decline it. Roots
+        // are not declared: an upstream asks for them outside any call (at start-up), when
+        // there is no client to ask, and some servers replace their configured roots with the
+        // answer.
         let mut info = ClientConfig::new(
-            ClientCapabilities::default(),
+            ClientCapabilities::builder()
+                .enable_sampling()
+                .enable_elicitation()
+                .build(),
             Implementation::new("concord", env!("CARGO_PKG_VERSION")),
         );
         info.protocol_version = ProtocolVersion::V_2025_11_25;
         info
+    }
+
+    async fn create_message(
+        &self,
+        params: CreateMessageRequestParams,
+        context: RequestContext<RoleClient>,
+    ) -> Result<CreateMessageResult, McpError> {
+        let request = ServerRequest::CreateMessageRequest(CreateMessageRequest::new(params));
+        match self.relay_request(request, &context).await? {
+            ClientResult::CreateMessageResult(result) => Ok(*result),
+            _ => Err(McpError::internal_error(
+                "the client answered sampling/createMessage with another result type",
+                None,
+            )),
+        }
+    }
+
+    async fn create_elicitation(
+        &self,
+        params: ElicitRequestParams,
+        context: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, McpError> {
+        let request = ServerRequest::ElicitRequest(ElicitRequest::new(params));
+        match self.relay_request(request, &context).await? {
+            ClientResult::ElicitResult(result) => Ok(result),
+            _ => Err(McpError::internal_error(
+                "the client answered elicitation/create with another result type",
+                None,
+            )),
+        }
     }
 
     async fn on_logging_message(
@@ -139,6 +181,30 @@ impl ClientHandler for UpstreamClient {
     }
 }
 
+impl UpstreamClient {
+    /// Sends a request the upstream made to the client of the call it belongs to.
+    async fn relay_request(
+        &self,
+        request: ServerRequest,
+        context: &RequestContext<RoleClient>,
+    ) -> Result<ClientResult, McpError> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Err(McpError::internal_error(
+                "the gateway is shutting down",
+                None,
+            ));
+        };
+        let origin = match context.extensions.get::<InboundStreamOrigin>() {
+            Some(InboundStreamOrigin::OutboundRequest(id)) => Some(id.clone()),
+            _ => None,
+        };
+        shared
+            .router
+            .route_request(&self.server, origin, request)
+            .await
+    }
+}
+
 /// A live connection plus, for stdio servers, the process behind it.
 struct Connection {
     service: RunningService<RoleClient, UpstreamClient>,
@@ -160,7 +226,7 @@ impl Connection {
 async fn connect(
     spec: &ServerSpec,
     handler: UpstreamClient,
-    relay: Arc<ProgressRelay>,
+    router: Arc<CallRouter>,
 ) -> Result<Connection, String> {
     let server: Arc<str> = spec.name.as_str().into();
     let handshake_timeout = spec.request_timeout.max(CONNECT_TIMEOUT_FLOOR);
@@ -177,7 +243,7 @@ async fn connect(
             let transport = ProgressTap::new(
                 AsyncRwTransport::<RoleClient, _, _>::new_client(spawned.stdout, spawned.stdin),
                 server,
-                relay,
+                router.clone(),
             );
             let serve = handler.serve(transport);
             let service = tokio::select! {
@@ -203,7 +269,7 @@ async fn connect(
             let transport = ProgressTap::new(
                 crate::http_client::streamable_http(url, headers)?,
                 server,
-                relay,
+                router.clone(),
             );
             let service = tokio::time::timeout(handshake_timeout, handler.serve(transport))
                 .await
@@ -218,7 +284,7 @@ async fn connect(
             let transport = ProgressTap::new(
                 crate::sse_client::connect(url, headers, handshake_timeout).await?,
                 server,
-                relay,
+                router.clone(),
             );
             let service = tokio::time::timeout(handshake_timeout, handler.serve(transport))
                 .await
@@ -298,7 +364,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
                 events: events_tx,
             };
             let connected = tokio::select! {
-                result = connect(&upstream.spec, handler, shared.relay.clone()) => result,
+                result = connect(&upstream.spec, handler, shared.router.clone()) => result,
                 _ = shared.shutdown.cancelled() => return,
             };
             let failure = match connected {
