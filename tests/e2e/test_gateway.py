@@ -21,7 +21,12 @@ from typing import Any
 import anyio
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
-from mcp.types import PromptReference, ResourceTemplateReference, ToolListChangedNotification
+from mcp.types import (
+    PromptReference,
+    ResourceTemplateReference,
+    ResourceUpdatedNotification,
+    ToolListChangedNotification,
+)
 from pydantic import ValidationError
 
 from conftest import (
@@ -367,6 +372,58 @@ async def test_prompts_and_resources(gateway: Gateway) -> None:
         assert [c.text for c in contents] == ["fx served fixture://fx/info"]
         contents = (await client.read_resource("fixture://fx/items/7")).contents
         assert [c.text for c in contents] == ["fx served fixture://fx/items/7"]
+
+
+async def test_resource_subscriptions_are_shared_upstream_and_delivered_per_subscriber(gateway: Gateway) -> None:
+    uri = "fixture://fx/info"
+    seen_a: list[str] = []
+    seen_b: list[str] = []
+
+    def recorder(seen: list[str]) -> Any:
+        async def on_message(message: Any) -> None:
+            if isinstance(message, ResourceUpdatedNotification):
+                seen.append(message.params.uri)
+
+        return on_message
+
+    async def stats(client: Client) -> dict[str, Any]:
+        return (await client.call_tool("fx__stats", {})).structured_content
+
+    async with (
+        connect(gateway.url, message_handler=recorder(seen_a)) as a,
+        connect(gateway.url, message_handler=recorder(seen_b)) as b,
+    ):
+        calls_before = (await stats(a))["subscribe_calls"]
+        await a.subscribe_resource(uri)
+        await b.subscribe_resource(uri)
+        after = await stats(a)
+        assert after["subscribe_calls"] == calls_before + 1, "two subscribers, one upstream subscription"
+        assert after["subscribed"] == [uri]
+
+        assert text_of(await a.call_tool("fx__touch", {"uri": uri})) == "announced"
+
+        async def both_notified() -> bool:
+            return seen_a == [uri] and seen_b == [uri]
+
+        await eventually(both_notified, timeout=10, what="resources/updated at both subscribers")
+
+        await a.unsubscribe_resource(uri)
+        assert (await stats(b))["subscribed"] == [uri], "b still holds the subscription"
+        await b.call_tool("fx__touch", {"uri": uri})
+
+        async def only_b_notified() -> bool:
+            return len(seen_b) == 2
+
+        await eventually(only_b_notified, timeout=10, what="a second update at b")
+        await anyio.sleep(0.3)
+        assert seen_a == [uri], "an unsubscribed client gets no more updates"
+
+        await b.unsubscribe_resource(uri)
+        assert (await stats(b))["subscribed"] == [], "the last unsubscribe releases the upstream subscription"
+
+        with pytest.raises(MCPError) as unknown:
+            await a.subscribe_resource("fixture://nobody/x")
+        assert "unknown resource" in str(unknown.value)
 
 
 async def test_completion_is_routed_to_the_owner(gateway: Gateway) -> None:

@@ -11,7 +11,6 @@ use rmcp::service::{RoleClient, RunningService, ServiceError};
 use serde_json::{Map, Value};
 
 use crate::gateway::{Gateway, GatewayOptions};
-use crate::session::GatewaySession;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -120,9 +119,7 @@ pub async fn run_stdio_bridge(url: &str) -> Result<(), crate::GatewayError> {
     let gateway = Gateway::new(&config, GatewayOptions::default(), Default::default());
     gateway.start();
     gateway.wait_first_attempts(Duration::from_secs(30)).await?;
-    let session = GatewaySession {
-        shared: gateway.shared.clone(),
-    };
+    let session = gateway.shared.new_session();
     let result = match session.serve(rmcp::transport::stdio()).await {
         Ok(running) => {
             let _ = running.waiting().await;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use concord_config::{Config, PrefixMode};
@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogInput, Collision};
 use crate::error::GatewayError;
+use crate::session::GatewaySession;
+use crate::subscriptions::Subscriptions;
 use crate::upstream::{Health, Upstream, supervise};
 
 /// Tunables of the gateway that do not belong to any one upstream.
@@ -64,6 +66,8 @@ pub(crate) struct Shared {
     rebuild_lock: Mutex<()>,
     pub downstream: Downstream,
     pub router: Arc<CallRouter>,
+    pub subscriptions: Subscriptions,
+    next_session: AtomicU64,
     pub metrics: Arc<Metrics>,
     pub options: GatewayOptions,
     pub shutdown: CancellationToken,
@@ -71,6 +75,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A handler for one new downstream session.
+    pub fn new_session(self: &Arc<Self>) -> GatewaySession {
+        GatewaySession {
+            shared: self.clone(),
+            id: self.next_session.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
     pub fn catalog(&self) -> Arc<Catalog> {
         self.catalog.read().clone()
     }
@@ -436,6 +448,8 @@ impl Gateway {
                 rebuild_lock: Mutex::new(()),
                 downstream: Downstream::default(),
                 router: Arc::default(),
+                subscriptions: Subscriptions::default(),
+                next_session: AtomicU64::new(1),
                 metrics,
                 options,
                 shutdown: CancellationToken::new(),

@@ -8,7 +8,6 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use tokio_util::sync::CancellationToken;
 
 use crate::Gateway;
-use crate::session::GatewaySession;
 
 /// Host names that always reach a loopback listener.
 const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
@@ -57,11 +56,7 @@ impl Gateway {
             .with_cancellation_token(shutdown);
         let shared = self.shared.clone();
         let service = StreamableHttpService::new(
-            move || {
-                Ok(GatewaySession {
-                    shared: shared.clone(),
-                })
-            },
+            move || Ok(shared.new_session()),
             Arc::new(LocalSessionManager::default()),
             config,
         );

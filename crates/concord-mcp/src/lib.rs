@@ -15,6 +15,7 @@ mod http_client;
 mod http_server;
 mod session;
 mod sse_client;
+mod subscriptions;
 mod tap;
 mod upstream;
 

@@ -16,7 +16,7 @@ use rmcp::model::{
     ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
     ProgressToken, ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, Reference,
     RequestMetaObject, ResultType, ServerCapabilities, ServerConfig, ServerRequest, ServerResult,
-    SetLevelRequest, SetLevelRequestParams,
+    SetLevelRequest, SetLevelRequestParams, SubscribeRequestParams, UnsubscribeRequestParams,
 };
 use rmcp::service::{
     NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient, RoleServer,
@@ -26,11 +26,13 @@ use tracing::Instrument;
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
 use crate::gateway::{CallEvent, NameKind, Shared, server_request_method};
+use crate::subscriptions::{SessionId, Subscriptions};
 use futures::StreamExt;
 
 #[derive(Clone)]
 pub(crate) struct GatewaySession {
     pub shared: Arc<Shared>,
+    pub id: SessionId,
 }
 
 /// `_meta` keys that describe one hop of the protocol (the client's own lifecycle data in the
@@ -243,6 +245,7 @@ impl ServerHandler for GatewaySession {
             .enable_prompts_list_changed()
             .enable_resources()
             .enable_resources_list_changed()
+            .enable_resources_subscribe()
             .enable_tools()
             .enable_tool_list_changed()
             .build();
@@ -484,6 +487,50 @@ impl ServerHandler for GatewaySession {
             }
             .into()),
         }
+    }
+
+    async fn subscribe(
+        &self,
+        params: SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        let Some(server) = self.catalog().resource_owner(&params.uri).cloned() else {
+            self.observe("resources/subscribe", "", false);
+            return Err(GatewayError::UnknownResource(params.uri).into());
+        };
+        let (upstream, _) = self.upstream_peer(&server)?;
+        let result = self
+            .shared
+            .subscriptions
+            .subscribe(
+                self.id,
+                context.peer.clone(),
+                server.clone(),
+                &upstream,
+                &params.uri,
+            )
+            .await
+            .map_err(|e| GatewayError::from_service(&server, "resources/subscribe", e));
+        self.observe("resources/subscribe", &server, result.is_ok());
+        Ok(result?)
+    }
+
+    async fn unsubscribe(
+        &self,
+        params: UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        if let Some(server) = self
+            .shared
+            .subscriptions
+            .unsubscribe(self.id, &params.uri)
+            .await
+            && let Ok((upstream, _)) = self.upstream_peer(&server)
+        {
+            Subscriptions::release(&upstream, &params.uri).await;
+        }
+        self.observe("resources/unsubscribe", "", true);
+        Ok(())
     }
 
     async fn complete(

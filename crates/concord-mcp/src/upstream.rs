@@ -11,7 +11,7 @@ use rmcp::model::{
     ClientCapabilities, ClientConfig, ClientRequest, ClientResult, CreateMessageRequest,
     CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
     ElicitResult, Implementation, LoggingMessageNotificationParam, PingRequest, ProtocolVersion,
-    ServerCapabilities, ServerRequest, ServerResult,
+    ResourceUpdatedNotificationParam, ServerCapabilities, ServerRequest, ServerResult,
 };
 use rmcp::service::{
     InboundStreamOrigin, NotificationContext, Peer, RequestContext, RoleClient, RunningService,
@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::catalog::UpstreamLists;
 use crate::child::{self, ChildProcess};
 use crate::gateway::{CallRouter, Shared};
+use crate::subscriptions::Subscriptions;
 use crate::tap::ProgressTap;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -165,6 +166,21 @@ impl ClientHandler for UpstreamClient {
     ) {
         if let Some(shared) = self.shared.upgrade() {
             shared.downstream.forward_log(&self.server, params);
+        }
+    }
+
+    async fn on_resource_updated(
+        &self,
+        params: ResourceUpdatedNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        if let Some(abandoned) = shared.subscriptions.updated(&self.server, params).await
+            && let Some(Ok(peer)) = shared.upstream(&self.server).map(|u| u.peer())
+        {
+            Subscriptions::release(&peer, &abandoned).await;
         }
     }
 
@@ -441,6 +457,15 @@ async fn serve_connection(
         state.capabilities = Some(capabilities.clone());
         state.first_attempt_done = true;
         state.connected_since = Some(Instant::now());
+    }
+    // A restarted server has forgotten its subscriptions: take them again.
+    for uri in shared.subscriptions.uris_of(&upstream.name).await {
+        if let Err(e) = peer
+            .subscribe(rmcp::model::SubscribeRequestParams::new(uri.clone()))
+            .await
+        {
+            tracing::warn!(uri, error = %e, "could not renew a resource subscription");
+        }
     }
     shared.metrics.set_upstream_up(&upstream.name, true);
     shared.rebuild_catalog();

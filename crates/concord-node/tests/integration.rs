@@ -473,11 +473,11 @@ async fn lists_are_paginated_with_cursors_that_cover_everything_once() {
             None => break,
         }
     }
-    assert_eq!(pages, 2, "7 fixture tools in pages of 4");
+    assert_eq!(pages, 2, "8 fixture tools in pages of 4");
     let mut unique = names.clone();
     unique.sort();
     unique.dedup();
-    assert_eq!(unique.len(), 7, "{names:?}");
+    assert_eq!(unique.len(), 8, "{names:?}");
     let (_, body) = post_raw(
         &node.url(),
         json!({"jsonrpc": "2.0", "id": 99, "method": "tools/list", "params": {"cursor": "bogus"}})

@@ -28,6 +28,8 @@ struct State {
     /// In-flight `slow` calls by request id, so a cancellation can stop them.
     running: Mutex<HashMap<String, oneshot::Sender<()>>>,
     extra_tools: Mutex<Vec<String>>,
+    subscribed: Mutex<Vec<String>>,
+    subscribe_calls: AtomicU64,
 }
 
 type Outbox = mpsc::UnboundedSender<Value>;
@@ -56,6 +58,12 @@ async fn tool_list(state: &State) -> Value {
             true,
         ),
         tool("hang", "Never answers", json!({}), true),
+        tool(
+            "touch",
+            "Announces notifications/resources/updated for `uri` if it is subscribed",
+            json!({"uri": {"type": "string"}}),
+            false,
+        ),
         tool(
             "log",
             "Sends `message` as a notifications/message log entry, then answers",
@@ -109,7 +117,7 @@ async fn handle_request(
             "capabilities": {
                 "tools": {"listChanged": true},
                 "prompts": {"listChanged": false},
-                "resources": {"listChanged": false},
+                "resources": {"listChanged": false, "subscribe": true},
                 "logging": {},
                 "completions": {},
             },
@@ -137,6 +145,17 @@ async fn handle_request(
             "text": format!("{} served {}", state.name, params["uri"].as_str().unwrap_or_default()),
         }]})),
         "logging/setLevel" => Ok(json!({})),
+        "resources/subscribe" => {
+            state.subscribe_calls.fetch_add(1, Ordering::Relaxed);
+            let uri = params["uri"].as_str().unwrap_or_default().to_string();
+            state.subscribed.lock().await.push(uri);
+            Ok(json!({}))
+        }
+        "resources/unsubscribe" => {
+            let uri = params["uri"].as_str().unwrap_or_default();
+            state.subscribed.lock().await.retain(|u| u != uri);
+            Ok(json!({}))
+        }
         "completion/complete" => {
             // Prefixed with the server's name so tests can see which server answered.
             let typed = params["argument"]["value"].as_str().unwrap_or_default();
@@ -187,6 +206,22 @@ async fn handle_request(
                     Ok(text_result(format!("done after {steps} steps")))
                 }
                 "hang" => return None,
+                "touch" => {
+                    let uri = args["uri"].as_str().unwrap_or_default().to_string();
+                    let subscribed = state.subscribed.lock().await.contains(&uri);
+                    if let (Some(outbox), true) = (outbox, subscribed) {
+                        let _ = outbox.send(json!({
+                            "jsonrpc": "2.0",
+                            "method": "notifications/resources/updated",
+                            "params": {"uri": uri},
+                        }));
+                    }
+                    Ok(text_result(if subscribed {
+                        "announced"
+                    } else {
+                        "not subscribed"
+                    }))
+                }
                 "log" => {
                     let message = args["message"].as_str().unwrap_or_default().to_string();
                     if let Some(outbox) = outbox {
@@ -208,6 +243,8 @@ async fn handle_request(
                         "calls": state.calls.load(Ordering::Relaxed),
                         "cancelled": cancelled,
                         "pid": std::process::id(),
+                        "subscribed": *state.subscribed.lock().await,
+                        "subscribe_calls": state.subscribe_calls.load(Ordering::Relaxed),
                     });
                     let mut result = text_result(stats.to_string());
                     result["structuredContent"] = stats;
