@@ -560,9 +560,9 @@ class PeerServer:
                 self.proc.wait(timeout=5)
 
 
-def _start_everything(tmp_path_factory: pytest.TempPathFactory, mode: str) -> PeerServer:
+def _start_everything(tmp_path_factory: pytest.TempPathFactory, mode: str, port: int | None = None) -> PeerServer:
     directory = tmp_path_factory.mktemp(f"everything-{mode}")
-    port = free_port()
+    port = port or free_port()
     log_path = directory / "server.log"
     env = dict(os.environ, PORT=str(port))
     with open(log_path, "wb") as log:
@@ -575,7 +575,7 @@ def _start_everything(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Pe
             env=env,
             start_new_session=True,
         )
-    label = f"server-everything {mode}"
+    label = f"server-everything {mode} :{port}"
     server = PeerServer(label, proc, port, log_path)
     _LIVE_LOGS[label] = log_path
 
