@@ -14,7 +14,7 @@ use rmcp::model::{
     ClientResult, LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
     RequestId, ServerRequest,
 };
-use rmcp::service::{Peer, RoleServer};
+use rmcp::service::{Peer, RoleServer, SubscriptionSink};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -203,6 +203,8 @@ impl ListChanges {
 #[derive(Default)]
 pub(crate) struct Downstream {
     peers: Mutex<Vec<Peer<RoleServer>>>,
+    /// Open 2026-07-28 `subscriptions/listen` streams, by listen id.
+    listeners: Mutex<HashMap<u64, SubscriptionSink>>,
 }
 
 impl Downstream {
@@ -218,12 +220,33 @@ impl Downstream {
         peers.clone()
     }
 
+    pub fn add_listener(&self, id: u64, sink: SubscriptionSink) {
+        self.listeners.lock().insert(id, sink);
+    }
+
+    pub fn remove_listener(&self, id: u64) {
+        self.listeners.lock().remove(&id);
+    }
+
     fn announce(&self, changes: ListChanges) {
         let peers = self.live_peers();
-        if peers.is_empty() {
+        let listeners: Vec<SubscriptionSink> = self.listeners.lock().values().cloned().collect();
+        if peers.is_empty() && listeners.is_empty() {
             return;
         }
         tokio::spawn(async move {
+            // Each stream receives only what its filter accepted; the sink enforces it.
+            for sink in listeners {
+                if changes.tools && sink.accepted().tools_list_changed == Some(true) {
+                    let _ = sink.notify_tool_list_changed().await;
+                }
+                if changes.prompts && sink.accepted().prompts_list_changed == Some(true) {
+                    let _ = sink.notify_prompt_list_changed().await;
+                }
+                if changes.resources && sink.accepted().resources_list_changed == Some(true) {
+                    let _ = sink.notify_resource_list_changed().await;
+                }
+            }
             for peer in peers {
                 if changes.tools {
                     let _ = peer.notify_tool_list_changed().await;

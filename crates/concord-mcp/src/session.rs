@@ -16,17 +16,19 @@ use rmcp::model::{
     ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
     ProgressToken, ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, Reference,
     RequestMetaObject, ResultType, ServerCapabilities, ServerConfig, ServerRequest, ServerResult,
-    SetLevelRequest, SetLevelRequestParams, SubscribeRequestParams, UnsubscribeRequestParams,
+    SetLevelRequest, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
+    UnsubscribeRequestParams,
 };
 use rmcp::service::{
     NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient, RoleServer,
+    SubscriptionContext,
 };
 use tracing::Instrument;
 
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
 use crate::gateway::{CallEvent, NameKind, Shared, server_request_method};
-use crate::subscriptions::{SessionId, Subscriptions};
+use crate::subscriptions::{SessionId, Subscriber, Subscriptions};
 use futures::StreamExt;
 
 #[derive(Clone)]
@@ -504,7 +506,7 @@ impl ServerHandler for GatewaySession {
             .subscriptions
             .subscribe(
                 self.id,
-                context.peer.clone(),
+                Subscriber::Session(context.peer.clone()),
                 server.clone(),
                 &upstream,
                 &params.uri,
@@ -513,6 +515,63 @@ impl ServerHandler for GatewaySession {
             .map_err(|e| GatewayError::from_service(&server, "resources/subscribe", e));
         self.observe("resources/subscribe", &server, result.is_ok());
         Ok(result?)
+    }
+
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        // Everything asked for; rmcp narrows it to what get_info advertises.
+        Some(requested.clone())
+    }
+
+    /// A 2026-07-28 client's notification stream: list changes as the catalog changes, and
+    /// updates of the resources it named, held upstream exactly like `resources/subscribe`.
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
+        let sink = context.sink().clone();
+        let listen_id = self.id;
+        let uris = context
+            .accepted()
+            .resource_subscriptions
+            .clone()
+            .unwrap_or_default();
+        let mut held = Vec::new();
+        for uri in uris {
+            let Some(server) = self.catalog().resource_owner(&uri).cloned() else {
+                tracing::debug!(uri, "listen: no server owns this resource");
+                continue;
+            };
+            let Ok((upstream, _)) = self.upstream_peer(&server) else {
+                continue;
+            };
+            match self
+                .shared
+                .subscriptions
+                .subscribe(
+                    listen_id,
+                    Subscriber::Listen(sink.clone()),
+                    server.clone(),
+                    &upstream,
+                    &uri,
+                )
+                .await
+            {
+                Ok(()) => held.push(uri),
+                Err(e) => tracing::warn!(uri, error = %e, "listen: upstream subscription failed"),
+            }
+        }
+        self.shared.downstream.add_listener(listen_id, sink);
+        self.observe("subscriptions/listen", "", true);
+        context.cancelled().await;
+        self.shared.downstream.remove_listener(listen_id);
+        for uri in held {
+            if let Some(server) = self.shared.subscriptions.unsubscribe(listen_id, &uri).await
+                && let Ok((upstream, _)) = self.upstream_peer(&server)
+            {
+                Subscriptions::release(&upstream, &uri).await;
+            }
+        }
+        Ok(())
     }
 
     async fn unsubscribe(

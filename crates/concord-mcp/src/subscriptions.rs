@@ -9,15 +9,43 @@ use std::sync::Arc;
 use rmcp::model::{
     ResourceUpdatedNotificationParam, SubscribeRequestParams, UnsubscribeRequestParams,
 };
-use rmcp::service::{Peer, RoleClient, RoleServer};
+use rmcp::service::{Peer, RoleClient, RoleServer, SubscriptionSink};
 use tokio::sync::Mutex;
 
 /// Identifies one downstream session (rmcp peers have no identity of their own).
 pub(crate) type SessionId = u64;
 
+/// Who receives a URI's updates: a 2025-era session (`resources/subscribe`) or a 2026-07-28
+/// `subscriptions/listen` stream.
+#[derive(Clone)]
+pub(crate) enum Subscriber {
+    Session(Peer<RoleServer>),
+    Listen(SubscriptionSink),
+}
+
+impl Subscriber {
+    fn is_gone(&self) -> bool {
+        match self {
+            Subscriber::Session(peer) => peer.is_transport_closed(),
+            // A listen stream removes itself when it ends.
+            Subscriber::Listen(_) => false,
+        }
+    }
+
+    async fn updated(&self, params: ResourceUpdatedNotificationParam) {
+        let _ = match self {
+            Subscriber::Session(peer) => peer.notify_resource_updated(params).await.map_err(|_| ()),
+            Subscriber::Listen(sink) => sink
+                .notify_resource_updated(params.uri)
+                .await
+                .map_err(|_| ()),
+        };
+    }
+}
+
 struct Subscription {
     server: Arc<str>,
-    subscribers: HashMap<SessionId, Peer<RoleServer>>,
+    subscribers: HashMap<SessionId, Subscriber>,
 }
 
 #[derive(Default)]
@@ -33,14 +61,14 @@ impl Subscriptions {
     pub async fn subscribe(
         &self,
         session: SessionId,
-        peer: Peer<RoleServer>,
+        subscriber: Subscriber,
         server: Arc<str>,
         upstream: &Peer<RoleClient>,
         uri: &str,
     ) -> Result<(), rmcp::service::ServiceError> {
         let mut by_uri = self.by_uri.lock().await;
         if let Some(existing) = by_uri.get_mut(uri) {
-            existing.subscribers.insert(session, peer);
+            existing.subscribers.insert(session, subscriber);
             return Ok(());
         }
         upstream
@@ -50,7 +78,7 @@ impl Subscriptions {
             uri.to_string(),
             Subscription {
                 server,
-                subscribers: HashMap::from([(session, peer)]),
+                subscribers: HashMap::from([(session, subscriber)]),
             },
         );
         Ok(())
@@ -62,9 +90,7 @@ impl Subscriptions {
         let mut by_uri = self.by_uri.lock().await;
         let subscription = by_uri.get_mut(uri)?;
         subscription.subscribers.remove(&session);
-        subscription
-            .subscribers
-            .retain(|_, peer| !peer.is_transport_closed());
+        subscription.subscribers.retain(|_, s| !s.is_gone());
         if subscription.subscribers.is_empty() {
             by_uri.remove(uri).map(|s| s.server)
         } else {
@@ -89,23 +115,21 @@ impl Subscriptions {
         server: &str,
         params: ResourceUpdatedNotificationParam,
     ) -> Option<String> {
-        let peers: Vec<Peer<RoleServer>> = {
+        let subscribers: Vec<Subscriber> = {
             let mut by_uri = self.by_uri.lock().await;
             let subscription = by_uri.get_mut(&params.uri)?;
             if &*subscription.server != server {
                 return None;
             }
-            subscription
-                .subscribers
-                .retain(|_, peer| !peer.is_transport_closed());
+            subscription.subscribers.retain(|_, s| !s.is_gone());
             if subscription.subscribers.is_empty() {
                 by_uri.remove(&params.uri);
                 return Some(params.uri);
             }
             subscription.subscribers.values().cloned().collect()
         };
-        for peer in peers {
-            let _ = peer.notify_resource_updated(params.clone()).await;
+        for subscriber in subscribers {
+            subscriber.updated(params.clone()).await;
         }
         None
     }

@@ -1,0 +1,67 @@
+"""The 2026-07-28 protocol era through the gateway, with the official Python SDK's default
+client (it negotiates 2026-07-28 through `server/discover`): sessionless requests, and the
+`subscriptions/listen` stream carrying list changes and resource updates, while the upstreams
+speak 2025-11-25 and a 2025-era client uses the same node at the same time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+from mcp.shared.subscriptions import ResourceUpdated, ToolsListChanged
+
+from conftest import NodeFactory, connect, fixture_server, text_of, tool_names
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def node(concord: NodeFactory):
+    node = concord.start("modern", {"fx": fixture_server("fx")}, health_interval="1s")
+    yield node
+    node.stop()
+
+
+async def test_discover_and_sessionless_calls(node: Any) -> None:
+    async with Client(node.url, cache=None) as modern:
+        assert modern.protocol_version == "2026-07-28"
+        assert "fx__echo" in await tool_names(modern)
+        assert text_of(await modern.call_tool("fx__echo", {"message": "new era"})) == "Echo: new era"
+        contents = (await modern.read_resource("fixture://fx/items/3")).contents
+        assert contents[0].text == "fx served fixture://fx/items/3"
+
+
+async def test_listen_streams_list_changes_and_resource_updates_beside_a_legacy_client(node: Any) -> None:
+    uri = "fixture://fx/info"
+    events: list[Any] = []
+    async with (
+        Client(node.url, cache=None) as modern,
+        connect(node.url) as legacy,
+    ):
+        async with modern.listen(tools_list_changed=True, resource_subscriptions=[uri]) as subscription:
+
+            async def collect() -> None:
+                async for event in subscription:
+                    events.append(event)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(collect)
+                # The legacy client drives the upstream; the modern client hears about it.
+                assert (await legacy.call_tool("fx__stats", {})).structured_content["subscribed"] == [uri]
+                assert text_of(await legacy.call_tool("fx__touch", {"uri": uri})) == "announced"
+                await legacy.call_tool("fx__add_tool", {"name": "modern_late"})
+                with anyio.fail_after(10):
+                    while not (
+                        any(isinstance(e, ResourceUpdated) and e.uri == uri for e in events)
+                        and any(isinstance(e, ToolsListChanged) for e in events)
+                    ):
+                        await anyio.sleep(0.05)
+                group.cancel_scope.cancel()
+        assert "fx__modern_late" in await tool_names(modern)
+
+        # Closing the listen stream released the upstream subscription.
+        with anyio.fail_after(10):
+            while (await legacy.call_tool("fx__stats", {})).structured_content["subscribed"]:
+                await anyio.sleep(0.05)
