@@ -65,3 +65,45 @@ async def test_listen_streams_list_changes_and_resource_updates_beside_a_legacy_
         with anyio.fail_after(10):
             while (await legacy.call_tool("fx__stats", {})).structured_content["subscribed"]:
                 await anyio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def sampling_node(concord: NodeFactory):
+    from conftest import EVERYTHING_JS, NODE_BIN, stdio_server
+
+    node = concord.start("modern-sampling", {"everything": stdio_server(NODE_BIN, EVERYTHING_JS, "stdio")})
+    yield node
+    node.stop()
+
+
+async def test_upstream_sampling_becomes_an_input_required_round_trip(sampling_node: Any) -> None:
+    """The upstream (2025-11-25) sends sampling/createMessage mid-call; a 2026-07-28 client has no
+    channel for server requests, so the gateway answers the call with `input_required`, the SDK
+    runs its sampling callback and retries with the answer, and the gateway resumes the same
+    upstream call with it."""
+    from mcp.types import CreateMessageResult, TextContent
+
+    asked: list[str] = []
+
+    async def sample(context: Any, params: Any) -> CreateMessageResult:
+        asked.append(params.messages[0].content.text)
+        return CreateMessageResult(
+            role="assistant", content=TextContent(type="text", text="modern answer"), model="modern-model"
+        )
+
+    async with Client(sampling_node.url, cache=None, sampling_callback=sample) as modern:
+        assert modern.protocol_version == "2026-07-28"
+        result = await modern.call_tool("everything__trigger-sampling-request", {"prompt": "round trip?", "maxTokens": 5})
+    assert len(asked) == 1 and "round trip?" in asked[0], asked
+    assert "modern answer" in text_of(result) and "modern-model" in text_of(result), text_of(result)
+
+
+async def test_a_made_up_request_state_is_refused(node: Any) -> None:
+    async with Client(node.url, cache=None) as modern:
+        from mcp import MCPError
+
+        with pytest.raises(MCPError) as refused:
+            await modern.session.call_tool(
+                "fx__echo", {"message": "x"}, request_state="concord-forged", input_responses={}
+            )
+        assert "unknown or expired requestState" in str(refused.value)

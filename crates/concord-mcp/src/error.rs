@@ -46,6 +46,10 @@ pub enum GatewayError {
     Upstream(McpError),
     #[error("request cancelled by the client")]
     Cancelled,
+    #[error(
+        "unknown or expired requestState: the call it belonged to is no longer waiting for input"
+    )]
+    UnknownRequestState,
     #[error("{0}")]
     Startup(String),
 }
@@ -121,6 +125,7 @@ impl From<GatewayError> for McpError {
             }
             GatewayError::Upstream(e) => e,
             GatewayError::Cancelled => McpError::new(ErrorCode(-32800), message, None),
+            GatewayError::UnknownRequestState => McpError::invalid_params(message, None),
             GatewayError::Startup(_) => McpError::internal_error(message, None),
         }
     }

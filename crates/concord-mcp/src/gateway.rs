@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogInput, Collision};
 use crate::error::GatewayError;
-use crate::session::GatewaySession;
+use crate::session::{GatewaySession, SuspendedCalls};
 use crate::subscriptions::Subscriptions;
 use crate::upstream::{Health, Upstream, supervise};
 
@@ -67,6 +67,7 @@ pub(crate) struct Shared {
     pub downstream: Downstream,
     pub router: Arc<CallRouter>,
     pub subscriptions: Subscriptions,
+    pub suspended: SuspendedCalls,
     next_session: AtomicU64,
     pub metrics: Arc<Metrics>,
     pub options: GatewayOptions,
@@ -472,6 +473,7 @@ impl Gateway {
                 downstream: Downstream::default(),
                 router: Arc::default(),
                 subscriptions: Subscriptions::default(),
+                suspended: SuspendedCalls::default(),
                 next_session: AtomicU64::new(1),
                 metrics,
                 options,

@@ -27,9 +27,15 @@ use tracing::Instrument;
 
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
-use crate::gateway::{CallEvent, NameKind, Shared, server_request_method};
+use crate::gateway::{CallEvent, CallGuard, NameKind, Shared, server_request_method};
 use crate::subscriptions::{SessionId, Subscriber, Subscriptions};
 use futures::StreamExt;
+use rmcp::model::{
+    InputRequest, InputRequests, InputRequiredResult, InputResponses, ProtocolVersion, RequestId,
+};
+use rmcp::service::ServiceError;
+use std::collections::HashMap;
+use tokio::sync::oneshot;
 
 #[derive(Clone)]
 pub(crate) struct GatewaySession {
@@ -49,6 +55,105 @@ fn forwardable_meta(meta: &RequestMetaObject) -> RequestMetaObject {
         forwarded.0.0.insert(key.clone(), value.clone());
     }
     forwarded
+}
+
+/// One upstream request on its way: what [`GatewaySession::drive`] needs to finish it, and all
+/// of it owned, so that a call can be parked between a 2026-07-28 client's rounds.
+pub(crate) struct InFlight {
+    server: Arc<str>,
+    method: &'static str,
+    upstream: Peer<RoleClient>,
+    upstream_id: RequestId,
+    response: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<ServerResult, ServiceError>> + Send>,
+    >,
+    events: tokio::sync::mpsc::UnboundedReceiver<CallEvent>,
+    _routes: CallGuard,
+}
+
+fn is_modern(context: &RequestContext<RoleServer>) -> bool {
+    context
+        .protocol_version()
+        .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str())
+}
+
+/// The kind of answer an input request expects, to read the client's reply back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum InputKind {
+    Sampling,
+    Elicitation,
+    Roots,
+}
+
+impl InputKind {
+    fn parse(self, value: serde_json::Value) -> Result<ClientResult, McpError> {
+        let invalid = |e: serde_json::Error| {
+            McpError::invalid_params(format!("malformed input response: {e}"), None)
+        };
+        Ok(match self {
+            InputKind::Sampling => ClientResult::CreateMessageResult(Box::new(
+                serde_json::from_value(value).map_err(invalid)?,
+            )),
+            InputKind::Elicitation => {
+                ClientResult::ElicitResult(serde_json::from_value(value).map_err(invalid)?)
+            }
+            InputKind::Roots => {
+                ClientResult::ListRootsResult(serde_json::from_value(value).map_err(invalid)?)
+            }
+        })
+    }
+}
+
+fn as_input_request(request: ServerRequest) -> Option<InputRequest> {
+    match request {
+        ServerRequest::CreateMessageRequest(r) => Some(InputRequest::CreateMessage(r)),
+        ServerRequest::ElicitRequest(r) => Some(InputRequest::Elicitation(r)),
+        ServerRequest::ListRootsRequest(r) => Some(InputRequest::ListRoots(r)),
+        _ => None,
+    }
+}
+
+fn input_kind(input: &InputRequest) -> InputKind {
+    match input {
+        InputRequest::CreateMessage(_) => InputKind::Sampling,
+        InputRequest::Elicitation(_) => InputKind::Elicitation,
+        _ => InputKind::Roots,
+    }
+}
+
+/// An upstream call parked while a 2026-07-28 client answers its input requests.
+pub(crate) struct SuspendedCall {
+    call: InFlight,
+    /// Input request key → what it asked and where the upstream waits for the answer.
+    answers: HashMap<String, (InputKind, oneshot::Sender<Result<ClientResult, McpError>>)>,
+    parked_at: Instant,
+}
+
+/// Parked calls by their `requestState` token. The token is random (it is the only thing that
+/// lets a retry resume a call, so it must not be guessable); calls not resumed within
+/// [`SUSPEND_LIMIT`] are dropped, which fails the upstream's pending requests.
+#[derive(Default)]
+pub(crate) struct SuspendedCalls {
+    calls: parking_lot::Mutex<HashMap<String, SuspendedCall>>,
+}
+
+const SUSPEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl SuspendedCalls {
+    fn park(&self, call: SuspendedCall) -> String {
+        let token = format!("concord-{}", uuid::Uuid::new_v4().simple());
+        let mut calls = self.calls.lock();
+        calls.retain(|_, c| c.parked_at.elapsed() < SUSPEND_LIMIT);
+        calls.insert(token.clone(), call);
+        token
+    }
+
+    fn take(&self, token: &str) -> Option<SuspendedCall> {
+        self.calls
+            .lock()
+            .remove(token)
+            .filter(|c| c.parked_at.elapsed() < SUSPEND_LIMIT)
+    }
 }
 
 async fn relay_progress(
@@ -156,8 +261,7 @@ impl GatewaySession {
         Ok((peer, upstream.spec.request_timeout))
     }
 
-    /// Sends `request` to `server`, relaying progress to the caller and forwarding the caller's
-    /// cancellation to that upstream only.
+    /// Sends `request` to `server` and drives it to its end (see [`Self::drive`]).
     async fn forward(
         &self,
         server: &Arc<str>,
@@ -165,6 +269,17 @@ impl GatewaySession {
         request: ClientRequest,
         context: &RequestContext<RoleServer>,
     ) -> Result<ServerResult, GatewayError> {
+        let call = self.start_call(server, method, request, context).await?;
+        self.drive(call, context).await
+    }
+
+    async fn start_call(
+        &self,
+        server: &Arc<str>,
+        method: &'static str,
+        request: ClientRequest,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<InFlight, GatewayError> {
         let (peer, timeout) = self.upstream_peer(server)?;
         let options =
             PeerRequestOptions::with_timeout(timeout).with_meta(forwardable_meta(&context.meta));
@@ -173,24 +288,47 @@ impl GatewaySession {
             .await
             .map_err(|e| GatewayError::from_service(server, method, e))?;
         let upstream_id = handle.id.clone();
-        let downstream_token = context.meta.get_progress_token();
-        let (_routes, mut events) = self.shared.router.register(
+        let (routes, events) = self.shared.router.register(
             server.clone(),
             upstream_id.clone(),
             handle.progress_token.clone(),
         );
+        Ok(InFlight {
+            server: server.clone(),
+            method,
+            upstream: peer,
+            upstream_id,
+            response: Box::pin(handle.await_response()),
+            events,
+            _routes: routes,
+        })
+    }
+
+    /// Waits for an upstream call's response, meanwhile relaying its progress to the caller,
+    /// putting its sampling/elicitation requests to the caller, and forwarding the caller's
+    /// cancellation to that upstream only. For a 2026-07-28 caller, whose protocol has no
+    /// server-to-client requests, the call is suspended instead and the caller gets an
+    /// `input_required` result; its retry with the answers resumes the same upstream call.
+    async fn drive(
+        &self,
+        mut call: InFlight,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<ServerResult, GatewayError> {
+        let downstream_token = context.meta.get_progress_token();
+        let modern = is_modern(context);
         // Requests to the client run beside the wait for the upstream's response (the upstream
         // usually needs their answers to finish), inside this handler's task so that rmcp sends
         // them on this request's own response stream.
         let mut client_requests = futures::stream::FuturesUnordered::new();
-        let response = handle.await_response();
-        tokio::pin!(response);
         loop {
             tokio::select! {
                 biased;
-                Some(event) = events.recv() => match event {
+                Some(event) = call.events.recv() => match event {
                     CallEvent::Progress(params) => {
                         relay_progress(&context.peer, &downstream_token, params).await;
+                    }
+                    CallEvent::Request { request, reply } if modern => {
+                        return Ok(self.suspend(call, request, reply));
                     }
                     CallEvent::Request { request, reply } => {
                         let peer = context.peer.clone();
@@ -201,21 +339,22 @@ impl GatewaySession {
                     }
                 },
                 Some(()) = client_requests.next(), if !client_requests.is_empty() => {}
-                result = &mut response => {
+                result = &mut call.response => {
                     // Everything the upstream sent before its response is already queued.
-                    while let Ok(event) = events.try_recv() {
+                    while let Ok(event) = call.events.try_recv() {
                         if let CallEvent::Progress(params) = event {
                             relay_progress(&context.peer, &downstream_token, params).await;
                         }
                     }
                     return result
                         .map(with_result_type)
-                        .map_err(|e| GatewayError::from_service(server, method, e));
+                        .map_err(|e| GatewayError::from_service(&call.server, call.method, e));
                 }
                 _ = context.ct.cancelled() => {
-                    let _ = peer
+                    let _ = call
+                        .upstream
                         .notify_cancelled(CancelledNotificationParam::new(
-                            Some(upstream_id),
+                            Some(call.upstream_id.clone()),
                             Some("cancelled by the downstream client".to_string()),
                         ))
                         .await;
@@ -223,6 +362,71 @@ impl GatewaySession {
                 }
             }
         }
+    }
+
+    /// Parks `call` until the caller answers `first` (and any other request the upstream has
+    /// already queued), and tells the caller what to answer.
+    fn suspend(
+        &self,
+        mut call: InFlight,
+        first: ServerRequest,
+        reply: oneshot::Sender<Result<ClientResult, McpError>>,
+    ) -> ServerResult {
+        let mut pending = vec![(first, reply)];
+        let mut early_progress = Vec::new();
+        while let Ok(event) = call.events.try_recv() {
+            match event {
+                CallEvent::Request { request, reply } => pending.push((request, reply)),
+                CallEvent::Progress(params) => early_progress.push(params),
+            }
+        }
+        let mut input_requests = InputRequests::new();
+        let mut answers = HashMap::new();
+        for (index, (request, reply)) in pending.into_iter().enumerate() {
+            let key = format!("concord-{index}");
+            let Some(input) = as_input_request(request) else {
+                let _ = reply.send(Err(McpError::invalid_request(
+                    "this request cannot be carried to a 2026-07-28 client",
+                    None,
+                )));
+                continue;
+            };
+            answers.insert(key.clone(), (input_kind(&input), reply));
+            input_requests.insert(key, input);
+        }
+        let token = self.shared.suspended.park(SuspendedCall {
+            call,
+            answers,
+            parked_at: Instant::now(),
+        });
+        ServerResult::InputRequiredResult(InputRequiredResult::new(
+            Some(input_requests),
+            Some(token),
+        ))
+    }
+
+    /// Resumes a call parked by [`Self::suspend`] with the caller's answers.
+    async fn resume(
+        &self,
+        request_state: &str,
+        responses: Option<InputResponses>,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<ServerResult, GatewayError> {
+        let Some(parked) = self.shared.suspended.take(request_state) else {
+            return Err(GatewayError::UnknownRequestState);
+        };
+        let mut responses = responses.unwrap_or_default();
+        for (key, (kind, reply)) in parked.answers {
+            let answer = match responses.remove(&key) {
+                Some(value) => kind.parse(value),
+                None => Err(McpError::invalid_params(
+                    format!("the client sent no answer for input request {key}"),
+                    None,
+                )),
+            };
+            let _ = reply.send(answer);
+        }
+        self.drive(parked.call, context).await
     }
 
     fn observe(&self, method: &str, server: &str, ok: bool) {
@@ -317,15 +521,23 @@ impl ServerHandler for GatewaySession {
             outcome = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
         );
-        let mut upstream_params = CallToolRequestParams::new(route.name.clone());
-        upstream_params.arguments = params.arguments;
-        upstream_params.input_responses = params.input_responses;
-        upstream_params.request_state = params.request_state;
-        let request = ClientRequest::CallToolRequest(CallToolRequest::new(upstream_params));
-        let result = self
-            .forward(&route.server, "tools/call", request, &context)
-            .instrument(span.clone())
-            .await;
+        // A retry carrying `requestState` resumes the upstream call this gateway parked; the
+        // upstreams themselves never see the input-required rounds.
+        let result = match params.request_state.as_deref() {
+            Some(state) => {
+                self.resume(state, params.input_responses, &context)
+                    .instrument(span.clone())
+                    .await
+            }
+            None => {
+                let mut upstream_params = CallToolRequestParams::new(route.name.clone());
+                upstream_params.arguments = params.arguments;
+                let request = ClientRequest::CallToolRequest(CallToolRequest::new(upstream_params));
+                self.forward(&route.server, "tools/call", request, &context)
+                    .instrument(span.clone())
+                    .await
+            }
+        };
         let elapsed = started.elapsed();
         let (response, outcome) = match result {
             Ok(ServerResult::CallToolResult(r)) => {
