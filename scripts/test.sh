@@ -2,9 +2,10 @@
 # Runs every test of the workspace, installing first what the tests need:
 #   - Node.js and npm, Python 3 with venv (from the system's packages, if missing);
 #   - the real MCP peers (reference servers, MCP Inspector) from tests/peers/package-lock.json;
-#   - a virtualenv (.venv) with the official MCP Python SDK and pytest (tests/e2e/requirements.txt).
-# Then: Rust unit, integration and end-to-end tests (cargo test), and the Python end-to-end
-# suite (pytest), all against real peers on loopback.
+#   - a virtualenv (.venv) with the official MCP Python SDK and pytest (tests/e2e/requirements.txt);
+#   - the official MCP conformance suite with Node 22 (tests/conformance/package-lock.json).
+# Then: Rust unit, integration and end-to-end tests (cargo test), the Python end-to-end suite
+# (pytest), and the conformance suite against a node, all against real peers on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -54,3 +55,6 @@ cargo test --workspace --locked
 echo "== end-to-end (pytest, official MCP Python SDK)"
 cd "$root"
 .venv/bin/python -m pytest tests/e2e -q -p no:cacheprovider
+
+echo "== official MCP conformance suite through Concord"
+./scripts/conformance.sh

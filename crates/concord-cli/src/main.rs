@@ -38,6 +38,14 @@ enum Command {
     /// Check a config file without starting anything.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run one client scenario of the official MCP conformance suite (its client mode runs
+    /// this with the test server's URL; the scenario comes from MCP_CONFORMANCE_SCENARIO).
+    #[command(hide = true)]
+    ConformanceClient {
+        url: String,
+        #[arg(long, env = "MCP_CONFORMANCE_SCENARIO")]
+        scenario: String,
+    },
 }
 
 #[derive(Args)]
@@ -114,6 +122,10 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Tools(ToolsCommand::List { target }) => tools_list(target).await,
         Command::Tools(ToolsCommand::Call { name, args, target }) => {
             tools_call(&name, &args, target).await
+        }
+        Command::ConformanceClient { url, scenario } => {
+            concord_mcp::conformance::run_client(&scenario, &url).await?;
+            Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Check { file }) => {
             let config = Config::load(&file)?;

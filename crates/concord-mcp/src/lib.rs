@@ -9,6 +9,7 @@
 mod catalog;
 mod child;
 mod client;
+pub mod conformance;
 mod error;
 mod gateway;
 mod http_client;
