@@ -104,6 +104,6 @@ async def test_a_made_up_request_state_is_refused(node: Any) -> None:
 
         with pytest.raises(MCPError) as refused:
             await modern.session.call_tool(
-                "fx__echo", {"message": "x"}, request_state="concord-forged", input_responses={}
+                "fx__echo", {"message": "x"}, request_state="concord-parked-forged", input_responses={}
             )
         assert "unknown or expired requestState" in str(refused.value)

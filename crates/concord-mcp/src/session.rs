@@ -137,11 +137,16 @@ pub(crate) struct SuspendedCalls {
     calls: parking_lot::Mutex<HashMap<String, SuspendedCall>>,
 }
 
+/// Marks the `requestState` values this gateway issues for its parked calls.
+const PARKED_STATE_PREFIX: &str = "concord-parked-";
+/// Input-required rounds answered for a 2025-era caller before the gateway gives up.
+const MAX_INPUT_ROUNDS: usize = 10;
+
 const SUSPEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl SuspendedCalls {
     fn park(&self, call: SuspendedCall) -> String {
-        let token = format!("concord-{}", uuid::Uuid::new_v4().simple());
+        let token = format!("{PARKED_STATE_PREFIX}{}", uuid::Uuid::new_v4().simple());
         let mut calls = self.calls.lock();
         calls.retain(|_, c| c.parked_at.elapsed() < SUSPEND_LIMIT);
         calls.insert(token.clone(), call);
@@ -405,6 +410,61 @@ impl GatewaySession {
         ))
     }
 
+    /// A 2026-07-28 upstream asked for input (`input_required`), but the caller speaks
+    /// 2025-11-25: put each request to the caller as a server-to-client request, and retry the
+    /// upstream call with the answers, for as many rounds as the upstream needs (bounded).
+    async fn answer_input_rounds(
+        &self,
+        route: &crate::catalog::Route,
+        arguments: Option<rmcp::model::JsonObject>,
+        mut input: InputRequiredResult,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<ServerResult, GatewayError> {
+        for _ in 0..MAX_INPUT_ROUNDS {
+            let mut responses = InputResponses::new();
+            for (key, request) in input.input_requests.take().unwrap_or_default() {
+                let request = match request {
+                    InputRequest::CreateMessage(r) => ServerRequest::CreateMessageRequest(r),
+                    InputRequest::Elicitation(r) => ServerRequest::ElicitRequest(r),
+                    InputRequest::ListRoots(r) => ServerRequest::ListRootsRequest(r),
+                    _ => continue,
+                };
+                let answer = ask_client(&context.peer, request)
+                    .await
+                    .map_err(GatewayError::Upstream)?;
+                let value = match answer {
+                    ClientResult::CreateMessageResult(r) => serde_json::to_value(r),
+                    ClientResult::ElicitResult(r) => serde_json::to_value(r),
+                    ClientResult::ListRootsResult(r) => serde_json::to_value(r),
+                    other => serde_json::to_value(other),
+                }
+                .map_err(|e| {
+                    GatewayError::Upstream(McpError::internal_error(e.to_string(), None))
+                })?;
+                responses.insert(key, value);
+            }
+            let mut retry = CallToolRequestParams::new(route.name.clone());
+            retry.arguments = arguments.clone();
+            retry.input_responses = Some(responses);
+            retry.request_state = input.request_state.take();
+            let request = ClientRequest::CallToolRequest(CallToolRequest::new(retry));
+            match self
+                .forward(&route.server, "tools/call", request, context)
+                .await?
+            {
+                ServerResult::InputRequiredResult(next) => input = next,
+                done => return Ok(done),
+            }
+        }
+        Err(GatewayError::Upstream(McpError::internal_error(
+            format!(
+                "server '{}' kept asking for input after {MAX_INPUT_ROUNDS} rounds",
+                route.server
+            ),
+            None,
+        )))
+    }
+
     /// Resumes a call parked by [`Self::suspend`] with the caller's answers.
     async fn resume(
         &self,
@@ -521,21 +581,32 @@ impl ServerHandler for GatewaySession {
             outcome = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
         );
-        // A retry carrying `requestState` resumes the upstream call this gateway parked; the
-        // upstreams themselves never see the input-required rounds.
+        // A retry carrying a `requestState` this gateway issued resumes the upstream call it
+        // parked; any other state belongs to a 2026-07-28 upstream and goes back to it.
         let result = match params.request_state.as_deref() {
-            Some(state) => {
+            Some(state) if state.starts_with(PARKED_STATE_PREFIX) => {
                 self.resume(state, params.input_responses, &context)
                     .instrument(span.clone())
                     .await
             }
-            None => {
+            _ => {
                 let mut upstream_params = CallToolRequestParams::new(route.name.clone());
-                upstream_params.arguments = params.arguments;
+                upstream_params.arguments = params.arguments.clone();
+                upstream_params.request_state = params.request_state;
+                upstream_params.input_responses = params.input_responses;
                 let request = ClientRequest::CallToolRequest(CallToolRequest::new(upstream_params));
-                self.forward(&route.server, "tools/call", request, &context)
+                let first = self
+                    .forward(&route.server, "tools/call", request, &context)
                     .instrument(span.clone())
-                    .await
+                    .await;
+                match first {
+                    Ok(ServerResult::InputRequiredResult(input)) if !is_modern(&context) => {
+                        self.answer_input_rounds(&route, params.arguments, input, &context)
+                            .instrument(span.clone())
+                            .await
+                    }
+                    other => other,
+                }
             }
         };
         let elapsed = started.elapsed();

@@ -11,8 +11,10 @@ use rmcp::model::{
     ClientCapabilities, ClientConfig, ClientRequest, ClientResult, CreateMessageRequest,
     CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
     ElicitResult, Implementation, LoggingMessageNotificationParam, PingRequest, ProtocolVersion,
-    ResourceUpdatedNotificationParam, ServerCapabilities, ServerRequest, ServerResult,
+    ResourceUpdatedNotificationParam, ServerCapabilities, ServerNotification, ServerRequest,
+    SubscriptionFilter,
 };
+use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
 use rmcp::service::{
     InboundStreamOrigin, NotificationContext, Peer, RequestContext, RoleClient, RunningService,
 };
@@ -221,6 +223,14 @@ impl UpstreamClient {
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A live connection plus, for stdio servers, the process behind it.
 struct Connection {
     service: RunningService<RoleClient, UpstreamClient>,
@@ -239,11 +249,57 @@ impl Connection {
     }
 }
 
+/// Connects with the 2025-11-25 `initialize` handshake, which nearly every server speaks; a
+/// server that refuses it (a 2026-07-28-only server) is reached again through
+/// `server/discover`, and then used in its own, sessionless era.
 async fn connect(
     spec: &ServerSpec,
     handler: UpstreamClient,
     router: Arc<CallRouter>,
 ) -> Result<Connection, String> {
+    match connect_with(
+        spec,
+        handler.clone(),
+        router.clone(),
+        ClientLifecycleMode::Initialize,
+    )
+    .await
+    {
+        Ok(connection) => Ok(connection),
+        Err(Handshake::Refused(reason)) => {
+            tracing::info!(%reason, "initialize refused; trying server/discover (2026-07-28)");
+            let modern = ClientLifecycleMode::Discover {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            };
+            connect_with(spec, handler, router, modern)
+                .await
+                .map_err(|e| format!("{reason}; server/discover failed too: {}", e.reason()))
+        }
+        Err(other) => Err(other.reason()),
+    }
+}
+
+enum Handshake {
+    /// The server answered, but not with a session: another lifecycle may work.
+    Refused(String),
+    /// Nothing usable answered (could not start, connect, or no answer in time).
+    Failed(String),
+}
+
+impl Handshake {
+    fn reason(self) -> String {
+        match self {
+            Handshake::Refused(reason) | Handshake::Failed(reason) => reason,
+        }
+    }
+}
+
+async fn connect_with(
+    spec: &ServerSpec,
+    handler: UpstreamClient,
+    router: Arc<CallRouter>,
+    lifecycle: ClientLifecycleMode,
+) -> Result<Connection, Handshake> {
     let server: Arc<str> = spec.name.as_str().into();
     let handshake_timeout = spec.request_timeout.max(CONNECT_TIMEOUT_FLOOR);
     match &spec.transport {
@@ -254,27 +310,31 @@ async fn connect(
             cwd,
         } => {
             let spawned = child::spawn(&spec.name, command, args, env, cwd.as_deref())
-                .map_err(|e| format!("cannot start `{command}`: {e}"))?;
+                .map_err(|e| Handshake::Failed(format!("cannot start `{command}`: {e}")))?;
             let process = spawned.process;
             let transport = ProgressTap::new(
                 AsyncRwTransport::<RoleClient, _, _>::new_client(spawned.stdout, spawned.stdin),
                 server,
                 router.clone(),
             );
-            let serve = handler.serve(transport);
+            let serve = handler.serve_with_lifecycle(transport, lifecycle);
             let service = tokio::select! {
                 result = tokio::time::timeout(handshake_timeout, serve) => match result {
                     Ok(Ok(service)) => service,
                     Ok(Err(e)) => {
                         process.terminate().await;
-                        return Err(format!("initialize failed: {e}"));
+                        return Err(Handshake::Refused(format!("handshake failed: {e}")));
                     }
                     Err(_) => {
                         process.terminate().await;
-                        return Err(format!("no answer to initialize within {handshake_timeout:?}"));
+                        return Err(Handshake::Failed(format!(
+                            "no answer to the handshake within {handshake_timeout:?}"
+                        )));
                     }
                 },
-                exit = process.exited() => return Err(format!("{exit} before completing initialize")),
+                exit = process.exited() => {
+                    return Err(Handshake::Failed(format!("{exit} before completing the handshake")));
+                }
             };
             Ok(Connection {
                 service,
@@ -283,14 +343,21 @@ async fn connect(
         }
         TransportSpec::StreamableHttp { url, headers } => {
             let transport = ProgressTap::new(
-                crate::http_client::streamable_http(url, headers)?,
+                crate::http_client::streamable_http(url, headers).map_err(Handshake::Failed)?,
                 server,
                 router.clone(),
             );
-            let service = tokio::time::timeout(handshake_timeout, handler.serve(transport))
-                .await
-                .map_err(|_| format!("no answer to initialize within {handshake_timeout:?}"))?
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            let service = tokio::time::timeout(
+                handshake_timeout,
+                handler.serve_with_lifecycle(transport, lifecycle),
+            )
+            .await
+            .map_err(|_| {
+                Handshake::Failed(format!(
+                    "no answer to the handshake within {handshake_timeout:?}"
+                ))
+            })?
+            .map_err(|e| Handshake::Refused(format!("cannot connect to {url}: {e}")))?;
             Ok(Connection {
                 service,
                 child: None,
@@ -298,14 +365,21 @@ async fn connect(
         }
         TransportSpec::Sse { url, headers } => {
             let transport = ProgressTap::new(
-                crate::sse_client::connect(url, headers, handshake_timeout).await?,
+                crate::sse_client::connect(url, headers, handshake_timeout)
+                    .await
+                    .map_err(Handshake::Failed)?,
                 server,
                 router.clone(),
             );
+            // The legacy SSE transport predates 2026-07-28: initialize is its only lifecycle.
             let service = tokio::time::timeout(handshake_timeout, handler.serve(transport))
                 .await
-                .map_err(|_| format!("no answer to initialize within {handshake_timeout:?}"))?
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+                .map_err(|_| {
+                    Handshake::Failed(format!(
+                        "no answer to initialize within {handshake_timeout:?}"
+                    ))
+                })?
+                .map_err(|e| Handshake::Failed(format!("cannot connect to {url}: {e}")))?;
             Ok(Connection {
                 service,
                 child: None,
@@ -351,14 +425,69 @@ async fn fetch_lists(
         .map_err(|_| format!("listing tools, prompts and resources took over {timeout:?}"))?
 }
 
+/// True when the upstream was reached in the 2026-07-28 era (through `server/discover`).
+pub(crate) fn is_modern_peer(peer: &Peer<RoleClient>) -> bool {
+    peer.peer_info().is_some_and(|info| {
+        info.protocol_version.as_str() >= ProtocolVersion::V_2026_07_28.as_str()
+    })
+}
+
+/// Health check: MCP `ping`, or for a 2026-07-28 upstream (whose era has no ping) a
+/// `server/discover`.
 async fn ping(peer: &Peer<RoleClient>, timeout: Duration) -> Result<(), String> {
-    let request = ClientRequest::PingRequest(PingRequest::default());
-    match tokio::time::timeout(timeout, peer.send_request(request)).await {
-        Ok(Ok(ServerResult::EmptyResult(_))) => Ok(()),
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("ping failed: {e}")),
-        Err(_) => Err(format!("no answer to ping within {timeout:?}")),
+    let answer = if is_modern_peer(peer) {
+        tokio::time::timeout(timeout, async {
+            peer.discover(rmcp::model::RequestMetaObject::new())
+                .await
+                .map(drop)
+        })
+        .await
+    } else {
+        let request = ClientRequest::PingRequest(PingRequest::default());
+        tokio::time::timeout(timeout, async {
+            peer.send_request(request).await.map(drop)
+        })
+        .await
+    };
+    match answer {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("health check failed: {e}")),
+        Err(_) => Err(format!("no answer to the health check within {timeout:?}")),
     }
+}
+
+/// A 2026-07-28 upstream announces list changes only on a `subscriptions/listen` stream: keep
+/// one open and turn what it carries into the same events the legacy notifications produce.
+fn listen_for_changes(
+    peer: Peer<RoleClient>,
+    server: Arc<str>,
+    events: mpsc::UnboundedSender<ListChanged>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let filter = SubscriptionFilter::builder()
+            .tools_list_changed()
+            .prompts_list_changed()
+            .resources_list_changed()
+            .build();
+        let mut subscription = match peer.listen(filter).await {
+            Ok(subscription) => subscription,
+            Err(e) => {
+                tracing::warn!(server = %server, error = %e, "subscriptions/listen refused: list changes will not be seen");
+                return;
+            }
+        };
+        while let Ok(Some(notification)) = subscription.next().await {
+            let event = match notification {
+                ServerNotification::ToolListChangedNotification(_) => ListChanged::Tools,
+                ServerNotification::PromptListChangedNotification(_) => ListChanged::Prompts,
+                ServerNotification::ResourceListChangedNotification(_) => ListChanged::Resources,
+                _ => continue,
+            };
+            if events.send(event).is_err() {
+                return;
+            }
+        }
+    })
 }
 
 /// Keeps one upstream connected until the gateway shuts down.
@@ -377,7 +506,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
             let handler = UpstreamClient {
                 server: upstream.name.clone(),
                 shared: Arc::downgrade(&shared),
-                events: events_tx,
+                events: events_tx.clone(),
             };
             let connected = tokio::select! {
                 result = connect(&upstream.spec, handler, shared.router.clone()) => result,
@@ -386,7 +515,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
             let failure = match connected {
                 Err(reason) => reason,
                 Ok(connection) => {
-                    let outcome = serve_connection(&shared, &upstream, connection, &mut events).await;
+                    let outcome = serve_connection(&shared, &upstream, connection, &mut events, events_tx).await;
                     match outcome {
                         ConnectionEnd::Shutdown => return,
                         ConnectionEnd::Failed { reason, was_healthy } => {
@@ -424,8 +553,16 @@ async fn serve_connection(
     upstream: &Arc<Upstream>,
     connection: Connection,
     events: &mut mpsc::UnboundedReceiver<ListChanged>,
+    events_tx: mpsc::UnboundedSender<ListChanged>,
 ) -> ConnectionEnd {
     let peer = connection.service.peer().clone();
+    let _listener = is_modern_peer(&peer).then(|| {
+        AbortOnDrop(listen_for_changes(
+            peer.clone(),
+            upstream.name.clone(),
+            events_tx,
+        ))
+    });
     peer.set_response_cache_config(rmcp::service::ClientCacheConfig::disabled())
         .await;
     let capabilities = peer
