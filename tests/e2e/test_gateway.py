@@ -458,6 +458,36 @@ async def test_upstream_log_messages_reach_the_client(gateway: Gateway) -> None:
         assert entry.logger == "fx", "the gateway names the upstream as the logger"
 
 
+async def test_log_messages_go_only_to_clients_that_asked_at_that_level(gateway: Gateway) -> None:
+    verbose: list[Any] = []
+    quiet: list[Any] = []
+    silent: list[Any] = []
+
+    def recorder(into: list[Any]) -> Any:
+        async def on_log(params: Any) -> None:
+            into.append(params)
+
+        return on_log
+
+    async with (
+        connect(gateway.url, logging_callback=recorder(verbose)) as a,
+        connect(gateway.url, logging_callback=recorder(quiet)) as b,
+        connect(gateway.url, logging_callback=recorder(silent)) as c,
+    ):
+        await a.set_logging_level("info")
+        await b.set_logging_level("error")
+        # c never asks for logs.
+        await c.call_tool("fx__log", {"message": "a warning for whoever asked"})
+
+        async def verbose_got_it() -> bool:
+            return any(p.data == "a warning for whoever asked" for p in verbose)
+
+        await eventually(verbose_got_it, timeout=10, what="the warning at the info-level client")
+        await anyio.sleep(0.3)
+        assert not any(p.data == "a warning for whoever asked" for p in quiet), "error-level client got a warning"
+        assert not any(p.data == "a warning for whoever asked" for p in silent), "a client that never asked got logs"
+
+
 def _inspector(node: Node, *args: str) -> Any:
     command = [str(INSPECTOR_BIN), "--cli", node.url, *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=90, cwd=PEERS.parent)

@@ -11,8 +11,8 @@ use concord_telemetry::Metrics;
 use parking_lot::{Mutex, RwLock};
 use rmcp::ErrorData as McpError;
 use rmcp::model::{
-    ClientResult, LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
-    RequestId, ServerRequest,
+    ClientResult, LoggingLevel, LoggingMessageNotificationParam, ProgressNotificationParam,
+    ProgressToken, RequestId, ServerRequest,
 };
 use rmcp::service::{Peer, RoleServer, SubscriptionSink};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -201,24 +201,74 @@ impl ListChanges {
 }
 
 /// The downstream clients that hold a session and can receive unsolicited notifications.
+/// A 2025-era session that can receive unsolicited notifications.
+struct DownstreamSession {
+    id: u64,
+    peer: Peer<RoleServer>,
+    /// The level the client asked for with `logging/setLevel`; a session that never asked
+    /// receives no upstream log messages.
+    log_level: Option<LoggingLevel>,
+}
+
 #[derive(Default)]
 pub(crate) struct Downstream {
-    peers: Mutex<Vec<Peer<RoleServer>>>,
+    peers: Mutex<Vec<DownstreamSession>>,
     /// Open 2026-07-28 `subscriptions/listen` streams, by listen id.
     listeners: Mutex<HashMap<u64, SubscriptionSink>>,
 }
 
 impl Downstream {
-    pub fn register(&self, peer: Peer<RoleServer>) {
+    pub fn register(&self, id: u64, peer: Peer<RoleServer>) {
         let mut peers = self.peers.lock();
-        peers.retain(|p| !p.is_transport_closed());
-        peers.push(peer);
+        peers.retain(|p| !p.peer.is_transport_closed());
+        peers.push(DownstreamSession {
+            id,
+            peer,
+            log_level: None,
+        });
+    }
+
+    /// Records the log level a session asked for (`logging/setLevel`).
+    pub fn set_log_level(&self, id: u64, peer: &Peer<RoleServer>, level: LoggingLevel) {
+        let mut peers = self.peers.lock();
+        match peers.iter_mut().find(|p| p.id == id) {
+            Some(session) => session.log_level = Some(level),
+            None => peers.push(DownstreamSession {
+                id,
+                peer: peer.clone(),
+                log_level: Some(level),
+            }),
+        }
+    }
+
+    /// The most verbose level any session asked for: what the upstreams are set to, since
+    /// the gateway filters per session.
+    pub fn most_verbose_level(&self) -> Option<LoggingLevel> {
+        self.peers
+            .lock()
+            .iter()
+            .filter_map(|p| p.log_level)
+            .min_by_key(|level| severity(*level))
     }
 
     fn live_peers(&self) -> Vec<Peer<RoleServer>> {
         let mut peers = self.peers.lock();
-        peers.retain(|p| !p.is_transport_closed());
-        peers.clone()
+        peers.retain(|p| !p.peer.is_transport_closed());
+        peers.iter().map(|p| p.peer.clone()).collect()
+    }
+
+    /// Sessions that asked for log messages at `level` or above.
+    fn log_listeners(&self, level: LoggingLevel) -> Vec<Peer<RoleServer>> {
+        let mut peers = self.peers.lock();
+        peers.retain(|p| !p.peer.is_transport_closed());
+        peers
+            .iter()
+            .filter(|p| {
+                p.log_level
+                    .is_some_and(|wanted| severity(level) >= severity(wanted))
+            })
+            .map(|p| p.peer.clone())
+            .collect()
     }
 
     pub fn add_listener(&self, id: u64, sink: SubscriptionSink) {
@@ -268,7 +318,7 @@ impl Downstream {
         if params.logger.is_none() {
             params.logger = Some(server.to_string());
         }
-        let peers = self.live_peers();
+        let peers = self.log_listeners(params.level);
         if peers.is_empty() {
             return;
         }
@@ -277,6 +327,19 @@ impl Downstream {
                 let _ = peer.notify_logging_message(params.clone()).await;
             }
         });
+    }
+}
+
+fn severity(level: LoggingLevel) -> u8 {
+    match level {
+        LoggingLevel::Debug => 0,
+        LoggingLevel::Info => 1,
+        LoggingLevel::Notice => 2,
+        LoggingLevel::Warning => 3,
+        LoggingLevel::Error => 4,
+        LoggingLevel::Critical => 5,
+        LoggingLevel::Alert => 6,
+        LoggingLevel::Emergency => 7,
     }
 }
 

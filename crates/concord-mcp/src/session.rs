@@ -538,7 +538,7 @@ impl ServerHandler for GatewaySession {
     }
 
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
-        self.shared.downstream.register(context.peer);
+        self.shared.downstream.register(self.id, context.peer);
     }
 
     async fn list_tools(
@@ -930,6 +930,9 @@ impl ServerHandler for GatewaySession {
         params: SetLevelRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
+        self.shared
+            .downstream
+            .set_log_level(self.id, &context.peer, params.level);
         // Every healthy upstream that logs gets the new level; one that fails does not stop
         // the others.
         let servers: Vec<Arc<str>> = self
@@ -946,9 +949,14 @@ impl ServerHandler for GatewaySession {
             })
             .map(|u| u.name.clone())
             .collect();
+        let level = self
+            .shared
+            .downstream
+            .most_verbose_level()
+            .unwrap_or(params.level);
         for server in servers {
             let request = ClientRequest::SetLevelRequest(SetLevelRequest::new(
-                SetLevelRequestParams::new(params.level),
+                SetLevelRequestParams::new(level),
             ));
             if let Err(e) = self
                 .forward(&server, "logging/setLevel", request, &context)
