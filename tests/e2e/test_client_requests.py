@@ -103,3 +103,20 @@ async def test_elicitation_round_trip(node: Any) -> None:
         result = await client.call_tool("everything_http__trigger-elicitation-request", {})
     assert len(asked) == 1, asked
     assert "decline" in text_of(result).lower(), text_of(result)
+
+
+async def test_url_mode_elicitation_round_trip(node: Any) -> None:
+    asked: list[Any] = []
+
+    async def elicit(context: Any, params: Any) -> ElicitResult:
+        asked.append(params)
+        return ElicitResult(action="accept")
+
+    async with connect(node.url, elicitation_callback=elicit) as client:
+        result = await client.call_tool(
+            "everything_http__trigger-url-elicitation",
+            {"url": "https://example.com/authorize", "message": "Please sign in"},
+        )
+    assert len(asked) == 1, asked
+    assert asked[0].mode == "url" and asked[0].url == "https://example.com/authorize", asked[0]
+    assert "https://example.com/authorize" in text_of(result), text_of(result)

@@ -187,6 +187,19 @@ async fn ask_client(
         ServerRequest::CreateMessageRequest(_) => {
             capabilities.as_ref().is_some_and(|c| c.sampling.is_some())
         }
+        // URL mode must be declared explicitly; an elicitation capability without modes means
+        // form mode (the 2025-06-18 shape).
+        ServerRequest::ElicitRequest(r)
+            if matches!(
+                r.params,
+                rmcp::model::ElicitRequestParams::UrlElicitationParams { .. }
+            ) =>
+        {
+            capabilities
+                .as_ref()
+                .and_then(|c| c.elicitation.as_ref())
+                .is_some_and(|e| e.url.is_some())
+        }
         ServerRequest::ElicitRequest(_) => capabilities
             .as_ref()
             .is_some_and(|c| c.elicitation.is_some()),

@@ -10,9 +10,10 @@ use rmcp::ErrorData as McpError;
 use rmcp::model::{
     ClientCapabilities, ClientConfig, ClientRequest, ClientResult, CreateMessageRequest,
     CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
-    ElicitResult, Implementation, LoggingMessageNotificationParam, PingRequest, ProtocolVersion,
+    ElicitResult, ElicitationCapability, FormElicitationCapability, Implementation,
+    LoggingMessageNotificationParam, PingRequest, ProtocolVersion,
     ResourceUpdatedNotificationParam, ServerCapabilities, ServerNotification, ServerRequest,
-    SubscriptionFilter,
+    SubscriptionFilter, UrlElicitationCapability,
 };
 use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
 use rmcp::service::{
@@ -123,7 +124,11 @@ impl ClientHandler for UpstreamClient {
         let mut info = ClientConfig::new(
             ClientCapabilities::builder()
                 .enable_sampling()
-                .enable_elicitation()
+                .enable_elicitation_with(
+                    ElicitationCapability::new()
+                        .with_form(FormElicitationCapability::default())
+                        .with_url(UrlElicitationCapability::default()),
+                )
                 .build(),
             Implementation::new("concord", env!("CARGO_PKG_VERSION")),
         );
