@@ -46,6 +46,34 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.req-sha 2>/dev/null)" != "$req_s
     echo "$req_sha" > .venv/.req-sha
 fi
 
+# PostgreSQL: the state tests run against a real server (CONCORD_TEST_POSTGRES, default the
+# local server's `test` database). When none answers, start a throwaway cluster.
+export CONCORD_TEST_POSTGRES="${CONCORD_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}"
+pg_up() { python3 - "$CONCORD_TEST_POSTGRES" <<'PY'
+import socket, sys, urllib.parse
+u = urllib.parse.urlparse(sys.argv[1])
+s = socket.socket(); s.settimeout(2)
+try:
+    s.connect((u.hostname or "127.0.0.1", u.port or 5432)); print("up")
+except OSError:
+    pass
+PY
+}
+if [ -z "$(pg_up)" ]; then
+    echo "== no PostgreSQL answers at $CONCORD_TEST_POSTGRES: starting a throwaway cluster"
+    pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+    if [ -z "$pg_bin" ]; then
+        apt_install postgresql
+        pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    fi
+    pg_dir=$(mktemp -d /tmp/concord-pg.XXXXXX)
+    chown postgres "$pg_dir" 2>/dev/null || true
+    runas() { if [ "$(id -u)" -eq 0 ]; then su postgres -c "$*"; else sh -c "$*"; fi; }
+    runas "$pg_bin/initdb -D $pg_dir/data -U postgres --auth=trust >/dev/null"
+    runas "$pg_bin/pg_ctl -D $pg_dir/data -o '-p 55432 -c listen_addresses=127.0.0.1 -k $pg_dir' -l $pg_dir/log -w start >/dev/null"
+    export CONCORD_TEST_POSTGRES="postgres://postgres@127.0.0.1:55432/postgres"
+fi
+
 echo "== building"
 cargo build --workspace --bins --locked
 

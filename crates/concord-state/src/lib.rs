@@ -1,0 +1,531 @@
+//! Shared agent state with propose → validate → commit: every write names the version it was
+//! based on and either commits atomically or is refused with what the writer needs to rebase —
+//! no silent overwrite, ever. The compare-and-set happens inside the store's transaction at
+//! commit time, so the guarantee holds however many nodes share the store.
+
+mod ops;
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use concord_store::{
+    CommitMeta, Current, KeyRef, Store, StoreError, StoredProposal, Transacted, Write,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub use ops::Op;
+
+/// Largest serialized value a key may hold, unless configured otherwise.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// How long a proposal may wait for its commit.
+pub const DEFAULT_PROPOSAL_TTL: Duration = Duration::from_secs(300);
+
+/// What to do when a write's base version is no longer current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConflictPolicy {
+    /// Refuse, returning the current version, value and what changed since the base.
+    #[default]
+    Reject,
+    /// Rebase patches that touch paths nobody changed since the base; refuse on overlap.
+    Merge,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("invalid key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: String },
+    #[error("invalid operation on {key}: {reason}")]
+    InvalidOperation { key: String, reason: String },
+    #[error("the new value of {key} is {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        key: String,
+        size: usize,
+        limit: usize,
+    },
+    #[error("conflict: {}", describe_conflicts(.0))]
+    Conflict(Vec<Conflict>),
+    #[error("unknown proposal {0}")]
+    UnknownProposal(String),
+    #[error("proposal {0} has expired; propose again against the current versions")]
+    ExpiredProposal(String),
+    #[error("proposal {id} is {status}, not waiting for a commit")]
+    ProposalNotOpen { id: String, status: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn describe_conflicts(conflicts: &[Conflict]) -> String {
+    conflicts
+        .iter()
+        .map(|c| {
+            format!(
+                "{} was based on version {} but is now at version {}",
+                c.key, c.base_version, c.current_version
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Why one key of a write was refused: enough to rebase and try again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub key: String,
+    pub base_version: u64,
+    pub current_version: u64,
+    pub current_value: Option<Value>,
+    /// RFC 6902 patch from the base value to the current value.
+    pub changed_since_base: Value,
+}
+
+/// A key's value and version (version 0: absent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub key: String,
+    pub version: u64,
+    pub value: Option<Value>,
+}
+
+/// One key of a write: the version it was based on and what to do to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub key: String,
+    pub base_version: u64,
+    pub ops: Vec<Op>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub id: String,
+    pub status: String,
+    pub changes: Vec<Change>,
+    pub expires_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitResult {
+    pub seq: u64,
+    pub proposal_id: String,
+    /// The new version of every written key.
+    pub versions: HashMap<String, u64>,
+    /// True when this answers a retry of a commit that had already happened.
+    pub replayed: bool,
+}
+
+/// One kept version, for `history`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub value: Value,
+    pub seq: u64,
+    pub author: String,
+    pub proposal_id: Option<String>,
+    pub trace_id: Option<String>,
+    pub committed_at_ms: u64,
+}
+
+/// Who is writing, for the history.
+#[derive(Debug, Clone, Default)]
+pub struct Author {
+    pub principal: String,
+    pub trace_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateOptions {
+    pub max_value_bytes: usize,
+    pub proposal_ttl: Duration,
+    pub default_policy: ConflictPolicy,
+    pub policies: HashMap<String, ConflictPolicy>,
+}
+
+impl Default for StateOptions {
+    fn default() -> Self {
+        Self {
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            proposal_ttl: DEFAULT_PROPOSAL_TTL,
+            default_policy: ConflictPolicy::Reject,
+            policies: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct StateService {
+    store: Store,
+    options: StateOptions,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Splits and checks `namespace/path`.
+pub fn parse_key(key: &str) -> Result<KeyRef, StateError> {
+    let invalid = |reason: &str| StateError::InvalidKey {
+        key: key.to_string(),
+        reason: reason.to_string(),
+    };
+    let (namespace, path) = key
+        .split_once('/')
+        .ok_or_else(|| invalid("expected namespace/path, e.g. \"project/plan\""))?;
+    if namespace.is_empty()
+        || namespace.len() > 64
+        || !namespace
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    {
+        return Err(invalid(
+            "the namespace must be 1-64 characters of a-z, 0-9, '-' and '_'",
+        ));
+    }
+    if path.is_empty() || path.len() > 512 {
+        return Err(invalid("the path must be 1-512 characters"));
+    }
+    if path
+        .split('/')
+        .any(|segment| segment.is_empty() || segment == "." || segment == "..")
+    {
+        return Err(invalid(
+            "path segments must be non-empty and not '.' or '..'",
+        ));
+    }
+    if !path
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':' | '@'))
+    {
+        return Err(invalid(
+            "the path may contain only letters, digits and - _ . / : @",
+        ));
+    }
+    Ok(KeyRef {
+        namespace: namespace.to_string(),
+        key: path.to_string(),
+    })
+}
+
+fn key_name(key: &KeyRef) -> String {
+    format!("{}/{}", key.namespace, key.key)
+}
+
+impl StateService {
+    pub fn new(store: Store, options: StateOptions) -> Self {
+        Self { store, options }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn policy(&self, namespace: &str) -> ConflictPolicy {
+        self.options
+            .policies
+            .get(namespace)
+            .copied()
+            .unwrap_or(self.options.default_policy)
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Entry, StateError> {
+        let key_ref = parse_key(key)?;
+        let current = self.store.get(&key_ref).await?;
+        Ok(Entry {
+            key: key.to_string(),
+            version: current.version,
+            value: current.value,
+        })
+    }
+
+    /// Keys under `prefix` (`namespace/` or `namespace/partial-path`).
+    pub async fn list(&self, prefix: &str, limit: u32) -> Result<Vec<Entry>, StateError> {
+        let (namespace, path_prefix) = prefix.split_once('/').unwrap_or((prefix, ""));
+        parse_key(&format!("{namespace}/x"))?;
+        Ok(self
+            .store
+            .list(namespace, path_prefix, limit)
+            .await?
+            .into_iter()
+            .map(|c| Entry {
+                key: key_name(&c.key),
+                version: c.version,
+                value: c.value,
+            })
+            .collect())
+    }
+
+    pub async fn history(&self, key: &str, limit: u32) -> Result<Vec<HistoryEntry>, StateError> {
+        let key_ref = parse_key(key)?;
+        Ok(self
+            .store
+            .history(&key_ref, limit)
+            .await?
+            .into_iter()
+            .map(|v| HistoryEntry {
+                version: v.version,
+                value: v.value,
+                seq: v.seq,
+                author: v.author,
+                proposal_id: v.proposal_id,
+                trace_id: v.trace_id,
+                committed_at_ms: v.committed_at_ms,
+            })
+            .collect())
+    }
+
+    /// Checks a write and records it as a proposal to commit later. The operations are tried
+    /// against the current values now, so a malformed patch is refused here, not at commit.
+    pub async fn propose(&self, changes: Vec<Change>) -> Result<Proposal, StateError> {
+        if changes.is_empty() {
+            return Err(StateError::InvalidOperation {
+                key: String::new(),
+                reason: "a proposal needs at least one change".into(),
+            });
+        }
+        for change in &changes {
+            let key = parse_key(&change.key)?;
+            if change.ops.is_empty() {
+                return Err(StateError::InvalidOperation {
+                    key: change.key.clone(),
+                    reason: "no operations".into(),
+                });
+            }
+            let current = self.store.get(&key).await?;
+            let value = ops::apply_all(&change.ops, current.value.clone()).map_err(|reason| {
+                StateError::InvalidOperation {
+                    key: change.key.clone(),
+                    reason,
+                }
+            })?;
+            self.check_size(&change.key, &value)?;
+        }
+        let id = format!("p-{}", uuid::Uuid::new_v4().simple());
+        let expires_at_ms = now_ms() + self.options.proposal_ttl.as_millis() as u64;
+        self.store
+            .put_proposal(&StoredProposal {
+                id: id.clone(),
+                body: serde_json::to_value(&changes).unwrap_or(Value::Null),
+                status: "validated".into(),
+                expires_at_ms,
+            })
+            .await?;
+        Ok(Proposal {
+            id,
+            status: "validated".into(),
+            changes,
+            expires_at_ms,
+        })
+    }
+
+    fn check_size(&self, key: &str, value: &Value) -> Result<(), StateError> {
+        let size = value.to_string().len();
+        if size > self.options.max_value_bytes {
+            return Err(StateError::TooLarge {
+                key: key.to_string(),
+                size,
+                limit: self.options.max_value_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Commits a proposal: one transaction that re-checks every base version. Retrying the
+    /// commit of the same proposal (or with the same idempotency key) never applies it twice.
+    pub async fn commit(
+        &self,
+        proposal_id: &str,
+        idempotency_key: Option<String>,
+        author: &Author,
+    ) -> Result<CommitResult, StateError> {
+        let stored = self
+            .store
+            .get_proposal(proposal_id)
+            .await?
+            .ok_or_else(|| StateError::UnknownProposal(proposal_id.to_string()))?;
+        let changes: Vec<Change> = serde_json::from_value(stored.body)
+            .map_err(|e| StoreError::Corrupt(format!("proposal {proposal_id} unreadable: {e}")))?;
+        let idempotency_key = idempotency_key.unwrap_or_else(|| format!("proposal:{proposal_id}"));
+        if stored.status == "validated" && stored.expires_at_ms < now_ms() {
+            self.store
+                .set_proposal_status(proposal_id, "validated", "expired")
+                .await?;
+            return Err(StateError::ExpiredProposal(proposal_id.to_string()));
+        }
+        if stored.status != "validated" && stored.status != "committed" {
+            return Err(StateError::ProposalNotOpen {
+                id: proposal_id.to_string(),
+                status: stored.status,
+            });
+        }
+        let result = self
+            .apply(&changes, proposal_id, &idempotency_key, author)
+            .await;
+        match &result {
+            Ok(_) => {
+                self.store
+                    .set_proposal_status(proposal_id, "validated", "committed")
+                    .await?;
+            }
+            Err(StateError::Conflict(_)) => {
+                self.store
+                    .set_proposal_status(proposal_id, "validated", "conflicted")
+                    .await?;
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Propose and commit in one call, for simple writers.
+    pub async fn put(
+        &self,
+        changes: Vec<Change>,
+        idempotency_key: Option<String>,
+        author: &Author,
+    ) -> Result<CommitResult, StateError> {
+        let proposal = self.propose(changes).await?;
+        // The proposal exists for the history's sake; its TTL is for callers who commit later.
+        let idempotency_key =
+            idempotency_key.unwrap_or_else(|| format!("proposal:{}", proposal.id));
+        let result = self
+            .apply(&proposal.changes, &proposal.id, &idempotency_key, author)
+            .await;
+        let status = if result.is_ok() {
+            "committed"
+        } else {
+            "conflicted"
+        };
+        self.store
+            .set_proposal_status(&proposal.id, "validated", status)
+            .await?;
+        result
+    }
+
+    async fn apply(
+        &self,
+        changes: &[Change],
+        proposal_id: &str,
+        idempotency_key: &str,
+        author: &Author,
+    ) -> Result<CommitResult, StateError> {
+        let keys: Vec<KeyRef> = changes
+            .iter()
+            .map(|c| parse_key(&c.key))
+            .collect::<Result<_, _>>()?;
+        // Values at the base versions, read before the transaction (history never changes):
+        // the merge policy and the conflict report both need what changed since each base.
+        let mut base_values = Vec::with_capacity(changes.len());
+        for (change, key) in changes.iter().zip(&keys) {
+            base_values.push(self.store.value_at(key, change.base_version).await?);
+        }
+        let policies: Vec<ConflictPolicy> =
+            keys.iter().map(|k| self.policy(&k.namespace)).collect();
+        let meta = CommitMeta {
+            author: author.principal.clone(),
+            proposal_id: Some(proposal_id.to_string()),
+            trace_id: author.trace_id.clone(),
+            idempotency_key: Some(idempotency_key.to_string()),
+        };
+        let limit = self.options.max_value_bytes;
+        let outcome = self
+            .store
+            .transact(&keys, &meta, |currents| {
+                decide(changes, currents, &base_values, &policies, limit)
+            })
+            .await?;
+        match outcome {
+            Transacted::Committed(committed) => Ok(CommitResult {
+                seq: committed.seq,
+                proposal_id: proposal_id.to_string(),
+                versions: committed
+                    .versions
+                    .into_iter()
+                    .map(|(ns, key, version)| (format!("{ns}/{key}"), version))
+                    .collect(),
+                replayed: committed.replayed,
+            }),
+            Transacted::Refused(error) => Err(error),
+        }
+    }
+}
+
+/// The commit-time decision, inside the store's transaction: every base version re-checked.
+fn decide(
+    changes: &[Change],
+    currents: &[Current],
+    base_values: &[Option<Value>],
+    policies: &[ConflictPolicy],
+    limit: usize,
+) -> Result<Vec<Write>, StateError> {
+    let mut writes = Vec::with_capacity(changes.len());
+    let mut conflicts = Vec::new();
+    for (((change, current), base_value), policy) in
+        changes.iter().zip(currents).zip(base_values).zip(policies)
+    {
+        let stale = current.version != change.base_version;
+        let rebase_allowed = !stale
+            || ops::all_commutative(&change.ops)
+            || (*policy == ConflictPolicy::Merge
+                && ops::disjoint_from_changes(
+                    &change.ops,
+                    base_value.as_ref(),
+                    current.value.as_ref(),
+                ));
+        if !rebase_allowed {
+            conflicts.push(Conflict {
+                key: change.key.clone(),
+                base_version: change.base_version,
+                current_version: current.version,
+                current_value: current.value.clone(),
+                changed_since_base: ops::diff(base_value.as_ref(), current.value.as_ref()),
+            });
+            continue;
+        }
+        let value = ops::apply_all(&change.ops, current.value.clone()).map_err(|reason| {
+            StateError::InvalidOperation {
+                key: change.key.clone(),
+                reason,
+            }
+        })?;
+        let size = value.to_string().len();
+        if size > limit {
+            return Err(StateError::TooLarge {
+                key: change.key.clone(),
+                size,
+                limit,
+            });
+        }
+        writes.push(Write {
+            key: current.key.clone(),
+            value,
+        });
+    }
+    if conflicts.is_empty() {
+        Ok(writes)
+    } else {
+        Err(StateError::Conflict(conflicts))
+    }
+}
+
+/// The structured form of a refusal, for tool results and API bodies.
+pub fn error_details(error: &StateError) -> Value {
+    match error {
+        StateError::Conflict(conflicts) => {
+            let first = conflicts.first();
+            json!({
+                "conflict": true,
+                "key": first.map(|c| c.key.clone()),
+                "current_version": first.map(|c| c.current_version),
+                "current_value": first.and_then(|c| c.current_value.clone()),
+                "conflicts": conflicts,
+            })
+        }
+        other => json!({"conflict": false, "error": other.to_string()}),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,830 @@
+//! Durable storage for Concord's shared state: the only crate with SQL. Two implementations
+//! behind one type — SQLite (the embedded default, WAL, `synchronous=FULL`) and PostgreSQL (for
+//! several nodes) — with the same semantics, proven by one test suite run against both.
+//!
+//! The central operation is [`Store::transact`]: in one database transaction it locks the
+//! named keys (in a fixed order, so concurrent transactions cannot deadlock), reads their
+//! current versions and values, asks a pure decision function for the new values (or a
+//! refusal), and writes them with a new global commit sequence number. What the values mean
+//! (patches, merge policies) is the state crate's business, not the store's.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {location}: {source}")]
+    Open {
+        location: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("schema migration {version} failed: {source}")]
+    Migrate {
+        version: u32,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A key as stored: `namespace` and `key` (the state crate validates both).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyRef {
+    pub namespace: String,
+    pub key: String,
+}
+
+/// A key's current state. Version 0 means the key does not exist.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Current {
+    pub key: KeyRef,
+    pub version: u64,
+    pub value: Option<Value>,
+}
+
+/// A new value for a key, written by a commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    pub key: KeyRef,
+    pub value: Value,
+}
+
+/// Who and what a commit belongs to, kept with every version.
+#[derive(Debug, Clone, Default)]
+pub struct CommitMeta {
+    pub author: String,
+    pub proposal_id: Option<String>,
+    pub trace_id: Option<String>,
+    /// A retried commit with the same key returns the first commit's result instead of
+    /// applying again.
+    pub idempotency_key: Option<String>,
+}
+
+/// What one commit wrote.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Committed {
+    pub seq: u64,
+    /// (namespace, key, new version), in the order of the writes.
+    pub versions: Vec<(String, String, u64)>,
+    /// True when this is the stored result of an earlier commit with the same idempotency key.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// The outcome of [`Store::transact`].
+#[derive(Debug)]
+pub enum Transacted<R> {
+    Committed(Committed),
+    /// The decision function refused; nothing was written.
+    Refused(R),
+}
+
+/// One stored version of a key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Version {
+    pub version: u64,
+    pub value: Value,
+    pub seq: u64,
+    pub author: String,
+    pub proposal_id: Option<String>,
+    pub trace_id: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub committed_at_ms: u64,
+}
+
+/// A stored proposal (its body is the state crate's JSON).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredProposal {
+    pub id: String,
+    pub body: Value,
+    pub status: String,
+    pub expires_at_ms: u64,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// The state store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+fn parse_json(text: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("stored JSON unreadable: {e}")))
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite store at `path` and migrates it.
+    pub async fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // An acknowledged commit must survive power loss, not only a process crash.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                location: path.display().to_string(),
+                source,
+            })?;
+        migrate_sqlite(&pool).await?;
+        Ok(Store {
+            backend: Backend::Sqlite(pool),
+        })
+    }
+
+    /// Connects to PostgreSQL at `url` and migrates the schema.
+    pub async fn open_postgres(url: &str) -> Result<Store, StoreError> {
+        let options =
+            sqlx::postgres::PgConnectOptions::from_str(url).map_err(|source| StoreError::Open {
+                location: redact(url),
+                source,
+            })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                location: redact(url),
+                source,
+            })?;
+        migrate_postgres(&pool).await?;
+        Ok(Store {
+            backend: Backend::Postgres(pool),
+        })
+    }
+
+    /// `postgres://…` or a SQLite file path.
+    pub async fn open(location: &str) -> Result<Store, StoreError> {
+        if location.starts_with("postgres://") || location.starts_with("postgresql://") {
+            Self::open_postgres(location).await
+        } else {
+            Self::open_sqlite(Path::new(
+                location.strip_prefix("sqlite://").unwrap_or(location),
+            ))
+            .await
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn get(&self, key: &KeyRef) -> Result<Current, StoreError> {
+        let row = match &self.backend {
+            Backend::Sqlite(pool) => {
+                sqlx::query("SELECT version, value FROM state_keys WHERE ns = ? AND key = ?")
+                    .bind(&key.namespace)
+                    .bind(&key.key)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1)))
+            }
+            Backend::Postgres(pool) => {
+                sqlx::query("SELECT version, value FROM state_keys WHERE ns = $1 AND key = $2")
+                    .bind(&key.namespace)
+                    .bind(&key.key)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1)))
+            }
+        };
+        Ok(match row {
+            Some((version, value)) => Current {
+                key: key.clone(),
+                version: version as u64,
+                value: Some(parse_json(&value)?),
+            },
+            None => Current {
+                key: key.clone(),
+                version: 0,
+                value: None,
+            },
+        })
+    }
+
+    /// Keys of `namespace` starting with `prefix`, in key order.
+    pub async fn list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        limit: u32,
+    ) -> Result<Vec<Current>, StoreError> {
+        // LIKE would treat `%` and `_` in keys as wildcards; a range on the key is exact.
+        let upper = format!("{prefix}\u{10FFFF}");
+        let rows: Vec<(String, i64, String)> = match &self.backend {
+            Backend::Sqlite(pool) => sqlx::query(
+                "SELECT key, version, value FROM state_keys WHERE ns = ? AND key >= ? AND key < ? ORDER BY key LIMIT ?",
+            )
+            .bind(namespace)
+            .bind(prefix)
+            .bind(&upper)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+            Backend::Postgres(pool) => sqlx::query(
+                "SELECT key, version, value FROM state_keys WHERE ns = $1 AND key >= $2 AND key < $3 ORDER BY key COLLATE \"C\" LIMIT $4",
+            )
+            .bind(namespace)
+            .bind(prefix)
+            .bind(&upper)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+        };
+        rows.into_iter()
+            .map(|(key, version, value)| {
+                Ok(Current {
+                    key: KeyRef {
+                        namespace: namespace.to_string(),
+                        key,
+                    },
+                    version: version as u64,
+                    value: Some(parse_json(&value)?),
+                })
+            })
+            .collect()
+    }
+
+    /// Every kept version of `key`, newest first.
+    pub async fn history(&self, key: &KeyRef, limit: u32) -> Result<Vec<Version>, StoreError> {
+        const COLUMNS: &str =
+            "h.version, h.value, h.seq, c.author, c.proposal_id, c.trace_id, c.committed_at_ms";
+        let rows = match &self.backend {
+            Backend::Sqlite(pool) => sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM state_history h JOIN state_commits c ON c.seq = h.seq \
+                     WHERE h.ns = ? AND h.key = ? ORDER BY h.version DESC LIMIT ?"
+            ))
+            .bind(&key.namespace)
+            .bind(&key.key)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(version_from_sqlite)
+            .collect::<Vec<_>>(),
+            Backend::Postgres(pool) => sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM state_history h JOIN state_commits c ON c.seq = h.seq \
+                     WHERE h.ns = $1 AND h.key = $2 ORDER BY h.version DESC LIMIT $3"
+            ))
+            .bind(&key.namespace)
+            .bind(&key.key)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(version_from_postgres)
+            .collect::<Vec<_>>(),
+        };
+        rows.into_iter().collect()
+    }
+
+    /// The value `key` had at `version`, if that version is still kept.
+    pub async fn value_at(&self, key: &KeyRef, version: u64) -> Result<Option<Value>, StoreError> {
+        if version == 0 {
+            return Ok(None);
+        }
+        let text: Option<String> =
+            match &self.backend {
+                Backend::Sqlite(pool) => {
+                    sqlx::query_scalar(
+                        "SELECT value FROM state_history WHERE ns = ? AND key = ? AND version = ?",
+                    )
+                    .bind(&key.namespace)
+                    .bind(&key.key)
+                    .bind(version as i64)
+                    .fetch_optional(pool)
+                    .await?
+                }
+                Backend::Postgres(pool) => sqlx::query_scalar(
+                    "SELECT value FROM state_history WHERE ns = $1 AND key = $2 AND version = $3",
+                )
+                .bind(&key.namespace)
+                .bind(&key.key)
+                .bind(version as i64)
+                .fetch_optional(pool)
+                .await?,
+            };
+        text.map(|t| parse_json(&t)).transpose()
+    }
+
+    /// Runs one commit: locks `keys`, reads them, lets `decide` compute the writes (or refuse),
+    /// and writes them atomically with a new commit sequence number. A repeated idempotency
+    /// key returns the first commit's result without calling `decide`.
+    pub async fn transact<R>(
+        &self,
+        keys: &[KeyRef],
+        meta: &CommitMeta,
+        decide: impl FnOnce(&[Current]) -> Result<Vec<Write>, R>,
+    ) -> Result<Transacted<R>, StoreError> {
+        let mut sorted: Vec<KeyRef> = keys.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        match &self.backend {
+            Backend::Sqlite(pool) => sqlite::transact(pool, &sorted, keys, meta, decide).await,
+            Backend::Postgres(pool) => postgres::transact(pool, &sorted, keys, meta, decide).await,
+        }
+    }
+
+    pub async fn put_proposal(&self, proposal: &StoredProposal) -> Result<(), StoreError> {
+        let body = proposal.body.to_string();
+        match &self.backend {
+            Backend::Sqlite(pool) => {
+                sqlx::query("INSERT INTO state_proposals (id, body, status, expires_at_ms) VALUES (?, ?, ?, ?)")
+                    .bind(&proposal.id)
+                    .bind(&body)
+                    .bind(&proposal.status)
+                    .bind(proposal.expires_at_ms as i64)
+                    .execute(pool)
+                    .await?;
+            }
+            Backend::Postgres(pool) => {
+                sqlx::query("INSERT INTO state_proposals (id, body, status, expires_at_ms) VALUES ($1, $2, $3, $4)")
+                    .bind(&proposal.id)
+                    .bind(&body)
+                    .bind(&proposal.status)
+                    .bind(proposal.expires_at_ms as i64)
+                    .execute(pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn get_proposal(&self, id: &str) -> Result<Option<StoredProposal>, StoreError> {
+        let row: Option<(String, String, i64)> = match &self.backend {
+            Backend::Sqlite(pool) => {
+                sqlx::query("SELECT body, status, expires_at_ms FROM state_proposals WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+            }
+            Backend::Postgres(pool) => {
+                sqlx::query("SELECT body, status, expires_at_ms FROM state_proposals WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+            }
+        };
+        row.map(|(body, status, expires)| {
+            Ok(StoredProposal {
+                id: id.to_string(),
+                body: parse_json(&body)?,
+                status,
+                expires_at_ms: expires as u64,
+            })
+        })
+        .transpose()
+    }
+
+    /// Moves a proposal from `from` to `to`; false when it was not in `from` (already
+    /// committed, rejected, or unknown).
+    pub async fn set_proposal_status(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<bool, StoreError> {
+        let done = match &self.backend {
+            Backend::Sqlite(pool) => {
+                sqlx::query("UPDATE state_proposals SET status = ? WHERE id = ? AND status = ?")
+                    .bind(to)
+                    .bind(id)
+                    .bind(from)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
+            Backend::Postgres(pool) => {
+                sqlx::query("UPDATE state_proposals SET status = $1 WHERE id = $2 AND status = $3")
+                    .bind(to)
+                    .bind(id)
+                    .bind(from)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
+        };
+        Ok(done == 1)
+    }
+
+    /// Closes the connection pool.
+    pub async fn close(&self) {
+        match &self.backend {
+            Backend::Sqlite(pool) => pool.close().await,
+            Backend::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+/// Schema migrations, in order; each runs once, in its own transaction, on start.
+const SQLITE_MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_state.sql")];
+const POSTGRES_MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_state.sql")];
+
+async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS concord_schema (version INTEGER NOT NULL)")
+        .execute(pool)
+        .await?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let applied: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM concord_schema")
+        .fetch_one(&mut *tx)
+        .await?;
+    for (index, migration) in SQLITE_MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        let version = index as u32 + 1;
+        let failed = |source| StoreError::Migrate { version, source };
+        sqlx::raw_sql(migration)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        sqlx::query("INSERT INTO concord_schema (version) VALUES (?)")
+            .bind(version as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn migrate_postgres(pool: &PgPool) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    // Nodes starting together must not migrate twice.
+    sqlx::query("SELECT pg_advisory_xact_lock(7411)")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS concord_schema (version INTEGER NOT NULL)")
+        .execute(&mut *tx)
+        .await?;
+    let applied: i32 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM concord_schema")
+        .fetch_one(&mut *tx)
+        .await?;
+    for (index, migration) in POSTGRES_MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(applied as usize)
+    {
+        let version = index as u32 + 1;
+        let failed = |source| StoreError::Migrate { version, source };
+        sqlx::raw_sql(migration)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        sqlx::query("INSERT INTO concord_schema (version) VALUES ($1)")
+            .bind(version as i32)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn version_from_sqlite(row: sqlx::sqlite::SqliteRow) -> Result<Version, StoreError> {
+    Ok(Version {
+        version: row.get::<i64, _>(0) as u64,
+        value: parse_json(&row.get::<String, _>(1))?,
+        seq: row.get::<i64, _>(2) as u64,
+        author: row.get(3),
+        proposal_id: row.get(4),
+        trace_id: row.get(5),
+        committed_at_ms: row.get::<i64, _>(6) as u64,
+    })
+}
+
+fn version_from_postgres(row: sqlx::postgres::PgRow) -> Result<Version, StoreError> {
+    Ok(Version {
+        version: row.get::<i64, _>(0) as u64,
+        value: parse_json(&row.get::<String, _>(1))?,
+        seq: row.get::<i64, _>(2) as u64,
+        author: row.get(3),
+        proposal_id: row.get(4),
+        trace_id: row.get(5),
+        committed_at_ms: row.get::<i64, _>(6) as u64,
+    })
+}
+
+/// Hides the password of a connection URL for error messages and logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+mod sqlite {
+    use super::*;
+
+    pub(super) async fn transact<R>(
+        pool: &SqlitePool,
+        sorted: &[KeyRef],
+        keys: &[KeyRef],
+        meta: &CommitMeta,
+        decide: impl FnOnce(&[Current]) -> Result<Vec<Write>, R>,
+    ) -> Result<Transacted<R>, StoreError> {
+        let mut conn = pool.acquire().await?;
+        // IMMEDIATE takes the write lock at once: two deferred transactions that both read
+        // and then write would otherwise fail each other with SQLITE_BUSY.
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(key) = &meta.idempotency_key {
+            let earlier: Option<String> =
+                sqlx::query_scalar("SELECT result FROM state_commits WHERE idempotency_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(result) = earlier {
+                return replayed(&result).map(Transacted::Committed);
+            }
+        }
+        let _ = sorted;
+        let mut currents = Vec::with_capacity(keys.len());
+        for key in keys {
+            let row: Option<(i64, String)> =
+                sqlx::query("SELECT version, value FROM state_keys WHERE ns = ? AND key = ?")
+                    .bind(&key.namespace)
+                    .bind(&key.key)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| (r.get(0), r.get(1)));
+            currents.push(current_of(key, row)?);
+        }
+        let writes = match decide(&currents) {
+            Ok(writes) => writes,
+            Err(refusal) => return Ok(Transacted::Refused(refusal)),
+        };
+        let committed_at = now_ms() as i64;
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO state_commits (author, proposal_id, trace_id, committed_at_ms, idempotency_key, result) \
+             VALUES (?, ?, ?, ?, ?, '') RETURNING seq",
+        )
+        .bind(&meta.author)
+        .bind(&meta.proposal_id)
+        .bind(&meta.trace_id)
+        .bind(committed_at)
+        .bind(&meta.idempotency_key)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut versions = Vec::with_capacity(writes.len());
+        for write in &writes {
+            let base = currents
+                .iter()
+                .find(|c| c.key == write.key)
+                .map_or(0, |c| c.version);
+            let version = base + 1;
+            let value = write.value.to_string();
+            sqlx::query(
+                "INSERT INTO state_keys (ns, key, version, value, seq) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (ns, key) DO UPDATE SET version = excluded.version, value = excluded.value, seq = excluded.seq",
+            )
+            .bind(&write.key.namespace)
+            .bind(&write.key.key)
+            .bind(version as i64)
+            .bind(&value)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO state_history (ns, key, version, value, seq) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&write.key.namespace)
+            .bind(&write.key.key)
+            .bind(version as i64)
+            .bind(&value)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            versions.push((write.key.namespace.clone(), write.key.key.clone(), version));
+        }
+        let committed = Committed {
+            seq: seq as u64,
+            versions,
+            replayed: false,
+        };
+        sqlx::query("UPDATE state_commits SET result = ? WHERE seq = ?")
+            .bind(serde_json::to_string(&committed).unwrap_or_default())
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Transacted::Committed(committed))
+    }
+}
+
+mod postgres {
+    use super::*;
+
+    pub(super) async fn transact<R>(
+        pool: &PgPool,
+        sorted: &[KeyRef],
+        keys: &[KeyRef],
+        meta: &CommitMeta,
+        decide: impl FnOnce(&[Current]) -> Result<Vec<Write>, R>,
+    ) -> Result<Transacted<R>, StoreError> {
+        let mut tx = pool.begin().await?;
+        if let Some(key) = &meta.idempotency_key {
+            // Serialises commits that share an idempotency key, so a retry racing the
+            // original waits for it and then sees its result.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
+                .bind(format!("idem:{key}"))
+                .execute(&mut *tx)
+                .await?;
+            let earlier: Option<String> =
+                sqlx::query_scalar("SELECT result FROM state_commits WHERE idempotency_key = $1")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(result) = earlier {
+                return replayed(&result).map(Transacted::Committed);
+            }
+        }
+        // A transaction-scoped lock per key, taken in key order: a key that does not exist yet
+        // has no row to lock, and fixed order means no deadlock between multi-key commits.
+        for key in sorted {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(format!("{}/{}", key.namespace, key.key))
+                .execute(&mut *tx)
+                .await?;
+        }
+        let mut currents = Vec::with_capacity(keys.len());
+        for key in keys {
+            let row: Option<(i64, String)> =
+                sqlx::query("SELECT version, value FROM state_keys WHERE ns = $1 AND key = $2")
+                    .bind(&key.namespace)
+                    .bind(&key.key)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| (r.get(0), r.get(1)));
+            currents.push(current_of(key, row)?);
+        }
+        let writes = match decide(&currents) {
+            Ok(writes) => writes,
+            Err(refusal) => return Ok(Transacted::Refused(refusal)),
+        };
+        // The sequence row is locked until commit, so sequence numbers become visible in
+        // order: a change feed that resumes from a number never misses an earlier commit.
+        let seq: i64 = sqlx::query_scalar("UPDATE state_sequence SET seq = seq + 1 RETURNING seq")
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO state_commits (seq, author, proposal_id, trace_id, committed_at_ms, idempotency_key, result) \
+             VALUES ($1, $2, $3, $4, $5, $6, '')",
+        )
+        .bind(seq)
+        .bind(&meta.author)
+        .bind(&meta.proposal_id)
+        .bind(&meta.trace_id)
+        .bind(now_ms() as i64)
+        .bind(&meta.idempotency_key)
+        .execute(&mut *tx)
+        .await?;
+        let mut versions = Vec::with_capacity(writes.len());
+        for write in &writes {
+            let base = currents
+                .iter()
+                .find(|c| c.key == write.key)
+                .map_or(0, |c| c.version);
+            let version = base + 1;
+            let value = write.value.to_string();
+            sqlx::query(
+                "INSERT INTO state_keys (ns, key, version, value, seq) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (ns, key) DO UPDATE SET version = excluded.version, value = excluded.value, seq = excluded.seq",
+            )
+            .bind(&write.key.namespace)
+            .bind(&write.key.key)
+            .bind(version as i64)
+            .bind(&value)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("INSERT INTO state_history (ns, key, version, value, seq) VALUES ($1, $2, $3, $4, $5)")
+                .bind(&write.key.namespace)
+                .bind(&write.key.key)
+                .bind(version as i64)
+                .bind(&value)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await?;
+            versions.push((write.key.namespace.clone(), write.key.key.clone(), version));
+        }
+        let committed = Committed {
+            seq: seq as u64,
+            versions,
+            replayed: false,
+        };
+        sqlx::query("UPDATE state_commits SET result = $1 WHERE seq = $2")
+            .bind(serde_json::to_string(&committed).unwrap_or_default())
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Transacted::Committed(committed))
+    }
+}
+
+fn current_of(key: &KeyRef, row: Option<(i64, String)>) -> Result<Current, StoreError> {
+    Ok(match row {
+        Some((version, value)) => Current {
+            key: key.clone(),
+            version: version as u64,
+            value: Some(parse_json(&value)?),
+        },
+        None => Current {
+            key: key.clone(),
+            version: 0,
+            value: None,
+        },
+    })
+}
+
+fn replayed(result: &str) -> Result<Committed, StoreError> {
+    let mut committed: Committed = serde_json::from_str(result)
+        .map_err(|e| StoreError::Corrupt(format!("stored commit result unreadable: {e}")))?;
+    committed.replayed = true;
+    Ok(committed)
+}
+
+/// A plain PostgreSQL connection for administration (creating and dropping the databases
+/// that tests and tools run in).
+pub struct AdminConnection {
+    pool: PgPool,
+}
+
+impl AdminConnection {
+    pub async fn connect(url: &str) -> Result<AdminConnection, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|source| StoreError::Open {
+                location: redact(url),
+                source,
+            })?;
+        Ok(AdminConnection { pool })
+    }
+
+    pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
+        sqlx::raw_sql(sql).execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+    }
+}
