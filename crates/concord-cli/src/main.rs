@@ -59,6 +59,10 @@ struct UpArgs {
     /// Where the node keeps its data (default: node.data_dir, else ./.concord).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The shared-state store: `postgres://…` (several nodes) or a SQLite file (default:
+    /// state.store, else DATA_DIR/state.db).
+    #[arg(long, env = "CONCORD_STORE")]
+    store: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -149,7 +153,15 @@ async fn up(args: UpArgs) -> Result<std::process::ExitCode> {
         .data_dir
         .or_else(|| config.node.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from(".concord"));
-    let node = concord_node::start(&config, concord_node::NodeOptions { listen, data_dir }).await?;
+    let node = concord_node::start(
+        &config,
+        concord_node::NodeOptions {
+            listen,
+            data_dir,
+            store: args.store,
+        },
+    )
+    .await?;
     println!("Concord node listening; MCP endpoint: {}", node.mcp_url());
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -38,6 +38,7 @@ pub struct Config {
     /// The file it was read from, if any (errors and relative paths refer to it).
     pub source: Option<PathBuf>,
     pub node: NodeSettings,
+    pub state: StateSettings,
     /// Upstream servers, sorted by name.
     pub servers: Vec<ServerSpec>,
 }
@@ -72,6 +73,17 @@ impl Default for NodeSettings {
             page_size: DEFAULT_PAGE_SIZE,
         }
     }
+}
+
+/// Shared-state settings (the `[state]` table).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StateSettings {
+    /// `postgres://…` or a SQLite file; default `DATA_DIR/state.db`. May hold a password.
+    pub store: Option<String>,
+    pub max_value_bytes: Option<usize>,
+    pub proposal_ttl: Option<Duration>,
+    /// namespace → `reject` or `merge`.
+    pub policies: BTreeMap<String, String>,
 }
 
 /// One upstream MCP server.

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::{
     Config, ConfigError, NAMESPACE_SEPARATOR, NodeSettings, PrefixMode, RESERVED_SERVER_NAMES,
-    ServerSpec, TransportSpec, expand_vars, parse_duration,
+    ServerSpec, StateSettings, TransportSpec, expand_vars, parse_duration,
 };
 
 type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -20,7 +20,61 @@ pub(crate) struct TomlFile {
     #[serde(default)]
     node: RawNode,
     #[serde(default)]
+    state: RawState,
+    #[serde(default)]
     servers: BTreeMap<String, TomlServer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    store: Option<String>,
+    max_value_bytes: Option<usize>,
+    proposal_ttl: Option<String>,
+    #[serde(default)]
+    namespaces: BTreeMap<String, RawNamespace>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    policy: String,
+}
+
+impl RawState {
+    fn into_settings(self, file: &Path, lookup: Lookup<'_>) -> Result<StateSettings, ConfigError> {
+        let store = match self.store {
+            Some(text) => Some(
+                expand_vars(&text, lookup)
+                    .map_err(|m| ConfigError::invalid(file, "state.store", m))?,
+            ),
+            None => None,
+        };
+        let proposal_ttl = match self.proposal_ttl {
+            Some(text) => Some(
+                parse_duration(&text)
+                    .map_err(|m| ConfigError::invalid(file, "state.proposal_ttl", m))?,
+            ),
+            None => None,
+        };
+        let mut policies = BTreeMap::new();
+        for (namespace, raw) in self.namespaces {
+            if raw.policy != "reject" && raw.policy != "merge" {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("state.namespaces.{namespace}.policy"),
+                    format!("expected \"reject\" or \"merge\", got {:?}", raw.policy),
+                ));
+            }
+            policies.insert(namespace, raw.policy);
+        }
+        Ok(StateSettings {
+            store,
+            max_value_bytes: self.max_value_bytes,
+            proposal_ttl,
+            policies,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -187,6 +241,7 @@ impl TomlFile {
         lookup: Lookup<'_>,
     ) -> Result<Config, ConfigError> {
         let node = self.node.into_settings(file, base_dir)?;
+        let state = self.state.into_settings(file, lookup)?;
         let mut servers = Vec::new();
         for (name, raw) in self.servers {
             if !raw.enabled {
@@ -214,6 +269,7 @@ impl TomlFile {
         Ok(Config {
             source: None,
             node,
+            state,
             servers,
         })
     }
@@ -255,6 +311,7 @@ impl JsonFile {
         Ok(Config {
             source: None,
             node,
+            state: StateSettings::default(),
             servers,
         })
     }

@@ -106,6 +106,7 @@ pub async fn run_stdio_bridge(url: &str) -> Result<(), crate::GatewayError> {
     let config = Config {
         source: None,
         node: NodeSettings::default(),
+        state: Default::default(),
         servers: vec![ServerSpec {
             name: "node".to_string(),
             transport: TransportSpec::StreamableHttp {

@@ -67,6 +67,7 @@ pub async fn run_client(scenario: &str, url: &str) -> Result<(), GatewayError> {
     let config = Config {
         source: None,
         node: NodeSettings::default(),
+        state: Default::default(),
         servers: vec![ServerSpec {
             name: "server".to_string(),
             transport: TransportSpec::StreamableHttp {

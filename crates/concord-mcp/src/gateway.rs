@@ -18,7 +18,8 @@ use rmcp::service::{Peer, RoleServer, SubscriptionSink};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, CatalogInput, Collision};
+use crate::builtin::{BUILTIN_NAMESPACE, BuiltinTool, BuiltinTools, SharedBuiltins};
+use crate::catalog::{Catalog, CatalogInput, Collision, UpstreamLists};
 use crate::error::GatewayError;
 use crate::session::{GatewaySession, SuspendedCalls};
 use crate::subscriptions::Subscriptions;
@@ -73,6 +74,9 @@ pub(crate) struct Shared {
     pub options: GatewayOptions,
     pub shutdown: CancellationToken,
     settled: Notify,
+    pub builtins: Option<SharedBuiltins>,
+    builtin_lists: Arc<UpstreamLists>,
+    pub builtin_name: Arc<str>,
 }
 
 impl Shared {
@@ -114,13 +118,19 @@ impl Shared {
                 (state.health == Health::Healthy).then(|| (u, state.lists.clone()))
             })
             .collect();
-        let inputs: Vec<CatalogInput<'_>> = snapshots
-            .iter()
-            .map(|(u, lists)| CatalogInput {
+        // Built-in tools come first: their names are reserved, so no upstream can shadow them.
+        let builtins = self.builtins.as_ref().map(|_| CatalogInput {
+            server: &self.builtin_name,
+            prefix: PrefixMode::Always,
+            lists: &self.builtin_lists,
+        });
+        let inputs: Vec<CatalogInput<'_>> = builtins
+            .into_iter()
+            .chain(snapshots.iter().map(|(u, lists)| CatalogInput {
                 server: &u.name,
                 prefix: u.spec.prefix,
                 lists,
-            })
+            }))
             .collect();
         let next = Catalog::build(&inputs);
         for collision in &next.collisions {
@@ -477,6 +487,27 @@ impl CallRouter {
     }
 }
 
+fn builtin_to_tool(tool: &BuiltinTool) -> rmcp::model::Tool {
+    let schema = tool.input_schema.as_object().cloned().unwrap_or_default();
+    let mut out = rmcp::model::Tool::new(
+        tool.name.clone(),
+        tool.description.clone(),
+        Arc::new(schema),
+    );
+    out.output_schema = tool
+        .output_schema
+        .as_ref()
+        .and_then(|s| s.as_object().cloned())
+        .map(Arc::new);
+    out.annotations = Some(
+        rmcp::model::ToolAnnotations::new()
+            .read_only(tool.read_only)
+            .idempotent(tool.idempotent)
+            .destructive(!tool.read_only && !tool.idempotent),
+    );
+    out
+}
+
 /// The JSON-RPC method of a server-to-client request, for messages.
 pub(crate) fn server_request_method(request: &ServerRequest) -> &'static str {
     match request {
@@ -517,6 +548,23 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: &Config, options: GatewayOptions, metrics: Arc<Metrics>) -> Gateway {
+        Self::with_builtins(config, options, metrics, None)
+    }
+
+    /// A gateway that also serves `builtins` as `concord__NAME` tools.
+    pub fn with_builtins(
+        config: &Config,
+        options: GatewayOptions,
+        metrics: Arc<Metrics>,
+        builtins: Option<Arc<dyn BuiltinTools>>,
+    ) -> Gateway {
+        let builtin_lists = Arc::new(UpstreamLists {
+            tools: builtins
+                .as_ref()
+                .map(|b| b.tools().iter().map(builtin_to_tool).collect())
+                .unwrap_or_default(),
+            ..UpstreamLists::default()
+        });
         let upstreams: Vec<Arc<Upstream>> = config
             .servers
             .iter()
@@ -542,6 +590,9 @@ impl Gateway {
                 options,
                 shutdown: CancellationToken::new(),
                 settled: Notify::new(),
+                builtins,
+                builtin_lists,
+                builtin_name: BUILTIN_NAMESPACE.into(),
             }),
             started: Arc::new(AtomicBool::new(false)),
             tasks: Arc::default(),

@@ -6,6 +6,7 @@
 // but 2025-era clients and upstreams still use it and the gateway must carry it.
 #![allow(deprecated)]
 
+pub mod builtin;
 mod catalog;
 mod child;
 mod client;

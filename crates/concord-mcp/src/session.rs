@@ -9,15 +9,15 @@ use concord_telemetry::Outcome;
 use rmcp::ErrorData as McpError;
 use rmcp::ServerHandler;
 use rmcp::model::{
-    CallToolRequest, CallToolRequestParams, CallToolResponse, CancelledNotificationParam,
-    ClientRequest, ClientResult, CompleteRequest, CompleteRequestParams, CompleteResult,
-    CustomRequest, CustomResult, ErrorCode, GetPromptRequest, GetPromptRequestParams,
-    GetPromptResponse, Implementation, ListPromptsResult, ListResourceTemplatesResult,
-    ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
-    ProgressToken, ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, Reference,
-    RequestMetaObject, ResultType, ServerCapabilities, ServerConfig, ServerRequest, ServerResult,
-    SetLevelRequest, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
-    UnsubscribeRequestParams,
+    CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult,
+    CancelledNotificationParam, ClientRequest, ClientResult, CompleteRequest,
+    CompleteRequestParams, CompleteResult, CustomRequest, CustomResult, ErrorCode,
+    GetPromptRequest, GetPromptRequestParams, GetPromptResponse, Implementation, ListPromptsResult,
+    ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
+    ProgressNotificationParam, ProgressToken, ReadResourceRequest, ReadResourceRequestParams,
+    ReadResourceResponse, Reference, RequestMetaObject, ResultType, ServerCapabilities,
+    ServerConfig, ServerRequest, ServerResult, SetLevelRequest, SetLevelRequestParams,
+    SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
 };
 use rmcp::service::{
     NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient, RoleServer,
@@ -25,6 +25,7 @@ use rmcp::service::{
 };
 use tracing::Instrument;
 
+use crate::builtin::{BUILTIN_NAMESPACE, BuiltinTools, Caller};
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
 use crate::gateway::{CallEvent, CallGuard, NameKind, Shared, server_request_method};
@@ -478,6 +479,46 @@ impl GatewaySession {
         )))
     }
 
+    async fn call_builtin(
+        &self,
+        builtins: &dyn BuiltinTools,
+        name: &str,
+        arguments: rmcp::model::JsonObject,
+        context: &RequestContext<RoleServer>,
+        started: Instant,
+    ) -> CallToolResponse {
+        let caller = Caller {
+            principal: context
+                .peer
+                .peer_info()
+                .map(|info| info.client_info.name.clone())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "anonymous".to_string()),
+            trace_id: context.meta.get_traceparent().map(str::to_string),
+        };
+        let span = tracing::info_span!("tools/call", server = BUILTIN_NAMESPACE, tool = %name);
+        let outcome = builtins
+            .call(name, arguments, caller)
+            .instrument(span)
+            .await;
+        let text = serde_json::to_string(&outcome.structured).unwrap_or_default();
+        let mut result = if outcome.is_error {
+            CallToolResult::structured_error(outcome.structured)
+        } else {
+            CallToolResult::structured(outcome.structured)
+        };
+        result.content = vec![rmcp::model::ContentBlock::text(text)];
+        let label = if outcome.is_error {
+            Outcome::ToolError
+        } else {
+            Outcome::Ok
+        };
+        self.shared
+            .metrics
+            .observe_tool_call(BUILTIN_NAMESPACE, name, label, started.elapsed());
+        CallToolResponse::Complete(result)
+    }
+
     /// Resumes a call parked by [`Self::suspend`] with the caller's answers.
     async fn resume(
         &self,
@@ -587,6 +628,19 @@ impl ServerHandler for GatewaySession {
             return Err(error.into());
         };
         drop(catalog);
+        if let Some(builtins) = self.shared.builtins.clone()
+            && route.server == self.shared.builtin_name
+        {
+            return Ok(self
+                .call_builtin(
+                    &*builtins,
+                    &route.name,
+                    params.arguments.unwrap_or_default(),
+                    &context,
+                    started,
+                )
+                .await);
+        }
         let span = tracing::info_span!(
             "tools/call",
             server = %route.server,

@@ -130,6 +130,7 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
     let config = Config {
         source: None,
         node: NodeSettings::default(),
+        state: Default::default(),
         servers: vec![
             ServerSpec {
                 name: "legacy".into(),

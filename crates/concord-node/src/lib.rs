@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 mod edge;
+mod state_tools;
 
 /// How long start-up waits for every upstream's first connection attempt before it reports
 /// readiness anyway (slow `npx` downloads should not keep a node from serving the others).
@@ -41,6 +42,8 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    #[error("state store: {0}")]
+    Store(#[from] concord_store::StoreError),
 }
 
 /// Where and how to run, after the CLI has merged its flags over the config file.
@@ -48,6 +51,8 @@ pub enum NodeError {
 pub struct NodeOptions {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// Overrides `state.store`: `postgres://…` or a SQLite file.
+    pub store: Option<String>,
 }
 
 #[derive(Clone)]
@@ -105,14 +110,23 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
             "listening beyond loopback: only the Host names in node.allowed_hosts are accepted, and there is no authentication yet"
         );
     }
+    let store_location = options
+        .store
+        .clone()
+        .or_else(|| config.state.store.clone())
+        .unwrap_or_else(|| options.data_dir.join("state.db").display().to_string());
+    let store = concord_store::Store::open(&store_location).await?;
+    tracing::info!(backend = store.backend_name(), "state store open");
+    let state = concord_state::StateService::new(store, state_options(config));
     let metrics = Arc::new(Metrics::new());
-    let gateway = Gateway::new(
+    let gateway = Gateway::with_builtins(
         config,
         GatewayOptions {
             health_interval: config.node.health_interval,
             page_size: config.node.page_size,
         },
         metrics.clone(),
+        Some(Arc::new(state_tools::StateTools::new(state))),
     );
     let shutdown = CancellationToken::new();
     let edge = EdgeOptions {
@@ -156,6 +170,31 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         shutdown,
         server,
     })
+}
+
+fn state_options(config: &Config) -> concord_state::StateOptions {
+    let defaults = concord_state::StateOptions::default();
+    concord_state::StateOptions {
+        max_value_bytes: config
+            .state
+            .max_value_bytes
+            .unwrap_or(defaults.max_value_bytes),
+        proposal_ttl: config.state.proposal_ttl.unwrap_or(defaults.proposal_ttl),
+        default_policy: concord_state::ConflictPolicy::Reject,
+        policies: config
+            .state
+            .policies
+            .iter()
+            .map(|(namespace, policy)| {
+                let policy = if policy == "merge" {
+                    concord_state::ConflictPolicy::Merge
+                } else {
+                    concord_state::ConflictPolicy::Reject
+                };
+                (namespace.clone(), policy)
+            })
+            .collect(),
+    }
 }
 
 fn router(state: AppState, edge: &EdgeOptions, shutdown: CancellationToken) -> Router {

@@ -28,6 +28,7 @@ impl TestNode {
             NodeOptions {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 data_dir: dir.path().join("data"),
+                store: None,
             },
         )
         .await?;
@@ -473,11 +474,14 @@ async fn lists_are_paginated_with_cursors_that_cover_everything_once() {
             None => break,
         }
     }
-    assert_eq!(pages, 2, "8 fixture tools in pages of 4");
+    assert_eq!(
+        pages, 4,
+        "8 fixture tools and 6 built-in state tools in pages of 4"
+    );
     let mut unique = names.clone();
     unique.sort();
     unique.dedup();
-    assert_eq!(unique.len(), 8, "{names:?}");
+    assert_eq!(unique.len(), 14, "{names:?}");
     let (_, body) = post_raw(
         &node.url(),
         json!({"jsonrpc": "2.0", "id": 99, "method": "tools/list", "params": {"cursor": "bogus"}})

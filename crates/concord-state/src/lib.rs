@@ -279,29 +279,7 @@ impl StateService {
     /// Checks a write and records it as a proposal to commit later. The operations are tried
     /// against the current values now, so a malformed patch is refused here, not at commit.
     pub async fn propose(&self, changes: Vec<Change>) -> Result<Proposal, StateError> {
-        if changes.is_empty() {
-            return Err(StateError::InvalidOperation {
-                key: String::new(),
-                reason: "a proposal needs at least one change".into(),
-            });
-        }
-        for change in &changes {
-            let key = parse_key(&change.key)?;
-            if change.ops.is_empty() {
-                return Err(StateError::InvalidOperation {
-                    key: change.key.clone(),
-                    reason: "no operations".into(),
-                });
-            }
-            let current = self.store.get(&key).await?;
-            let value = ops::apply_all(&change.ops, current.value.clone()).map_err(|reason| {
-                StateError::InvalidOperation {
-                    key: change.key.clone(),
-                    reason,
-                }
-            })?;
-            self.check_size(&change.key, &value)?;
-        }
+        self.check_changes(&changes).await?;
         let id = format!("p-{}", uuid::Uuid::new_v4().simple());
         let expires_at_ms = now_ms() + self.options.proposal_ttl.as_millis() as u64;
         self.store
@@ -318,6 +296,34 @@ impl StateService {
             changes,
             expires_at_ms,
         })
+    }
+
+    /// Keys, operations and sizes, tried against the current values.
+    async fn check_changes(&self, changes: &[Change]) -> Result<(), StateError> {
+        if changes.is_empty() {
+            return Err(StateError::InvalidOperation {
+                key: String::new(),
+                reason: "a proposal needs at least one change".into(),
+            });
+        }
+        for change in changes {
+            let key = parse_key(&change.key)?;
+            if change.ops.is_empty() {
+                return Err(StateError::InvalidOperation {
+                    key: change.key.clone(),
+                    reason: "no operations".into(),
+                });
+            }
+            let current = self.store.get(&key).await?;
+            let value = ops::apply_all(&change.ops, current.value.clone()).map_err(|reason| {
+                StateError::InvalidOperation {
+                    key: change.key.clone(),
+                    reason,
+                }
+            })?;
+            self.check_size(&change.key, &value)?;
+        }
+        Ok(())
     }
 
     fn check_size(&self, key: &str, value: &Value) -> Result<(), StateError> {
@@ -379,29 +385,19 @@ impl StateService {
         result
     }
 
-    /// Propose and commit in one call, for simple writers.
+    /// Propose and commit in one call, for simple writers. Nothing waits between the two, so
+    /// the proposal is not stored; its id still names the commit in the history.
     pub async fn put(
         &self,
         changes: Vec<Change>,
         idempotency_key: Option<String>,
         author: &Author,
     ) -> Result<CommitResult, StateError> {
-        let proposal = self.propose(changes).await?;
-        // The proposal exists for the history's sake; its TTL is for callers who commit later.
-        let idempotency_key =
-            idempotency_key.unwrap_or_else(|| format!("proposal:{}", proposal.id));
-        let result = self
-            .apply(&proposal.changes, &proposal.id, &idempotency_key, author)
-            .await;
-        let status = if result.is_ok() {
-            "committed"
-        } else {
-            "conflicted"
-        };
-        self.store
-            .set_proposal_status(&proposal.id, "validated", status)
-            .await?;
-        result
+        self.check_changes(&changes).await?;
+        let proposal_id = format!("put-{}", uuid::Uuid::new_v4().simple());
+        let idempotency_key = idempotency_key.unwrap_or_else(|| format!("proposal:{proposal_id}"));
+        self.apply(&changes, &proposal_id, &idempotency_key, author)
+            .await
     }
 
     async fn apply(

@@ -1,0 +1,53 @@
+//! Tools the node serves itself (shared state today; more later), exposed in the gateway's
+//! namespace beside the upstreams' tools as `concord__NAME`. The provider is given by the
+//! composition root, so this crate knows nothing of what the tools do; and it speaks plain JSON,
+//! so providers never see rmcp types.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+/// The namespace built-in tools appear under (a reserved server name).
+pub const BUILTIN_NAMESPACE: &str = "concord";
+
+/// One built-in tool's definition.
+#[derive(Debug, Clone)]
+pub struct BuiltinTool {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments.
+    pub input_schema: Value,
+    /// JSON Schema of `structuredContent`.
+    pub output_schema: Option<Value>,
+    pub read_only: bool,
+    pub idempotent: bool,
+}
+
+/// Who is calling, as far as the gateway knows.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The client's name until authentication lands; then the principal.
+    pub principal: String,
+    /// The W3C `traceparent` of the call, when the client sent one.
+    pub trace_id: Option<String>,
+}
+
+/// A built-in tool's answer: structured content, and whether it is a tool error the model
+/// should read (a conflict, bad arguments) rather than a success.
+#[derive(Debug, Clone)]
+pub struct BuiltinOutcome {
+    pub structured: Value,
+    pub is_error: bool,
+}
+
+pub type BuiltinFuture = Pin<Box<dyn Future<Output = BuiltinOutcome> + Send>>;
+
+pub trait BuiltinTools: Send + Sync + 'static {
+    fn tools(&self) -> Vec<BuiltinTool>;
+    /// Runs `name` (unprefixed) with `arguments`.
+    fn call(&self, name: &str, arguments: Map<String, Value>, caller: Caller) -> BuiltinFuture;
+}
+
+pub(crate) type SharedBuiltins = Arc<dyn BuiltinTools>;

@@ -1,0 +1,273 @@
+//! The shared-state service as built-in MCP tools (`concord__state_*`): JSON in, structured
+//! content out, refusals (conflicts, bad input) as tool errors whose structured content says
+//! what happened, so an agent can read it and rebase.
+
+use std::sync::Arc;
+
+use concord_mcp::builtin::{BuiltinFuture, BuiltinOutcome, BuiltinTool, BuiltinTools, Caller};
+use concord_state::{Author, Change, Op, StateError, StateService, error_details};
+use serde_json::{Map, Value, json};
+
+pub struct StateTools {
+    state: Arc<StateService>,
+}
+
+impl StateTools {
+    pub fn new(state: StateService) -> Self {
+        Self {
+            state: Arc::new(state),
+        }
+    }
+}
+
+fn ops_schema() -> Value {
+    json!({
+        "type": "array",
+        "description": "Operations applied in order: {op: set, value} | {op: merge_patch, patch} (RFC 7396) | {op: json_patch, patch} (RFC 6902) | {op: increment, path, by} | {op: append, path, value}. Paths are JSON Pointers (\"\" = the whole value).",
+        "items": {"type": "object", "required": ["op"], "properties": {"op": {"enum": ["set", "merge_patch", "json_patch", "increment", "append"]}}}
+    })
+}
+
+fn changes_schema() -> Value {
+    json!({
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "type": "object",
+            "required": ["key", "base_version", "ops"],
+            "properties": {
+                "key": {"type": "string", "description": "namespace/path"},
+                "base_version": {"type": "integer", "minimum": 0, "description": "The version you read (0: the key was absent)."},
+                "ops": ops_schema()
+            }
+        }
+    })
+}
+
+fn entry_schema() -> Value {
+    json!({"type": "object", "properties": {
+        "key": {"type": "string"}, "version": {"type": "integer"}, "value": {}
+    }, "required": ["key", "version"]})
+}
+
+fn commit_schema() -> Value {
+    json!({"type": "object", "properties": {
+        "seq": {"type": "integer"}, "proposal_id": {"type": "string"},
+        "versions": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "replayed": {"type": "boolean"},
+        "conflict": {"type": "boolean"}, "current_version": {"type": "integer"}, "current_value": {},
+        "error": {"type": "string"}
+    }})
+}
+
+fn tool(
+    name: &str,
+    description: &str,
+    input: Value,
+    output: Value,
+    read_only: bool,
+    idempotent: bool,
+) -> BuiltinTool {
+    BuiltinTool {
+        name: name.to_string(),
+        description: description.to_string(),
+        input_schema: input,
+        output_schema: Some(output),
+        read_only,
+        idempotent,
+    }
+}
+
+fn refused(error: StateError) -> BuiltinOutcome {
+    BuiltinOutcome {
+        structured: error_details(&error),
+        is_error: true,
+    }
+}
+
+fn ok(structured: Value) -> BuiltinOutcome {
+    BuiltinOutcome {
+        structured,
+        is_error: false,
+    }
+}
+
+fn bad_arguments(message: String) -> BuiltinOutcome {
+    BuiltinOutcome {
+        structured: json!({"conflict": false, "error": message}),
+        is_error: true,
+    }
+}
+
+fn arg<T: serde::de::DeserializeOwned>(
+    arguments: &Map<String, Value>,
+    name: &str,
+) -> Result<T, String> {
+    let value = arguments
+        .get(name)
+        .cloned()
+        .ok_or_else(|| format!("missing argument `{name}`"))?;
+    serde_json::from_value(value).map_err(|e| format!("argument `{name}`: {e}"))
+}
+
+fn optional<T: serde::de::DeserializeOwned>(
+    arguments: &Map<String, Value>,
+    name: &str,
+) -> Result<Option<T>, String> {
+    match arguments.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => arg(arguments, name).map(Some),
+    }
+}
+
+/// `state_put` takes either `changes`, or one key's `key` + `base_version` + `value`/`ops`.
+fn put_changes(arguments: &Map<String, Value>) -> Result<Vec<Change>, String> {
+    if arguments.contains_key("changes") {
+        return arg(arguments, "changes");
+    }
+    let key: String = arg(arguments, "key")?;
+    let base_version: u64 = arg(arguments, "base_version")?;
+    let ops: Vec<Op> = match (
+        optional::<Vec<Op>>(arguments, "ops")?,
+        arguments.get("value"),
+    ) {
+        (Some(ops), _) => ops,
+        (None, Some(value)) => vec![Op::Set {
+            value: value.clone(),
+        }],
+        (None, None) => return Err("give `value` or `ops` (or `changes`)".into()),
+    };
+    Ok(vec![Change {
+        key,
+        base_version,
+        ops,
+    }])
+}
+
+impl BuiltinTools for StateTools {
+    fn tools(&self) -> Vec<BuiltinTool> {
+        vec![
+            tool(
+                "state_get",
+                "Read a shared-state key: its JSON value and version (version 0: absent). Keep the version: writes must name it.",
+                json!({"type": "object", "required": ["key"], "properties": {"key": {"type": "string", "description": "namespace/path"}}}),
+                entry_schema(),
+                true,
+                true,
+            ),
+            tool(
+                "state_list",
+                "List shared-state keys under a prefix (namespace/ or namespace/partial-path) with values and versions.",
+                json!({"type": "object", "required": ["prefix"], "properties": {
+                    "prefix": {"type": "string"}, "limit": {"type": "integer", "minimum": 1, "maximum": 1000}}}),
+                json!({"type": "object", "properties": {"entries": {"type": "array", "items": entry_schema()}}}),
+                true,
+                true,
+            ),
+            tool(
+                "state_propose",
+                "Propose a write: keys, the version each was read at, and operations. Checked now; committed later with state_commit.",
+                json!({"type": "object", "required": ["changes"], "properties": {"changes": changes_schema()}}),
+                json!({"type": "object", "properties": {
+                    "proposal_id": {"type": "string"}, "status": {"type": "string"}, "expires_at_ms": {"type": "integer"}}}),
+                false,
+                false,
+            ),
+            tool(
+                "state_commit",
+                "Commit a proposal atomically. Refused with conflict=true, the current version and value if any key moved since it was read. Retrying a commit never applies it twice.",
+                json!({"type": "object", "required": ["proposal_id"], "properties": {
+                    "proposal_id": {"type": "string"}, "idempotency_key": {"type": "string"}}}),
+                commit_schema(),
+                false,
+                true,
+            ),
+            tool(
+                "state_put",
+                "Propose and commit in one call: {key, base_version, value} (or ops), or {changes}. Refused with conflict=true if the key moved since base_version.",
+                json!({"type": "object", "properties": {
+                    "key": {"type": "string"}, "base_version": {"type": "integer", "minimum": 0}, "value": {},
+                    "ops": ops_schema(), "changes": changes_schema(), "idempotency_key": {"type": "string"}}}),
+                commit_schema(),
+                false,
+                false,
+            ),
+            tool(
+                "state_history",
+                "Every kept version of a key, newest first, with author, time, proposal and trace id.",
+                json!({"type": "object", "required": ["key"], "properties": {
+                    "key": {"type": "string"}, "limit": {"type": "integer", "minimum": 1, "maximum": 1000}}}),
+                json!({"type": "object", "properties": {"versions": {"type": "array"}}}),
+                true,
+                true,
+            ),
+        ]
+    }
+
+    fn call(&self, name: &str, arguments: Map<String, Value>, caller: Caller) -> BuiltinFuture {
+        let state = self.state.clone();
+        let name = name.to_string();
+        Box::pin(async move {
+            let author = Author {
+                principal: caller.principal,
+                trace_id: caller.trace_id,
+            };
+            let run = async {
+                Ok::<BuiltinOutcome, String>(match name.as_str() {
+                    "state_get" => match state.get(&arg::<String>(&arguments, "key")?).await {
+                        Ok(entry) => ok(serde_json::to_value(entry).unwrap_or_default()),
+                        Err(e) => refused(e),
+                    },
+                    "state_list" => {
+                        let limit = optional::<u32>(&arguments, "limit")?
+                            .unwrap_or(100)
+                            .min(1000);
+                        match state
+                            .list(&arg::<String>(&arguments, "prefix")?, limit)
+                            .await
+                        {
+                            Ok(entries) => ok(json!({"entries": entries})),
+                            Err(e) => refused(e),
+                        }
+                    }
+                    "state_propose" => match state.propose(arg(&arguments, "changes")?).await {
+                        Ok(p) => ok(
+                            json!({"proposal_id": p.id, "status": p.status, "expires_at_ms": p.expires_at_ms}),
+                        ),
+                        Err(e) => refused(e),
+                    },
+                    "state_commit" => {
+                        let id: String = arg(&arguments, "proposal_id")?;
+                        let idempotency = optional(&arguments, "idempotency_key")?;
+                        match state.commit(&id, idempotency, &author).await {
+                            Ok(result) => ok(serde_json::to_value(result).unwrap_or_default()),
+                            Err(e) => refused(e),
+                        }
+                    }
+                    "state_put" => {
+                        let changes = put_changes(&arguments)?;
+                        let idempotency = optional(&arguments, "idempotency_key")?;
+                        match state.put(changes, idempotency, &author).await {
+                            Ok(result) => ok(serde_json::to_value(result).unwrap_or_default()),
+                            Err(e) => refused(e),
+                        }
+                    }
+                    "state_history" => {
+                        let limit = optional::<u32>(&arguments, "limit")?
+                            .unwrap_or(100)
+                            .min(1000);
+                        match state
+                            .history(&arg::<String>(&arguments, "key")?, limit)
+                            .await
+                        {
+                            Ok(versions) => ok(json!({"versions": versions})),
+                            Err(e) => refused(e),
+                        }
+                    }
+                    other => bad_arguments(format!("unknown state tool {other}")),
+                })
+            };
+            run.await.unwrap_or_else(bad_arguments)
+        })
+    }
+}
