@@ -459,10 +459,12 @@ class NodeFactory:
         *,
         directory: Path | None = None,
         health_interval: str = "1s",
+        extra_config: str = "",
+        store: str | None = None,
     ) -> Node:
         directory = directory or self.new_dir(label)
         config = directory / "concord.toml"
-        config.write_text(render_config(servers, health_interval))
+        config.write_text(render_config(servers, health_interval) + "\n" + extra_config)
         port = free_port()
         log_path = directory / "concord.log"
         stdout_path = directory / "concord.stdout"
@@ -480,6 +482,7 @@ class NodeFactory:
                     f"127.0.0.1:{port}",
                     "--data-dir",
                     str(directory / "data"),
+                    *(["--store", store] if store else []),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,

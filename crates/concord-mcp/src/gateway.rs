@@ -604,6 +604,8 @@ impl Gateway {
         if self.started.swap(true, Ordering::SeqCst) {
             return;
         }
+        // Built-in tools are there before any upstream connects (and with no upstreams at all).
+        self.shared.rebuild_catalog();
         let mut tasks = self.tasks.lock();
         for index in 0..self.shared.upstreams.len() {
             tasks.push(tokio::spawn(supervise(self.shared.clone(), index)));

@@ -1,0 +1,221 @@
+"""Shared agent state through real MCP clients (the official Python SDK): the lost-update
+timeline is refused, merge policy keeps disjoint work, and 16 concurrent clients doing
+read-modify-write lose nothing — on SQLite, on PostgreSQL, and across two nodes sharing one
+PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from typing import Any, Iterator
+
+import anyio
+import pytest
+
+from conftest import Node, NodeFactory, connect
+
+pytestmark = pytest.mark.anyio
+
+ADMIN_URL = os.environ.get("CONCORD_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
+
+
+def psql(sql: str) -> None:
+    done = subprocess.run(["psql", ADMIN_URL, "-v", "ON_ERROR_STOP=1", "-c", sql], capture_output=True, text=True)
+    assert done.returncode == 0, f"psql {sql!r} failed (PostgreSQL is required for these tests):\n{done.stderr}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database for one test, dropped afterwards."""
+    database = f"concord_e2e_{uuid.uuid4().hex[:12]}"
+    psql(f"CREATE DATABASE {database}")
+    base, _, _ = ADMIN_URL.partition("?")
+    yield f"{base.rsplit('/', 1)[0]}/{database}"
+    psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+MERGE_DOCS = '[state.namespaces.docs]\npolicy = "merge"\n'
+
+
+@pytest.fixture(scope="module")
+def node(concord: NodeFactory) -> Iterator[Node]:
+    node = concord.start("state", {}, extra_config=MERGE_DOCS)
+    yield node
+    node.stop()
+
+
+async def call(client: Any, tool: str, **arguments: Any) -> tuple[bool, dict[str, Any]]:
+    result = await client.call_tool(f"concord__{tool}", arguments)
+    return bool(result.is_error), result.structured_content
+
+
+async def test_the_lost_update_timeline_is_refused(node: Node) -> None:
+    async with connect(node.url) as a, connect(node.url) as b:
+        _, created = await call(a, "state_put", key="team/context", base_version=0, value={"plan": "v1"})
+        # 0 ms: A reads version 1. 5 ms: B reads version 1.
+        _, read_a = await call(a, "state_get", key="team/context")
+        _, read_b = await call(b, "state_get", key="team/context")
+        assert read_a["version"] == read_b["version"] == 1
+        # 10 ms: A writes version 2.
+        failed, written = await call(a, "state_put", key="team/context", base_version=1, value={"plan": "A's plan"})
+        assert not failed and written["versions"]["team/context"] == 2
+        # 15 ms: B writes based on version 1: refused, and told what is there now.
+        failed, refusal = await call(b, "state_put", key="team/context", base_version=1, value={"plan": "B's plan"})
+        assert failed, refusal
+        assert refusal["conflict"] is True
+        assert refusal["current_version"] == 2
+        assert refusal["current_value"] == {"plan": "A's plan"}
+        # A's work survives.
+        _, now = await call(a, "state_get", key="team/context")
+        assert now == {"key": "team/context", "version": 2, "value": {"plan": "A's plan"}}
+        _, history = await call(a, "state_history", key="team/context")
+        assert [v["version"] for v in history["versions"]] == [2, 1]
+        assert history["versions"][0]["author"] == "mcp"  # the SDK client's name, until authentication
+
+
+async def test_propose_then_commit_and_conflicting_commit(node: Node) -> None:
+    async with connect(node.url) as a, connect(node.url) as b:
+        await call(a, "state_put", key="team/tasks", base_version=0, value=["design"])
+        _, pa = await call(a, "state_propose", changes=[{"key": "team/tasks", "base_version": 1, "ops": [{"op": "json_patch", "patch": [{"op": "add", "path": "/-", "value": "build"}]}]}])
+        _, pb = await call(b, "state_propose", changes=[{"key": "team/tasks", "base_version": 1, "ops": [{"op": "set", "value": ["rewrite"]}]}])
+        failed, committed = await call(a, "state_commit", proposal_id=pa["proposal_id"])
+        assert not failed and committed["versions"] == {"team/tasks": 2}
+        failed, again = await call(a, "state_commit", proposal_id=pa["proposal_id"])
+        assert not failed and again["seq"] == committed["seq"] and again["replayed"] is True
+        failed, refusal = await call(b, "state_commit", proposal_id=pb["proposal_id"])
+        assert failed and refusal["conflict"] is True and refusal["current_value"] == ["design", "build"]
+        _, now = await call(a, "state_get", key="team/tasks")
+        assert now["value"] == ["design", "build"]
+
+
+async def test_merge_policy_keeps_disjoint_work(node: Node) -> None:
+    async with connect(node.url) as a, connect(node.url) as b:
+        await call(a, "state_put", key="docs/readme", base_version=0, value={"title": "t", "body": "b"})
+        patch = lambda field, text: [{"op": "merge_patch", "patch": {field: text}}]  # noqa: E731
+        failed, _ = await call(a, "state_put", key="docs/readme", base_version=1, ops=patch("title", "A"))
+        assert not failed
+        failed, merged = await call(b, "state_put", key="docs/readme", base_version=1, ops=patch("body", "B"))
+        assert not failed, merged
+        _, now = await call(a, "state_get", key="docs/readme")
+        assert now["value"] == {"title": "A", "body": "B"} and now["version"] == 3
+        failed, refusal = await call(b, "state_put", key="docs/readme", base_version=1, ops=patch("title", "B"))
+        assert failed and refusal["conflict"] is True
+
+
+async def test_bad_input_is_a_clear_error_and_changes_nothing(node: Node) -> None:
+    async with connect(node.url) as client:
+        await call(client, "state_put", key="cfg/limits", base_version=0, value={"n": 1})
+        cases = [
+            ("state_put", {"key": "cfg/limits", "base_version": 1, "ops": [{"op": "json_patch", "patch": [{"op": "remove", "path": "/nope"}]}]}, "JSON Patch failed"),
+            ("state_put", {"key": "cfg/limits", "base_version": 1, "ops": [{"op": "increment", "path": "/n", "by": "lots"}]}, "argument"),
+            ("state_put", {"key": "Bad Key!", "base_version": 0, "value": 1}, "invalid key"),
+            ("state_put", {"key": "cfg/limits", "base_version": 1, "value": "x" * 2_000_000}, "over the limit"),
+            ("state_commit", {"proposal_id": "p-unknown"}, "unknown proposal"),
+            ("state_get", {}, "missing argument `key`"),
+        ]
+        for tool, arguments, expected in cases:
+            failed, outcome = await call(client, tool, **arguments)
+            assert failed, (tool, arguments, outcome)
+            assert expected in outcome["error"], (expected, outcome)
+        _, now = await call(client, "state_get", key="cfg/limits")
+        assert now == {"key": "cfg/limits", "version": 1, "value": {"n": 1}}
+
+
+async def contend(urls: list[str], key: str, clients: int = 16, rounds: int = 50) -> list[tuple[int, int]]:
+    """`clients` MCP clients (spread over `urls`) each do `rounds` read-modify-write increments,
+    retrying on conflict. Returns every successful (version read, value written)."""
+    done: list[tuple[int, int]] = []
+
+    async def worker(index: int) -> None:
+        async with connect(urls[index % len(urls)]) as client:
+            for _ in range(rounds):
+                while True:
+                    _, read = await call(client, "state_get", key=key)
+                    value = (read.get("value") or 0) + 1
+                    failed, outcome = await call(client, "state_put", key=key, base_version=read["version"], value=value)
+                    if not failed:
+                        done.append((read["version"], value))
+                        break
+                    assert outcome.get("conflict") is True, outcome
+
+    async with anyio.create_task_group() as group:
+        for index in range(clients):
+            group.start_soon(worker, index)
+    return done
+
+
+async def check_linearizable(url: str, key: str, done: list[tuple[int, int]]) -> None:
+    assert len(done) == 800
+    # Every acknowledged write was based on the version just before the one it created.
+    assert sorted(version for version, _ in done) == list(range(0, 800))
+    assert sorted(value for _, value in done) == list(range(1, 801))
+    async with connect(url) as client:
+        _, now = await call(client, "state_get", key=key)
+        assert now["value"] == 800 and now["version"] == 800
+        _, history = await call(client, "state_history", key=key, limit=1000)
+        versions = history["versions"]
+        assert len(versions) == 800
+        assert [v["value"] for v in reversed(versions)] == list(range(1, 801))
+        seqs = [v["seq"] for v in reversed(versions)]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 800
+
+
+async def test_contention_on_sqlite(node: Node) -> None:
+    done = await contend([node.url], "race/sqlite")
+    await check_linearizable(node.url, "race/sqlite", done)
+
+
+async def test_contention_on_postgres_across_two_nodes(concord: NodeFactory, postgres_url: str) -> None:
+    first = concord.start("state-pg-1", {}, store=postgres_url)
+    second = concord.start("state-pg-2", {}, store=postgres_url)
+    try:
+        done = await contend([first.url, second.url], "race/postgres")
+        await check_linearizable(second.url, "race/postgres", done)
+    finally:
+        first.stop()
+        second.stop()
+
+
+async def test_kill_9_mid_stream_loses_no_acknowledged_commit(concord: NodeFactory) -> None:
+    directory = concord.new_dir("state-crash")
+    node = concord.start("state-crash", {}, directory=directory)
+    acknowledged = 0
+    versions = {"crash/a": 0, "crash/b": 0}
+
+    async def write_forever() -> None:
+        nonlocal acknowledged
+        async with connect(node.url) as client:
+            n = 0
+            while True:
+                n += 1
+                changes = [
+                    {"key": key, "base_version": version, "ops": [{"op": "set", "value": n}]}
+                    for key, version in versions.items()
+                ]
+                failed, outcome = await call(client, "state_put", changes=changes)
+                assert not failed, outcome
+                versions.update(outcome["versions"])
+                acknowledged = n
+
+    with pytest.raises(BaseException):  # the connection dies with the node
+        async with anyio.create_task_group() as group:
+            group.start_soon(write_forever)
+            with anyio.fail_after(30):
+                while acknowledged < 25:
+                    await anyio.sleep(0.01)
+            node.kill()  # SIGKILL, mid-stream
+            await anyio.sleep(5)
+    assert acknowledged >= 25
+
+    restarted = concord.start("state-crash-restarted", {}, directory=directory)
+    try:
+        async with connect(restarted.url) as client:
+            _, a = await call(client, "state_get", key="crash/a")
+            _, b = await call(client, "state_get", key="crash/b")
+        # Both keys were written in every commit: never one without the other.
+        assert a["value"] == b["value"] and a["version"] == b["version"], (a, b)
+        # Every acknowledged commit is there (the one in flight at the kill may be too).
+        assert a["value"] in (acknowledged, acknowledged + 1), (a, acknowledged)
+    finally:
+        restarted.stop()
