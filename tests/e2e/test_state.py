@@ -219,3 +219,25 @@ async def test_kill_9_mid_stream_loses_no_acknowledged_commit(concord: NodeFacto
         assert a["value"] in (acknowledged, acknowledged + 1), (a, acknowledged)
     finally:
         restarted.stop()
+
+
+async def test_leases_through_mcp_refuse_a_stale_fencing_token(node: Node) -> None:
+    async with connect(node.url) as worker, connect(node.url) as intruder:
+        failed, lease = await call(worker, "state_claim", key="jobs/deploy", ttl_ms=60_000)
+        assert not failed and lease["granted"] is True, lease
+        failed, held = await call(intruder, "state_claim", key="jobs/deploy")
+        assert not failed and held["granted"] is False and held["holder"] == lease["holder"]
+        failed, refused = await call(intruder, "state_put", key="jobs/deploy", base_version=0, value="intruder")
+        assert failed and "leased" in refused["error"] and refused["lease"]["token"] == lease["token"], refused
+        failed, written = await call(
+            worker, "state_put", key="jobs/deploy", base_version=0, value="deployed", lease_token=lease["token"]
+        )
+        assert not failed, written
+        failed, _ = await call(worker, "state_release", key="jobs/deploy", token=lease["token"])
+        assert not failed
+        failed, stale = await call(
+            worker, "state_put", key="jobs/deploy", base_version=1, value="again", lease_token=lease["token"]
+        )
+        assert failed and "stale" in stale["error"], stale
+        _, now = await call(intruder, "state_get", key="jobs/deploy")
+        assert now["value"] == "deployed" and now["version"] == 1

@@ -38,7 +38,8 @@ fn changes_schema() -> Value {
             "properties": {
                 "key": {"type": "string", "description": "namespace/path"},
                 "base_version": {"type": "integer", "minimum": 0, "description": "The version you read (0: the key was absent)."},
-                "ops": ops_schema()
+                "ops": ops_schema(),
+                "lease_token": {"type": "integer", "description": "Your fencing token, when you hold the key's lease."}
             }
         }
     })
@@ -127,6 +128,7 @@ fn put_changes(arguments: &Map<String, Value>) -> Result<Vec<Change>, String> {
     }
     let key: String = arg(arguments, "key")?;
     let base_version: u64 = arg(arguments, "base_version")?;
+    let lease_token: Option<u64> = optional(arguments, "lease_token")?;
     let ops: Vec<Op> = match (
         optional::<Vec<Op>>(arguments, "ops")?,
         arguments.get("value"),
@@ -141,6 +143,7 @@ fn put_changes(arguments: &Map<String, Value>) -> Result<Vec<Change>, String> {
         key,
         base_version,
         ops,
+        lease_token,
     }])
 }
 
@@ -187,10 +190,32 @@ impl BuiltinTools for StateTools {
                 "Propose and commit in one call: {key, base_version, value} (or ops), or {changes}. Refused with conflict=true if the key moved since base_version.",
                 json!({"type": "object", "properties": {
                     "key": {"type": "string"}, "base_version": {"type": "integer", "minimum": 0}, "value": {},
+                    "lease_token": {"type": "integer"},
                     "ops": ops_schema(), "changes": changes_schema(), "idempotency_key": {"type": "string"}}}),
                 commit_schema(),
                 false,
                 false,
+            ),
+            tool(
+                "state_claim",
+                "Claim a key for exclusive work: granted with a fencing token to carry in writes (lease_token), or told who holds it. Pass your token to renew.",
+                json!({"type": "object", "required": ["key"], "properties": {
+                    "key": {"type": "string"}, "ttl_ms": {"type": "integer", "minimum": 1, "default": 30000},
+                    "token": {"type": "integer", "description": "Renew the lease held under this token."}}}),
+                json!({"type": "object", "properties": {
+                    "granted": {"type": "boolean"}, "token": {"type": "integer"}, "holder": {"type": "string"},
+                    "expires_at_ms": {"type": "integer"}}}),
+                false,
+                false,
+            ),
+            tool(
+                "state_release",
+                "Release a lease you hold (by its fencing token).",
+                json!({"type": "object", "required": ["key", "token"], "properties": {
+                    "key": {"type": "string"}, "token": {"type": "integer"}}}),
+                json!({"type": "object", "properties": {"released": {"type": "boolean"}}}),
+                false,
+                true,
             ),
             tool(
                 "state_history",
@@ -249,6 +274,34 @@ impl BuiltinTools for StateTools {
                         let idempotency = optional(&arguments, "idempotency_key")?;
                         match state.put(changes, idempotency, &author).await {
                             Ok(result) => ok(serde_json::to_value(result).unwrap_or_default()),
+                            Err(e) => refused(e),
+                        }
+                    }
+                    "state_claim" => {
+                        let ttl = optional::<u64>(&arguments, "ttl_ms")?.unwrap_or(30_000);
+                        let token = optional(&arguments, "token")?;
+                        match state
+                            .claim(
+                                &arg::<String>(&arguments, "key")?,
+                                &author.principal,
+                                std::time::Duration::from_millis(ttl),
+                                token,
+                            )
+                            .await
+                        {
+                            Ok(outcome) => ok(serde_json::to_value(outcome).unwrap_or_default()),
+                            Err(e) => refused(e),
+                        }
+                    }
+                    "state_release" => {
+                        match state
+                            .release(
+                                &arg::<String>(&arguments, "key")?,
+                                arg(&arguments, "token")?,
+                            )
+                            .await
+                        {
+                            Ok(()) => ok(json!({"released": true})),
                             Err(e) => refused(e),
                         }
                     }

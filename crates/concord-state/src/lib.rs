@@ -52,6 +52,19 @@ pub enum StateError {
     ExpiredProposal(String),
     #[error("proposal {id} is {status}, not waiting for a commit")]
     ProposalNotOpen { id: String, status: String },
+    #[error("{key} is leased by {holder} (fencing token {token}) until {expires_at_ms}; {}", match .presented {
+        Some(t) => format!("fencing token {t} is stale"),
+        None => "a write must carry the lease's fencing token".to_string(),
+    })]
+    Leased {
+        key: String,
+        holder: String,
+        token: u64,
+        expires_at_ms: u64,
+        presented: Option<u64>,
+    },
+    #[error("fencing token {presented} for {key} is stale: the lease was released or expired")]
+    LeaseLost { key: String, presented: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -94,6 +107,9 @@ pub struct Change {
     pub key: String,
     pub base_version: u64,
     pub ops: Vec<Op>,
+    /// The fencing token of the caller's lease on the key, when it holds one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_token: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,6 +140,28 @@ pub struct HistoryEntry {
     pub proposal_id: Option<String>,
     pub trace_id: Option<String>,
     pub committed_at_ms: u64,
+}
+
+/// The answer to a claim: the lease, or who holds the key instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseOutcome {
+    pub granted: bool,
+    /// The fencing token to carry in writes (only when granted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u64>,
+    pub holder: String,
+    pub expires_at_ms: u64,
+}
+
+impl LeaseOutcome {
+    fn granted(lease: concord_store::Lease) -> Self {
+        Self {
+            granted: true,
+            token: Some(lease.token),
+            holder: lease.holder,
+            expires_at_ms: lease.expires_at_ms,
+        }
+    }
 }
 
 /// Who is writing, for the history.
@@ -385,6 +423,52 @@ impl StateService {
         result
     }
 
+    /// Claims `key` for `holder`. With the `token` of a live lease the holder already has, the
+    /// lease is renewed instead.
+    pub async fn claim(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+        token: Option<u64>,
+    ) -> Result<LeaseOutcome, StateError> {
+        let key_ref = parse_key(key)?;
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        if let Some(token) = token {
+            return Ok(match self.store.renew(&key_ref, token, ttl_ms).await? {
+                Some(lease) => LeaseOutcome::granted(lease),
+                None => {
+                    return Err(StateError::LeaseLost {
+                        key: key.to_string(),
+                        presented: token,
+                    });
+                }
+            });
+        }
+        Ok(match self.store.claim(&key_ref, holder, ttl_ms).await? {
+            concord_store::Claim::Granted(lease) => LeaseOutcome::granted(lease),
+            concord_store::Claim::Held(lease) => LeaseOutcome {
+                granted: false,
+                token: None,
+                holder: lease.holder,
+                expires_at_ms: lease.expires_at_ms,
+            },
+        })
+    }
+
+    /// Releases the live lease held under `token`.
+    pub async fn release(&self, key: &str, token: u64) -> Result<(), StateError> {
+        let key_ref = parse_key(key)?;
+        if self.store.release(&key_ref, token).await? {
+            Ok(())
+        } else {
+            Err(StateError::LeaseLost {
+                key: key.to_string(),
+                presented: token,
+            })
+        }
+    }
+
     /// Propose and commit in one call, for simple writers. Nothing waits between the two, so
     /// the proposal is not stored; its id still names the commit in the history.
     pub async fn put(
@@ -461,6 +545,24 @@ fn decide(
     for (((change, current), base_value), policy) in
         changes.iter().zip(currents).zip(base_values).zip(policies)
     {
+        match (&current.lease, change.lease_token) {
+            (Some(lease), presented) if presented != Some(lease.token) => {
+                return Err(StateError::Leased {
+                    key: change.key.clone(),
+                    holder: lease.holder.clone(),
+                    token: lease.token,
+                    expires_at_ms: lease.expires_at_ms,
+                    presented,
+                });
+            }
+            (None, Some(presented)) => {
+                return Err(StateError::LeaseLost {
+                    key: change.key.clone(),
+                    presented,
+                });
+            }
+            _ => {}
+        }
         let stale = current.version != change.base_version;
         let rebase_allowed = !stale
             || ops::all_commutative(&change.ops)
@@ -519,6 +621,18 @@ pub fn error_details(error: &StateError) -> Value {
                 "conflicts": conflicts,
             })
         }
+        StateError::Leased {
+            key,
+            holder,
+            token,
+            expires_at_ms,
+            ..
+        } => json!({
+            "conflict": false,
+            "error": error.to_string(),
+            "key": key,
+            "lease": {"holder": holder, "token": token, "expires_at_ms": expires_at_ms},
+        }),
         other => json!({"conflict": false, "error": other.to_string()}),
     }
 }

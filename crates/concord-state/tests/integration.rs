@@ -108,6 +108,7 @@ fn set(key: &str, base: u64, value: Value) -> Change {
         key: key.into(),
         base_version: base,
         ops: vec![Op::Set { value }],
+        lease_token: None,
     }
 }
 
@@ -211,6 +212,7 @@ both_backends!(
             ops: vec![Op::MergePatch {
                 patch: json!({ field: value }),
             }],
+            lease_token: None,
         };
         s.put(vec![patch("title", "A's title")], None, &author("a"))
             .await
@@ -276,6 +278,7 @@ both_backends!(retried_commit_is_applied_once, |backend| async move {
                 path: String::new(),
                 by: 5.into(),
             }],
+            lease_token: None,
         }])
         .await
         .unwrap();
@@ -329,6 +332,7 @@ both_backends!(
                 ops: vec![Op::JsonPatch {
                     patch: json!([{"op": "remove", "path": "/missing"}]),
                 }],
+                lease_token: None,
             }])
             .await
             .unwrap_err();
@@ -442,3 +446,72 @@ both_backends!(
         f.finish().await;
     }
 );
+
+both_backends!(leases_fence_out_stale_holders, |backend| async move {
+    let f = Fixture::new(backend, StateOptions::default()).await;
+    let s = &f.state;
+    let ttl = Duration::from_secs(30);
+    let first = s.claim("jobs/build", "worker-1", ttl, None).await.unwrap();
+    assert!(first.granted);
+    let token = first.token.unwrap();
+    let other = s.claim("jobs/build", "worker-2", ttl, None).await.unwrap();
+    assert!(!other.granted && other.holder == "worker-1", "{other:?}");
+
+    let unfenced = s
+        .put(
+            vec![set("jobs/build", 0, json!("worker-2 was here"))],
+            None,
+            &author("worker-2"),
+        )
+        .await;
+    assert!(
+        matches!(
+            unfenced,
+            Err(StateError::Leased {
+                presented: None,
+                ..
+            })
+        ),
+        "{unfenced:?}"
+    );
+    let mut fenced = set("jobs/build", 0, json!("built"));
+    fenced.lease_token = Some(token);
+    s.put(vec![fenced], None, &author("worker-1"))
+        .await
+        .unwrap();
+
+    // Renewing keeps the token; releasing ends the lease; the next claim gets a larger token.
+    let renewed = s
+        .claim("jobs/build", "worker-1", ttl, Some(token))
+        .await
+        .unwrap();
+    assert_eq!(renewed.token, Some(token));
+    s.release("jobs/build", token).await.unwrap();
+    let mut late = set("jobs/build", 1, json!("too late"));
+    late.lease_token = Some(token);
+    let lost = s.put(vec![late.clone()], None, &author("worker-1")).await;
+    assert!(
+        matches!(lost, Err(StateError::LeaseLost { .. })),
+        "{lost:?}"
+    );
+    let second = s
+        .claim("jobs/build", "worker-2", Duration::from_millis(50), None)
+        .await
+        .unwrap();
+    assert_eq!(second.token, Some(token + 1));
+    let stale = s.put(vec![late], None, &author("worker-1")).await;
+    assert!(
+        matches!(stale, Err(StateError::Leased { presented: Some(t), .. }) if t == token),
+        "{stale:?}"
+    );
+
+    // Expiry frees the key.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let third = s.claim("jobs/build", "worker-3", ttl, None).await.unwrap();
+    assert!(third.granted && third.token == Some(token + 2), "{third:?}");
+    assert_eq!(
+        s.get("jobs/build").await.unwrap().value,
+        Some(json!("built"))
+    );
+    f.finish().await;
+});

@@ -52,6 +52,25 @@ pub struct Current {
     pub key: KeyRef,
     pub version: u64,
     pub value: Option<Value>,
+    /// The key's lease, when one is held and unexpired.
+    pub lease: Option<Lease>,
+}
+
+/// An exclusive claim on a key. The fencing token grows with every new claim of the key, so
+/// a holder that lost its lease (expired, taken over) is recognised by its older token.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Lease {
+    pub token: u64,
+    pub holder: String,
+    pub expires_at_ms: u64,
+}
+
+/// The outcome of a claim.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    Granted(Lease),
+    /// Someone else holds it.
+    Held(Lease),
 }
 
 /// A new value for a key, written by a commit.
@@ -102,6 +121,11 @@ pub struct Version {
     pub trace_id: Option<String>,
     /// Milliseconds since the Unix epoch.
     pub committed_at_ms: u64,
+}
+
+enum LeaseChange<T> {
+    Keep(T),
+    Set(Lease, T),
 }
 
 /// A stored proposal (its body is the state crate's JSON).
@@ -226,11 +250,13 @@ impl Store {
                 key: key.clone(),
                 version: version as u64,
                 value: Some(parse_json(&value)?),
+                lease: None,
             },
             None => Current {
                 key: key.clone(),
                 version: 0,
                 value: None,
+                lease: None,
             },
         })
     }
@@ -279,6 +305,7 @@ impl Store {
                     },
                     version: version as u64,
                     value: Some(parse_json(&value)?),
+                    lease: None,
                 })
             })
             .collect()
@@ -448,6 +475,148 @@ impl Store {
         Ok(done == 1)
     }
 
+    /// Claims `key` for `holder` for `ttl_ms`: granted with a new, larger fencing token when
+    /// the key is free (never claimed, released or expired); otherwise the current lease.
+    pub async fn claim(
+        &self,
+        key: &KeyRef,
+        holder: &str,
+        ttl_ms: u64,
+    ) -> Result<Claim, StoreError> {
+        self.lease_op(key, |now, current| match current {
+            Some(lease) if lease.expires_at_ms > now => LeaseChange::Keep(Claim::Held(lease)),
+            previous => {
+                let lease = Lease {
+                    token: previous.map_or(1, |l| l.token + 1),
+                    holder: holder.to_string(),
+                    expires_at_ms: now + ttl_ms,
+                };
+                LeaseChange::Set(lease.clone(), Claim::Granted(lease))
+            }
+        })
+        .await
+    }
+
+    /// Extends a live lease held under `token`; None when the token is not the live lease's.
+    pub async fn renew(
+        &self,
+        key: &KeyRef,
+        token: u64,
+        ttl_ms: u64,
+    ) -> Result<Option<Lease>, StoreError> {
+        self.lease_op(key, |now, current| match current {
+            Some(lease) if lease.token == token && lease.expires_at_ms > now => {
+                let renewed = Lease {
+                    expires_at_ms: now + ttl_ms,
+                    ..lease
+                };
+                LeaseChange::Set(renewed.clone(), Some(renewed))
+            }
+            _ => LeaseChange::Keep(None),
+        })
+        .await
+    }
+
+    /// Ends a live lease held under `token`; false when the token is not the live lease's.
+    pub async fn release(&self, key: &KeyRef, token: u64) -> Result<bool, StoreError> {
+        self.lease_op(key, |now, current| match current {
+            Some(lease) if lease.token == token && lease.expires_at_ms > now => {
+                // Expire it now; the row keeps the token so the next claim's is larger.
+                LeaseChange::Set(
+                    Lease {
+                        expires_at_ms: now,
+                        ..lease
+                    },
+                    true,
+                )
+            }
+            _ => LeaseChange::Keep(false),
+        })
+        .await
+    }
+
+    /// Reads a key's lease row under the key's lock and lets `change` decide what to store.
+    async fn lease_op<T>(
+        &self,
+        key: &KeyRef,
+        change: impl FnOnce(u64, Option<Lease>) -> LeaseChange<T>,
+    ) -> Result<T, StoreError> {
+        let now = now_ms();
+        match &self.backend {
+            Backend::Sqlite(pool) => {
+                let mut conn = pool.acquire().await?;
+                let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+                let row: Option<(i64, String, i64)> =
+                    sqlx::query("SELECT token, holder, expires_at_ms FROM state_leases WHERE ns = ? AND key = ?")
+                        .bind(&key.namespace)
+                        .bind(&key.key)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .map(|r| (r.get(0), r.get(1), r.get(2)));
+                let current = row.map(|(token, holder, expires)| Lease {
+                    token: token as u64,
+                    holder,
+                    expires_at_ms: expires as u64,
+                });
+                match change(now, current) {
+                    LeaseChange::Keep(out) => Ok(out),
+                    LeaseChange::Set(lease, out) => {
+                        sqlx::query(
+                            "INSERT INTO state_leases (ns, key, token, holder, expires_at_ms) VALUES (?, ?, ?, ?, ?) \
+                             ON CONFLICT (ns, key) DO UPDATE SET token = excluded.token, holder = excluded.holder, expires_at_ms = excluded.expires_at_ms",
+                        )
+                        .bind(&key.namespace)
+                        .bind(&key.key)
+                        .bind(lease.token as i64)
+                        .bind(&lease.holder)
+                        .bind(lease.expires_at_ms as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                        tx.commit().await?;
+                        Ok(out)
+                    }
+                }
+            }
+            Backend::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                    .bind(format!("{}/{}", key.namespace, key.key))
+                    .execute(&mut *tx)
+                    .await?;
+                let row: Option<(i64, String, i64)> =
+                    sqlx::query("SELECT token, holder, expires_at_ms FROM state_leases WHERE ns = $1 AND key = $2")
+                        .bind(&key.namespace)
+                        .bind(&key.key)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .map(|r| (r.get(0), r.get(1), r.get(2)));
+                let current = row.map(|(token, holder, expires)| Lease {
+                    token: token as u64,
+                    holder,
+                    expires_at_ms: expires as u64,
+                });
+                match change(now, current) {
+                    LeaseChange::Keep(out) => Ok(out),
+                    LeaseChange::Set(lease, out) => {
+                        sqlx::query(
+                            "INSERT INTO state_leases (ns, key, token, holder, expires_at_ms) VALUES ($1, $2, $3, $4, $5) \
+                             ON CONFLICT (ns, key) DO UPDATE SET token = excluded.token, holder = excluded.holder, expires_at_ms = excluded.expires_at_ms",
+                        )
+                        .bind(&key.namespace)
+                        .bind(&key.key)
+                        .bind(lease.token as i64)
+                        .bind(&lease.holder)
+                        .bind(lease.expires_at_ms as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                        tx.commit().await?;
+                        Ok(out)
+                    }
+                }
+            }
+        }
+    }
+
     /// Closes the connection pool.
     pub async fn close(&self) {
         match &self.backend {
@@ -458,8 +627,14 @@ impl Store {
 }
 
 /// Schema migrations, in order; each runs once, in its own transaction, on start.
-const SQLITE_MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_state.sql")];
-const POSTGRES_MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_state.sql")];
+const SQLITE_MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_state.sql"),
+    include_str!("../migrations/sqlite/0002_leases.sql"),
+];
+const POSTGRES_MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/0001_state.sql"),
+    include_str!("../migrations/postgres/0002_leases.sql"),
+];
 
 async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
     sqlx::query("CREATE TABLE IF NOT EXISTS concord_schema (version INTEGER NOT NULL)")
@@ -592,7 +767,17 @@ mod sqlite {
                     .fetch_optional(&mut *tx)
                     .await?
                     .map(|r| (r.get(0), r.get(1)));
-            currents.push(current_of(key, row)?);
+            let lease: Option<(i64, String, i64)> = sqlx::query(
+                "SELECT token, holder, expires_at_ms FROM state_leases WHERE ns = ? AND key = ?",
+            )
+            .bind(&key.namespace)
+            .bind(&key.key)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| (r.get(0), r.get(1), r.get(2)));
+            let mut current = current_of(key, row)?;
+            current.lease = live_lease(lease, now_ms());
+            currents.push(current);
         }
         let writes = match decide(&currents) {
             Ok(writes) => writes,
@@ -700,7 +885,17 @@ mod postgres {
                     .fetch_optional(&mut *tx)
                     .await?
                     .map(|r| (r.get(0), r.get(1)));
-            currents.push(current_of(key, row)?);
+            let lease: Option<(i64, String, i64)> = sqlx::query(
+                "SELECT token, holder, expires_at_ms FROM state_leases WHERE ns = $1 AND key = $2",
+            )
+            .bind(&key.namespace)
+            .bind(&key.key)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| (r.get(0), r.get(1), r.get(2)));
+            let mut current = current_of(key, row)?;
+            current.lease = live_lease(lease, now_ms());
+            currents.push(current);
         }
         let writes = match decide(&currents) {
             Ok(writes) => writes,
@@ -773,13 +968,24 @@ fn current_of(key: &KeyRef, row: Option<(i64, String)>) -> Result<Current, Store
             key: key.clone(),
             version: version as u64,
             value: Some(parse_json(&value)?),
+            lease: None,
         },
         None => Current {
             key: key.clone(),
             version: 0,
             value: None,
+            lease: None,
         },
     })
+}
+
+fn live_lease(row: Option<(i64, String, i64)>, now: u64) -> Option<Lease> {
+    row.filter(|(_, _, expires)| *expires as u64 > now)
+        .map(|(token, holder, expires)| Lease {
+            token: token as u64,
+            holder,
+            expires_at_ms: expires as u64,
+        })
 }
 
 fn replayed(result: &str) -> Result<Committed, StoreError> {
