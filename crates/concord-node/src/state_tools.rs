@@ -218,6 +218,26 @@ impl BuiltinTools for StateTools {
                 true,
             ),
             tool(
+                "state_changes",
+                "The change feed: committed versions under a prefix with a sequence number above since_seq, oldest first. Poll again with next_seq to resume without gaps or duplicates.",
+                json!({"type": "object", "required": ["prefix"], "properties": {
+                    "prefix": {"type": "string"}, "since_seq": {"type": "integer", "minimum": 0, "default": 0},
+                    "limit": {"type": "integer", "minimum": 1, "maximum": 1000}}}),
+                json!({"type": "object", "properties": {"changes": {"type": "array"}, "next_seq": {"type": "integer"}}}),
+                true,
+                true,
+            ),
+            tool(
+                "state_diff",
+                "RFC 6902 JSON Patch from one version of a key to another.",
+                json!({"type": "object", "required": ["key", "from_version", "to_version"], "properties": {
+                    "key": {"type": "string"}, "from_version": {"type": "integer", "minimum": 0},
+                    "to_version": {"type": "integer", "minimum": 0}}}),
+                json!({"type": "object", "properties": {"patch": {"type": "array"}}}),
+                true,
+                true,
+            ),
+            tool(
                 "state_history",
                 "Every kept version of a key, newest first, with author, time, proposal and trace id.",
                 json!({"type": "object", "required": ["key"], "properties": {
@@ -302,6 +322,35 @@ impl BuiltinTools for StateTools {
                             .await
                         {
                             Ok(()) => ok(json!({"released": true})),
+                            Err(e) => refused(e),
+                        }
+                    }
+                    "state_changes" => {
+                        let since = optional::<u64>(&arguments, "since_seq")?.unwrap_or(0);
+                        let limit = optional::<u32>(&arguments, "limit")?
+                            .unwrap_or(100)
+                            .min(1000);
+                        match state
+                            .changes(&arg::<String>(&arguments, "prefix")?, since, limit)
+                            .await
+                        {
+                            Ok(changes) => {
+                                let next_seq = changes.last().map_or(since, |c| c.seq);
+                                ok(json!({"changes": changes, "next_seq": next_seq}))
+                            }
+                            Err(e) => refused(e),
+                        }
+                    }
+                    "state_diff" => {
+                        match state
+                            .diff(
+                                &arg::<String>(&arguments, "key")?,
+                                arg(&arguments, "from_version")?,
+                                arg(&arguments, "to_version")?,
+                            )
+                            .await
+                        {
+                            Ok(patch) => ok(json!({"patch": patch})),
                             Err(e) => refused(e),
                         }
                     }

@@ -164,6 +164,18 @@ impl LeaseOutcome {
     }
 }
 
+/// One committed version in the change feed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedEntry {
+    pub seq: u64,
+    pub key: String,
+    pub version: u64,
+    pub value: Value,
+    pub author: String,
+    pub proposal_id: Option<String>,
+    pub committed_at_ms: u64,
+}
+
 /// Who is writing, for the history.
 #[derive(Debug, Clone, Default)]
 pub struct Author {
@@ -312,6 +324,59 @@ impl StateService {
                 committed_at_ms: v.committed_at_ms,
             })
             .collect())
+    }
+
+    /// The change feed: committed versions under `prefix` with a sequence number above
+    /// `after_seq`, oldest first. Resume with the last `seq` seen: no gaps, no duplicates.
+    pub async fn changes(
+        &self,
+        prefix: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<FeedEntry>, StateError> {
+        let (namespace, path_prefix) = prefix.split_once('/').unwrap_or((prefix, ""));
+        parse_key(&format!("{namespace}/x"))?;
+        let mut rows = self
+            .store
+            .changes_since(namespace, path_prefix, after_seq, limit)
+            .await?;
+        // A full page may end in the middle of a multi-key commit: hand out only whole
+        // commits, so that resuming after the last sequence number loses none of its keys.
+        if rows.len() == limit as usize
+            && let Some(last) = rows.last().map(|(_, v)| v.seq)
+            && rows.first().is_some_and(|(_, v)| v.seq != last)
+        {
+            rows.retain(|(_, v)| v.seq != last);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|(key, v)| FeedEntry {
+                seq: v.seq,
+                key: key_name(&key),
+                version: v.version,
+                value: v.value,
+                author: v.author,
+                proposal_id: v.proposal_id,
+                committed_at_ms: v.committed_at_ms,
+            })
+            .collect())
+    }
+
+    /// RFC 6902 patch from version `from` of `key` to version `to` (0: absent).
+    pub async fn diff(&self, key: &str, from: u64, to: u64) -> Result<Value, StateError> {
+        let key_ref = parse_key(key)?;
+        let mut values = Vec::new();
+        for version in [from, to] {
+            let value = self.store.value_at(&key_ref, version).await?;
+            if version != 0 && value.is_none() {
+                return Err(StateError::InvalidOperation {
+                    key: key.to_string(),
+                    reason: format!("version {version} does not exist (or is no longer kept)"),
+                });
+            }
+            values.push(value);
+        }
+        Ok(ops::diff(values[0].as_ref(), values[1].as_ref()))
     }
 
     /// Checks a write and records it as a proposal to commit later. The operations are tried

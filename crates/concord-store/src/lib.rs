@@ -344,6 +344,73 @@ impl Store {
         rows.into_iter().collect()
     }
 
+    /// Committed versions of keys in `namespace` starting with `prefix`, with a commit
+    /// sequence number above `after_seq`, in sequence order: the change feed. Sequence numbers
+    /// become visible in order (see `transact`), so resuming from the last one seen never
+    /// skips a commit and never repeats one.
+    pub async fn changes_since(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<(KeyRef, Version)>, StoreError> {
+        const COLUMNS: &str = "h.key, h.version, h.value, h.seq, c.author, c.proposal_id, c.trace_id, c.committed_at_ms";
+        let upper = format!("{prefix}\u{10FFFF}");
+        let rows: Vec<(String, Version)> = match &self.backend {
+            Backend::Sqlite(pool) => sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM state_history h JOIN state_commits c ON c.seq = h.seq \
+                 WHERE h.ns = ? AND h.key >= ? AND h.key < ? AND h.seq > ? ORDER BY h.seq, h.key LIMIT ?"
+            ))
+            .bind(namespace)
+            .bind(prefix)
+            .bind(&upper)
+            .bind(after_seq as i64)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|row| {
+                let key: String = row.get(0);
+                Ok((key, version_from_row(
+                    row.get(1), row.get(2), row.get(3), row.get(4), row.get(5), row.get(6), row.get(7),
+                )?))
+            })
+            .collect::<Result<_, StoreError>>()?,
+            Backend::Postgres(pool) => sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM state_history h JOIN state_commits c ON c.seq = h.seq \
+                 WHERE h.ns = $1 AND h.key >= $2 AND h.key < $3 AND h.seq > $4 ORDER BY h.seq, h.key LIMIT $5"
+            ))
+            .bind(namespace)
+            .bind(prefix)
+            .bind(&upper)
+            .bind(after_seq as i64)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|row| {
+                let key: String = row.get(0);
+                Ok((key, version_from_row(
+                    row.get(1), row.get(2), row.get(3), row.get(4), row.get(5), row.get(6), row.get(7),
+                )?))
+            })
+            .collect::<Result<_, StoreError>>()?,
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(key, version)| {
+                (
+                    KeyRef {
+                        namespace: namespace.to_string(),
+                        key,
+                    },
+                    version,
+                )
+            })
+            .collect())
+    }
+
     /// The value `key` had at `version`, if that version is still kept.
     pub async fn value_at(&self, key: &KeyRef, version: u64) -> Result<Option<Value>, StoreError> {
         if version == 0 {
@@ -693,6 +760,27 @@ async fn migrate_postgres(pool: &PgPool) -> Result<(), StoreError> {
     }
     tx.commit().await?;
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn version_from_row(
+    version: i64,
+    value: String,
+    seq: i64,
+    author: String,
+    proposal_id: Option<String>,
+    trace_id: Option<String>,
+    committed_at_ms: i64,
+) -> Result<Version, StoreError> {
+    Ok(Version {
+        version: version as u64,
+        value: parse_json(&value)?,
+        seq: seq as u64,
+        author,
+        proposal_id,
+        trace_id,
+        committed_at_ms: committed_at_ms as u64,
+    })
 }
 
 fn version_from_sqlite(row: sqlx::sqlite::SqliteRow) -> Result<Version, StoreError> {
