@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use concord_config::Config;
 use concord_mcp::{ClientError, NodeClient};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 const DEFAULT_URL: &str = "http://127.0.0.1:8811/mcp";
 
@@ -35,6 +35,9 @@ enum Command {
     /// List or call the tools a running node exposes.
     #[command(subcommand)]
     Tools(ToolsCommand),
+    /// Read and write the node's shared state.
+    #[command(subcommand)]
+    State(StateCommand),
     /// Check a config file without starting anything.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -95,6 +98,57 @@ struct Target {
 }
 
 #[derive(Subcommand)]
+enum StateCommand {
+    /// Print a key's value and version.
+    Get {
+        key: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Write a key (VALUE is JSON, or a plain string). Without --base, the current version is
+    /// read first; with it, the write is refused if the key moved since that version.
+    Put {
+        key: String,
+        value: String,
+        #[arg(long)]
+        base: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Propose setting a key; prints the proposal id to commit.
+    Propose {
+        key: String,
+        value: String,
+        #[arg(long)]
+        base: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Commit a proposal.
+    Commit {
+        proposal_id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// A key's versions, newest first.
+    Log {
+        key: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Follow the change feed under a prefix (`namespace/`), from --since.
+    Watch {
+        prefix: String,
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a config file and print the servers it defines.
     Check { file: PathBuf },
@@ -127,6 +181,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Tools(ToolsCommand::Call { name, args, target }) => {
             tools_call(&name, &args, target).await
         }
+        Command::State(command) => state_command(command).await,
         Command::ConformanceClient { url, scenario } => {
             concord_mcp::conformance::run_client(&scenario, &url).await?;
             Ok(std::process::ExitCode::SUCCESS)
@@ -306,6 +361,157 @@ async fn tools_call(name: &str, args: &[String], target: Target) -> Result<std::
     } else {
         std::process::ExitCode::SUCCESS
     })
+}
+
+fn json_or_string(raw: &str) -> Value {
+    serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
+}
+
+/// Calls a `concord__state_*` tool; a refusal (conflict, bad input) is printed and exits 1.
+async fn state_tool(target: &Target, tool: &str, arguments: Value) -> Result<Result<Value, Value>> {
+    let client = NodeClient::connect(&target.url).await?;
+    let result = client
+        .call_tool(
+            &format!("concord__{tool}"),
+            arguments.as_object().cloned().unwrap_or_default(),
+        )
+        .await;
+    client.close().await;
+    let result = result?;
+    let structured = result["structuredContent"].clone();
+    Ok(if result["isError"].as_bool() == Some(true) {
+        Err(structured)
+    } else {
+        Ok(structured)
+    })
+}
+
+fn print_outcome(outcome: Result<Value, Value>) -> Result<std::process::ExitCode> {
+    match outcome {
+        Ok(value) => {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Err(refusal) => {
+            eprintln!(
+                "refused: {}",
+                refusal["error"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| refusal.to_string())
+            );
+            if refusal["conflict"] == true {
+                eprintln!(
+                    "conflict: current version {}, current value {}",
+                    refusal["current_version"], refusal["current_value"]
+                );
+            }
+            Ok(std::process::ExitCode::from(1))
+        }
+    }
+}
+
+async fn state_command(command: StateCommand) -> Result<std::process::ExitCode> {
+    match command {
+        StateCommand::Get { key, target } => {
+            print_outcome(state_tool(&target, "state_get", json!({"key": key})).await?)
+        }
+        StateCommand::Put {
+            key,
+            value,
+            base,
+            target,
+        } => {
+            let base = match base {
+                Some(base) => base,
+                None => match state_tool(&target, "state_get", json!({"key": key})).await? {
+                    Ok(entry) => entry["version"].as_u64().unwrap_or(0),
+                    Err(refusal) => return print_outcome(Err(refusal)),
+                },
+            };
+            let arguments =
+                json!({"key": key, "base_version": base, "value": json_or_string(&value)});
+            print_outcome(state_tool(&target, "state_put", arguments).await?)
+        }
+        StateCommand::Propose {
+            key,
+            value,
+            base,
+            target,
+        } => {
+            let changes = json!([{"key": key, "base_version": base, "ops": [{"op": "set", "value": json_or_string(&value)}]}]);
+            print_outcome(state_tool(&target, "state_propose", json!({"changes": changes})).await?)
+        }
+        StateCommand::Commit {
+            proposal_id,
+            target,
+        } => print_outcome(
+            state_tool(&target, "state_commit", json!({"proposal_id": proposal_id})).await?,
+        ),
+        StateCommand::Log { key, limit, target } => print_outcome(
+            state_tool(
+                &target,
+                "state_history",
+                json!({"key": key, "limit": limit}),
+            )
+            .await?,
+        ),
+        StateCommand::Watch {
+            prefix,
+            since,
+            target,
+        } => watch(&target.url, &prefix, since).await,
+    }
+}
+
+/// Percent-encodes a query value (keys are ASCII; this covers the characters they allow).
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// Follows `/api/v1/state/changes` (Server-Sent Events), printing one JSON line per change.
+async fn watch(mcp_url: &str, prefix: &str, since: u64) -> Result<std::process::ExitCode> {
+    use futures::StreamExt;
+    let base = mcp_url.strip_suffix("/mcp").unwrap_or(mcp_url);
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{base}/api/v1/state/changes?prefix={}&since={since}",
+            encode(prefix)
+        ))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?;
+    if !response.status().is_success() {
+        bail!(
+            "{}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+    }
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        buffer.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            for line in event.lines() {
+                if let Some(data) = line.strip_prefix("data:") {
+                    println!("{}", data.trim());
+                }
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

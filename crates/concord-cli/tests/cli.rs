@@ -206,3 +206,69 @@ fn tools_list_against_no_node_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn state_commands_and_the_rest_feed() {
+    let node = Node::start();
+    let put = node.cli(&["state", "put", "team/plan", r#"{"step": 1}"#]);
+    assert!(put.status.success(), "{put:?}");
+    let committed: Value = serde_json::from_slice(&put.stdout).unwrap();
+    assert_eq!(committed["versions"]["team/plan"], 1);
+
+    let get = node.cli(&["state", "get", "team/plan"]);
+    let entry: Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(entry["value"]["step"], 1);
+    assert_eq!(entry["version"], 1);
+
+    // A write based on a stale version is refused, and says what is there now.
+    let stale = node.cli(&[
+        "state",
+        "put",
+        "team/plan",
+        r#"{"step": 99}"#,
+        "--base",
+        "0",
+    ]);
+    assert_eq!(stale.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&stale.stderr);
+    assert!(stderr.contains("conflict: current version 1"), "{stderr}");
+
+    let proposed = node.cli(&["state", "propose", "team/plan", "two", "--base", "1"]);
+    let proposal: Value = serde_json::from_slice(&proposed.stdout).unwrap();
+    let id = proposal["proposal_id"].as_str().unwrap();
+    let commit = node.cli(&["state", "commit", id]);
+    assert!(commit.status.success(), "{commit:?}");
+
+    let log = node.cli(&["state", "log", "team/plan"]);
+    let history: Value = serde_json::from_slice(&log.stdout).unwrap();
+    let values: Vec<&Value> = history["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| &v["value"])
+        .collect();
+    assert_eq!(
+        values,
+        [&serde_json::json!("two"), &serde_json::json!({"step": 1})]
+    );
+
+    // The change feed replays both commits from the start as Server-Sent Events.
+    let mut watch = concord()
+        .args([
+            "state", "watch", "team/", "--since", "0", "--url", &node.url,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        (first["version"].as_u64(), second["version"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert!(first["seq"].as_u64() < second["seq"].as_u64());
+    let _ = watch.kill();
+    let _ = watch.wait();
+    node.terminate();
+}

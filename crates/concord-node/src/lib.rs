@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 mod edge;
+mod rest;
 mod state_tools;
 
 /// How long start-up waits for every upstream's first connection attempt before it reports
@@ -117,7 +118,10 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         .unwrap_or_else(|| options.data_dir.join("state.db").display().to_string());
     let store = concord_store::Store::open(&store_location).await?;
     tracing::info!(backend = store.backend_name(), "state store open");
-    let state = concord_state::StateService::new(store, state_options(config));
+    let state = Arc::new(concord_state::StateService::new(
+        store,
+        state_options(config),
+    ));
     let metrics = Arc::new(Metrics::new());
     let gateway = Gateway::with_builtins(
         config,
@@ -126,7 +130,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
             page_size: config.node.page_size,
         },
         metrics.clone(),
-        Some(Arc::new(state_tools::StateTools::new(state))),
+        Some(Arc::new(state_tools::StateTools::new(state.clone()))),
     );
     let shutdown = CancellationToken::new();
     let edge = EdgeOptions {
@@ -141,6 +145,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         },
         &edge,
         shutdown.clone(),
+        state,
     );
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
@@ -197,7 +202,19 @@ fn state_options(config: &Config) -> concord_state::StateOptions {
     }
 }
 
-fn router(state: AppState, edge: &EdgeOptions, shutdown: CancellationToken) -> Router {
+fn router(
+    state: AppState,
+    edge: &EdgeOptions,
+    shutdown: CancellationToken,
+    shared_state: Arc<concord_state::StateService>,
+) -> Router {
+    let state_api = Router::new()
+        .route("/api/v1/state/changes", get(rest::feed))
+        .route(
+            "/api/v1/state/{*key}",
+            get(rest::get_key).put(rest::put_key),
+        )
+        .with_state(shared_state);
     let mcp =
         state
             .gateway
@@ -212,6 +229,7 @@ fn router(state: AppState, edge: &EdgeOptions, shutdown: CancellationToken) -> R
         .route("/metrics", get(metrics))
         .with_state(state)
         .merge(mcp)
+        .merge(state_api)
         .layer(middleware::from_fn(http_span))
 }
 

@@ -13,10 +13,8 @@ pub struct StateTools {
 }
 
 impl StateTools {
-    pub fn new(state: StateService) -> Self {
-        Self {
-            state: Arc::new(state),
-        }
+    pub fn new(state: Arc<StateService>) -> Self {
+        Self { state }
     }
 }
 

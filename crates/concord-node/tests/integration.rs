@@ -491,3 +491,48 @@ async fn lists_are_paginated_with_cursors_that_cover_everything_once() {
     .await;
     assert_eq!(parse_body(&body)["error"]["code"], -32602);
 }
+
+#[tokio::test]
+async fn state_over_rest_refuses_stale_and_malformed_writes() {
+    let node = TestNode::start("").await.unwrap();
+    let base = format!("http://{}/api/v1/state", node.node.local_addr());
+    let put = |body: String| {
+        client()
+            .put(format!("{base}/team/notes"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let created = put(json!({"base_version": 0, "value": ["a"]}).to_string())
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let stale = put(json!({"base_version": 0, "value": ["b"]}).to_string())
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 409);
+    let conflict: Value = stale.json().await.unwrap();
+    assert_eq!(conflict["conflict"], true);
+    assert_eq!(conflict["current_version"], 1);
+    assert_eq!(conflict["current_value"], json!(["a"]));
+    let malformed = put("{not json".to_string()).await.unwrap();
+    assert_eq!(malformed.status(), 400);
+    let unknown_field = put(json!({"base_version": 1, "valeu": 1}).to_string())
+        .await
+        .unwrap();
+    assert_eq!(unknown_field.status(), 400);
+    let bad_key = client().get(format!("{base}/Team")).send().await.unwrap();
+    assert_eq!(bad_key.status(), 400);
+    let now: Value = client()
+        .get(format!("{base}/team/notes"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        now,
+        json!({"key": "team/notes", "version": 1, "value": ["a"]})
+    );
+}

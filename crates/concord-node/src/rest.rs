@@ -1,0 +1,172 @@
+//! `/api/v1/state`: shared state over plain HTTP for anything that is not an MCP client, and the
+//! change feed as Server-Sent Events (resumable with `Last-Event-ID` or `?since=`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use concord_state::{Author, Change, Op, StateError, StateService, error_details};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// How often an open feed looks for new commits.
+const FEED_POLL: Duration = Duration::from_millis(200);
+
+fn status_of(error: &StateError) -> StatusCode {
+    match error {
+        StateError::Conflict(_) => StatusCode::CONFLICT,
+        StateError::Leased { .. } | StateError::LeaseLost { .. } => StatusCode::LOCKED,
+        StateError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        StateError::UnknownProposal(_) => StatusCode::NOT_FOUND,
+        StateError::ExpiredProposal(_) | StateError::ProposalNotOpen { .. } => StatusCode::GONE,
+        StateError::InvalidKey { .. } | StateError::InvalidOperation { .. } => {
+            StatusCode::BAD_REQUEST
+        }
+        StateError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn refusal(error: StateError) -> Response {
+    (status_of(&error), Json(error_details(&error))).into_response()
+}
+
+pub async fn get_key(State(state): State<Arc<StateService>>, Path(key): Path<String>) -> Response {
+    match state.get(&key).await {
+        Ok(entry) => Json(entry).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutBody {
+    base_version: u64,
+    #[serde(default)]
+    value: Option<Value>,
+    #[serde(default)]
+    ops: Option<Vec<Op>>,
+    #[serde(default)]
+    lease_token: Option<u64>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+pub async fn put_key(
+    State(state): State<Arc<StateService>>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<PutBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"conflict": false, "error": rejection.body_text()})),
+            )
+                .into_response();
+        }
+    };
+    let ops = match (body.ops, body.value) {
+        (Some(ops), _) => ops,
+        (None, Some(value)) => vec![Op::Set { value }],
+        (None, None) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"conflict": false, "error": "give `value` or `ops`"})),
+            )
+                .into_response();
+        }
+    };
+    let author = Author {
+        principal: headers
+            .get("x-concord-author")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("rest")
+            .to_string(),
+        trace_id: headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    };
+    let change = Change {
+        key,
+        base_version: body.base_version,
+        ops,
+        lease_token: body.lease_token,
+    };
+    match state.put(vec![change], body.idempotency_key, &author).await {
+        Ok(result) => Json(result).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct FeedQuery {
+    prefix: String,
+    #[serde(default)]
+    since: Option<u64>,
+}
+
+/// Every commit under `prefix` after `since` (or the `Last-Event-ID` a reconnecting client
+/// sends), then each new one as it lands. Event ids are commit sequence numbers.
+pub async fn feed(
+    State(state): State<Arc<StateService>>,
+    Query(query): Query<FeedQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let since = resume.or(query.since).unwrap_or(0);
+    if let Err(e) = state.changes(&query.prefix, since, 1).await {
+        return refusal(e);
+    }
+    let stream = futures::stream::unfold(
+        (
+            state,
+            query.prefix,
+            since,
+            std::collections::VecDeque::new(),
+        ),
+        |(state, prefix, mut since, mut pending)| async move {
+            loop {
+                if let Some(entry) = pending.pop_front() {
+                    let event: Result<Event, Infallible> = Ok(Event::default()
+                        .id(entry_seq(&entry).to_string())
+                        .event("change")
+                        .data(entry.to_string()));
+                    return Some((event, (state, prefix, since, pending)));
+                }
+                match state.changes(&prefix, since, 500).await {
+                    Ok(changes) if !changes.is_empty() => {
+                        since = changes.last().map_or(since, |c| c.seq);
+                        pending.extend(
+                            changes
+                                .into_iter()
+                                .filter_map(|c| serde_json::to_value(c).ok()),
+                        );
+                    }
+                    Ok(_) => tokio::time::sleep(FEED_POLL).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "change feed read failed; ending the stream");
+                        return None;
+                    }
+                }
+            }
+        },
+    );
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+fn entry_seq(entry: &Value) -> u64 {
+    entry["seq"].as_u64().unwrap_or_default()
+}
