@@ -109,7 +109,10 @@ def test_readyz_reports_every_upstream_healthy(gateway: Gateway) -> None:
         assert server["tools"] > 0, f"{name}: {server}"
     assert servers["everything"]["transport"] == "stdio"
     assert servers["everything_sse"]["transport"] == "sse"
-    assert body["tools"] == sum(s["tools"] for s in servers.values())
+    # Every upstream tool, plus the node's own built-in state tools.
+    builtins = {"state_get", "state_list", "state_put", "state_propose", "state_commit", "state_history",
+                "state_claim", "state_release", "state_changes", "state_diff"}
+    assert body["tools"] == sum(s["tools"] for s in servers.values()) + len(builtins)
     status, text = http_get(f"{gateway.node.base_url}/healthz")
     assert status == 200 and text.strip() == "ok"
 
@@ -131,7 +134,7 @@ async def test_tools_from_every_server_are_namespaced(gateway: Gateway) -> None:
     }
     assert expected <= set(tools), f"missing: {sorted(expected - set(tools))}"
     # Nothing is exposed without its server's namespace.
-    prefixes = ("everything__", "everything_http__", "everything_sse__", "filesystem__", "memory__", "fx__")
+    prefixes = ("everything__", "everything_http__", "everything_sse__", "filesystem__", "memory__", "fx__", "concord__")
     assert all(name.startswith(prefixes) for name in tools), sorted(n for n in tools if not n.startswith(prefixes))
     assert "echo" not in tools
 
