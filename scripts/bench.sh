@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# Gateway overhead benchmark (release build): Concord vs direct upstream, same run.
-# Writes bench-results/gateway.md; BENCH_SECONDS sets the time per point (default 8).
+# Benchmarks (release build), each against its baseline measured in the same run:
+#   ./scripts/bench.sh gateway   - tools/call through a node vs direct upstream (bench-results/gateway.md)
+#   ./scripts/bench.sh state     - state commits vs Redis WATCH/MULTI/EXEC and bare SQL CAS (bench-results/state.md)
+#   ./scripts/bench.sh           - both
+# BENCH_SECONDS sets the time per point. The state benchmark needs PostgreSQL
+# (CONCORD_TEST_POSTGRES) and Redis (CONCORD_BENCH_REDIS, default redis://127.0.0.1:6379).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+which="${1:-all}"
 [ -d tests/peers/node_modules/@modelcontextprotocol/server-everything ] || \
     (cd tests/peers && npm ci --no-audit --no-fund --loglevel=error)
 cargo build --release --workspace --bins --locked
-cargo bench -p concord-cli --bench gateway --locked
+if [ "$which" = gateway ] || [ "$which" = all ]; then
+    cargo bench -p concord-cli --bench gateway --locked
+fi
+if [ "$which" = state ] || [ "$which" = all ]; then
+    cargo bench -p concord-state --bench state --locked
+fi

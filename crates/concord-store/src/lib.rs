@@ -684,6 +684,82 @@ impl Store {
         }
     }
 
+    /// Benchmark floor: a table for the cheapest durable compare-and-set this database can do
+    /// (one row per key, `UPDATE … WHERE version = $base`), with none of Concord's history,
+    /// sequence or idempotency work. Only benchmarks use it.
+    pub async fn floor_setup(&self) -> Result<(), StoreError> {
+        let sql = "CREATE TABLE IF NOT EXISTS bench_floor (k TEXT PRIMARY KEY, version BIGINT NOT NULL, value BIGINT NOT NULL)";
+        match &self.backend {
+            Backend::Sqlite(pool) => drop(sqlx::query(sql).execute(pool).await?),
+            Backend::Postgres(pool) => drop(sqlx::query(sql).execute(pool).await?),
+        }
+        Ok(())
+    }
+
+    /// Benchmark floor: (version, value) of a floor key, (0, 0) when absent.
+    pub async fn floor_read(&self, key: &str) -> Result<(i64, i64), StoreError> {
+        let row: Option<(i64, i64)> = match &self.backend {
+            Backend::Sqlite(pool) => {
+                sqlx::query("SELECT version, value FROM bench_floor WHERE k = ?")
+                    .bind(key)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(|r| (r.get(0), r.get(1)))
+            }
+            Backend::Postgres(pool) => {
+                sqlx::query("SELECT version, value FROM bench_floor WHERE k = $1")
+                    .bind(key)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(|r| (r.get(0), r.get(1)))
+            }
+        };
+        Ok(row.unwrap_or((0, 0)))
+    }
+
+    /// Benchmark floor: sets `value` if the key is still at `version`; false on a lost race.
+    pub async fn floor_cas(&self, key: &str, version: i64, value: i64) -> Result<bool, StoreError> {
+        let done = match &self.backend {
+            Backend::Sqlite(pool) => {
+                if version == 0 {
+                    sqlx::query("INSERT INTO bench_floor (k, version, value) VALUES (?, 1, ?) ON CONFLICT (k) DO NOTHING")
+                        .bind(key)
+                        .bind(value)
+                        .execute(pool)
+                        .await?
+                        .rows_affected()
+                } else {
+                    sqlx::query("UPDATE bench_floor SET version = version + 1, value = ? WHERE k = ? AND version = ?")
+                        .bind(value)
+                        .bind(key)
+                        .bind(version)
+                        .execute(pool)
+                        .await?
+                        .rows_affected()
+                }
+            }
+            Backend::Postgres(pool) => {
+                if version == 0 {
+                    sqlx::query("INSERT INTO bench_floor (k, version, value) VALUES ($1, 1, $2) ON CONFLICT (k) DO NOTHING")
+                        .bind(key)
+                        .bind(value)
+                        .execute(pool)
+                        .await?
+                        .rows_affected()
+                } else {
+                    sqlx::query("UPDATE bench_floor SET version = version + 1, value = $1 WHERE k = $2 AND version = $3")
+                        .bind(value)
+                        .bind(key)
+                        .bind(version)
+                        .execute(pool)
+                        .await?
+                        .rows_affected()
+                }
+            }
+        };
+        Ok(done == 1)
+    }
+
     /// Closes the connection pool.
     pub async fn close(&self) {
         match &self.backend {
