@@ -690,8 +690,12 @@ impl Store {
     pub async fn floor_setup(&self) -> Result<(), StoreError> {
         let sql = "CREATE TABLE IF NOT EXISTS bench_floor (k TEXT PRIMARY KEY, version BIGINT NOT NULL, value BIGINT NOT NULL)";
         match &self.backend {
-            Backend::Sqlite(pool) => drop(sqlx::query(sql).execute(pool).await?),
-            Backend::Postgres(pool) => drop(sqlx::query(sql).execute(pool).await?),
+            Backend::Sqlite(pool) => {
+                sqlx::query(sql).execute(pool).await?;
+            }
+            Backend::Postgres(pool) => {
+                sqlx::query(sql).execute(pool).await?;
+            }
         }
         Ok(())
     }
