@@ -477,7 +477,8 @@ fn encode(value: &str) -> String {
         .collect()
 }
 
-/// Follows `/api/v1/state/changes` (Server-Sent Events), printing one JSON line per change.
+/// Follows `/api/v1/state/changes` (Server-Sent Events, one per commit), printing one JSON line
+/// per changed key.
 async fn watch(mcp_url: &str, prefix: &str, since: u64) -> Result<std::process::ExitCode> {
     use futures::StreamExt;
     let base = mcp_url.strip_suffix("/mcp").unwrap_or(mcp_url);
@@ -505,8 +506,13 @@ async fn watch(mcp_url: &str, prefix: &str, since: u64) -> Result<std::process::
         while let Some(end) = buffer.find("\n\n") {
             let event: String = buffer.drain(..end + 2).collect();
             for line in event.lines() {
-                if let Some(data) = line.strip_prefix("data:") {
-                    println!("{}", data.trim());
+                let Some(data) = line.strip_prefix("data:") else {
+                    continue;
+                };
+                // One event per commit; one printed line per changed key.
+                let commit: Value = serde_json::from_str(data.trim()).unwrap_or(Value::Null);
+                for change in commit["changes"].as_array().into_iter().flatten() {
+                    println!("{change}");
                 }
             }
         }

@@ -128,30 +128,36 @@ pub async fn feed(
     if let Err(e) = state.changes(&query.prefix, since, 1).await {
         return refusal(e);
     }
+    // One event per commit (all its keys), with the commit's sequence number as the event id:
+    // a client resuming from Last-Event-ID never receives half of a multi-key commit.
     let stream = futures::stream::unfold(
         (
             state,
             query.prefix,
             since,
-            std::collections::VecDeque::new(),
+            std::collections::VecDeque::<(u64, Vec<Value>)>::new(),
         ),
         |(state, prefix, mut since, mut pending)| async move {
             loop {
-                if let Some(entry) = pending.pop_front() {
+                if let Some((seq, changes)) = pending.pop_front() {
+                    let data = json!({"seq": seq, "changes": changes}).to_string();
                     let event: Result<Event, Infallible> = Ok(Event::default()
-                        .id(entry_seq(&entry).to_string())
-                        .event("change")
-                        .data(entry.to_string()));
+                        .id(seq.to_string())
+                        .event("commit")
+                        .data(data));
                     return Some((event, (state, prefix, since, pending)));
                 }
                 match state.changes(&prefix, since, 500).await {
                     Ok(changes) if !changes.is_empty() => {
                         since = changes.last().map_or(since, |c| c.seq);
-                        pending.extend(
-                            changes
-                                .into_iter()
-                                .filter_map(|c| serde_json::to_value(c).ok()),
-                        );
+                        for change in changes {
+                            let seq = change.seq;
+                            let value = serde_json::to_value(change).unwrap_or_default();
+                            match pending.back_mut() {
+                                Some((last, group)) if *last == seq => group.push(value),
+                                _ => pending.push_back((seq, vec![value])),
+                            }
+                        }
                     }
                     Ok(_) => tokio::time::sleep(FEED_POLL).await,
                     Err(e) => {
@@ -165,8 +171,4 @@ pub async fn feed(
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
-}
-
-fn entry_seq(entry: &Value) -> u64 {
-    entry["seq"].as_u64().unwrap_or_default()
 }
