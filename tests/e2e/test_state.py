@@ -35,7 +35,10 @@ def postgres_url() -> Iterator[str]:
     psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
-MERGE_DOCS = '[state.namespaces.docs]\npolicy = "merge"\n'
+MERGE_DOCS = (
+    '[state.namespaces.docs]\npolicy = "merge"\n'
+    '[state.namespaces.tasks]\nschema = { type = "object", required = ["title"] }\n'
+)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +116,7 @@ async def test_bad_input_is_a_clear_error_and_changes_nothing(node: Node) -> Non
             ("state_put", {"key": "cfg/limits", "base_version": 1, "value": "x" * 2_000_000}, "over the limit"),
             ("state_commit", {"proposal_id": "p-unknown"}, "unknown proposal"),
             ("state_get", {}, "missing argument `key`"),
+            ("state_put", {"key": "tasks/t1", "base_version": 0, "value": {"done": True}}, "does not satisfy the schema"),
         ]
         for tool, arguments, expected in cases:
             failed, outcome = await call(client, tool, **arguments)

@@ -84,6 +84,8 @@ pub struct StateSettings {
     pub proposal_ttl: Option<Duration>,
     /// namespace → `reject` or `merge`.
     pub policies: BTreeMap<String, String>,
+    /// namespace → JSON Schema every value there must satisfy.
+    pub schemas: BTreeMap<String, serde_json::Value>,
 }
 
 /// One upstream MCP server.

@@ -38,7 +38,9 @@ struct RawState {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNamespace {
-    policy: String,
+    policy: Option<String>,
+    /// A JSON Schema every value in the namespace must satisfy, written as a TOML table.
+    schema: Option<toml::Value>,
 }
 
 impl RawState {
@@ -58,21 +60,35 @@ impl RawState {
             None => None,
         };
         let mut policies = BTreeMap::new();
+        let mut schemas = BTreeMap::new();
         for (namespace, raw) in self.namespaces {
-            if raw.policy != "reject" && raw.policy != "merge" {
-                return Err(ConfigError::invalid(
-                    file,
-                    format!("state.namespaces.{namespace}.policy"),
-                    format!("expected \"reject\" or \"merge\", got {:?}", raw.policy),
-                ));
+            if let Some(policy) = raw.policy {
+                if policy != "reject" && policy != "merge" {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("state.namespaces.{namespace}.policy"),
+                        format!("expected \"reject\" or \"merge\", got {policy:?}"),
+                    ));
+                }
+                policies.insert(namespace.clone(), policy);
             }
-            policies.insert(namespace, raw.policy);
+            if let Some(schema) = raw.schema {
+                let schema = serde_json::to_value(schema).map_err(|e| {
+                    ConfigError::invalid(
+                        file,
+                        format!("state.namespaces.{namespace}.schema"),
+                        e.to_string(),
+                    )
+                })?;
+                schemas.insert(namespace, schema);
+            }
         }
         Ok(StateSettings {
             store,
             max_value_bytes: self.max_value_bytes,
             proposal_ttl,
             policies,
+            schemas,
         })
     }
 }

@@ -204,3 +204,33 @@ fn json_without_servers_or_with_unknown_entry_key() {
     assert_eq!(err.key(), Some("mcpServers.a.bogus"), "{err}");
     assert!(err.to_string().contains("unknown field `bogus`"));
 }
+
+#[test]
+fn state_table_with_policies_and_schemas() {
+    let config = toml(
+        r#"
+        [state]
+        store = "postgres://u:${GH_TOKEN}@db/concord"
+        proposal_ttl = "2m"
+        [state.namespaces.docs]
+        policy = "merge"
+        [state.namespaces.tasks]
+        schema = { type = "object", required = ["title"] }
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        config.state.store.as_deref(),
+        Some("postgres://u:ghp_test@db/concord")
+    );
+    assert_eq!(config.state.proposal_ttl, Some(Duration::from_secs(120)));
+    assert_eq!(config.state.policies["docs"], "merge");
+    assert_eq!(
+        config.state.schemas["tasks"],
+        serde_json::json!({"type": "object", "required": ["title"]})
+    );
+    let err = toml("[state.namespaces.docs]\npolicy = \"sometimes\"\n").unwrap_err();
+    assert_eq!(err.key(), Some("state.namespaces.docs.policy"), "{err}");
+    let err = toml("[state]\nstor = \"x\"\n").unwrap_err();
+    assert!(err.to_string().contains("unknown field `stor`"), "{err}");
+}

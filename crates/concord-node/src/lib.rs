@@ -45,6 +45,8 @@ pub enum NodeError {
     Gateway(#[from] GatewayError),
     #[error("state store: {0}")]
     Store(#[from] concord_store::StoreError),
+    #[error(transparent)]
+    State(#[from] concord_state::StateError),
 }
 
 /// Where and how to run, after the CLI has merged its flags over the config file.
@@ -121,7 +123,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
     let state = Arc::new(concord_state::StateService::new(
         store,
         state_options(config),
-    ));
+    )?);
     let metrics = Arc::new(Metrics::new());
     let gateway = Gateway::with_builtins(
         config,
@@ -198,6 +200,12 @@ fn state_options(config: &Config) -> concord_state::StateOptions {
                 };
                 (namespace.clone(), policy)
             })
+            .collect(),
+        schemas: config
+            .state
+            .schemas
+            .iter()
+            .map(|(namespace, schema)| (namespace.clone(), schema.clone()))
             .collect(),
     }
 }

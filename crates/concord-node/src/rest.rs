@@ -27,6 +27,8 @@ fn status_of(error: &StateError) -> StatusCode {
         StateError::InvalidKey { .. } | StateError::InvalidOperation { .. } => {
             StatusCode::BAD_REQUEST
         }
+        StateError::SchemaViolation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        StateError::InvalidSchema { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         StateError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }

@@ -239,7 +239,8 @@ async fn main() {
                         } else {
                             postgres.clone()
                         };
-                        let state = Arc::new(StateService::new(store, StateOptions::default()));
+                        let state =
+                            Arc::new(StateService::new(store, StateOptions::default()).unwrap());
                         run(
                             move || Target::Concord(state.clone()),
                             workload,

@@ -65,6 +65,10 @@ pub enum StateError {
     },
     #[error("fencing token {presented} for {key} is stale: the lease was released or expired")]
     LeaseLost { key: String, presented: u64 },
+    #[error("the value of {key} does not satisfy the schema of its namespace: {}", .errors.join("; "))]
+    SchemaViolation { key: String, errors: Vec<String> },
+    #[error("the schema configured for namespace {namespace} is not a valid JSON Schema: {reason}")]
+    InvalidSchema { namespace: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -189,6 +193,8 @@ pub struct StateOptions {
     pub proposal_ttl: Duration,
     pub default_policy: ConflictPolicy,
     pub policies: HashMap<String, ConflictPolicy>,
+    /// namespace → JSON Schema every value there must satisfy.
+    pub schemas: HashMap<String, Value>,
 }
 
 impl Default for StateOptions {
@@ -198,6 +204,7 @@ impl Default for StateOptions {
             proposal_ttl: DEFAULT_PROPOSAL_TTL,
             default_policy: ConflictPolicy::Reject,
             policies: HashMap::new(),
+            schemas: HashMap::new(),
         }
     }
 }
@@ -206,6 +213,7 @@ impl Default for StateOptions {
 pub struct StateService {
     store: Store,
     options: StateOptions,
+    validators: std::sync::Arc<HashMap<String, jsonschema::Validator>>,
 }
 
 fn now_ms() -> u64 {
@@ -264,8 +272,22 @@ fn key_name(key: &KeyRef) -> String {
 }
 
 impl StateService {
-    pub fn new(store: Store, options: StateOptions) -> Self {
-        Self { store, options }
+    /// A service over `store`. Fails when a configured schema is not a valid JSON Schema.
+    pub fn new(store: Store, options: StateOptions) -> Result<Self, StateError> {
+        let mut validators = HashMap::new();
+        for (namespace, schema) in &options.schemas {
+            let validator =
+                jsonschema::validator_for(schema).map_err(|e| StateError::InvalidSchema {
+                    namespace: namespace.clone(),
+                    reason: e.to_string(),
+                })?;
+            validators.insert(namespace.clone(), validator);
+        }
+        Ok(Self {
+            store,
+            options,
+            validators: std::sync::Arc::new(validators),
+        })
     }
 
     pub fn store(&self) -> &Store {
@@ -425,6 +447,7 @@ impl StateService {
                 }
             })?;
             self.check_size(&change.key, &value)?;
+            check_schema(&self.validators, &key.namespace, &change.key, &value)?;
         }
         Ok(())
     }
@@ -575,10 +598,18 @@ impl StateService {
             idempotency_key: Some(idempotency_key.to_string()),
         };
         let limit = self.options.max_value_bytes;
+        let validators = &self.validators;
         let outcome = self
             .store
             .transact(&keys, &meta, |currents| {
-                decide(changes, currents, &base_values, &policies, limit)
+                decide(
+                    changes,
+                    currents,
+                    &base_values,
+                    &policies,
+                    limit,
+                    validators,
+                )
             })
             .await?;
         match outcome {
@@ -604,6 +635,7 @@ fn decide(
     base_values: &[Option<Value>],
     policies: &[ConflictPolicy],
     limit: usize,
+    validators: &HashMap<String, jsonschema::Validator>,
 ) -> Result<Vec<Write>, StateError> {
     let mut writes = Vec::with_capacity(changes.len());
     let mut conflicts = Vec::new();
@@ -661,6 +693,8 @@ fn decide(
                 limit,
             });
         }
+        // A rebased value is a new value: it must satisfy the schema too.
+        check_schema(validators, &current.key.namespace, &change.key, &value)?;
         writes.push(Write {
             key: current.key.clone(),
             value,
@@ -670,6 +704,37 @@ fn decide(
         Ok(writes)
     } else {
         Err(StateError::Conflict(conflicts))
+    }
+}
+
+fn check_schema(
+    validators: &HashMap<String, jsonschema::Validator>,
+    namespace: &str,
+    key: &str,
+    value: &Value,
+) -> Result<(), StateError> {
+    let Some(validator) = validators.get(namespace) else {
+        return Ok(());
+    };
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            if at.is_empty() {
+                e.to_string()
+            } else {
+                format!("{at}: {e}")
+            }
+        })
+        .take(10)
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(StateError::SchemaViolation {
+            key: key.to_string(),
+            errors,
+        })
     }
 }
 

@@ -31,7 +31,7 @@ impl Fixture {
                     .await
                     .unwrap();
                 Fixture {
-                    state: StateService::new(store, options),
+                    state: StateService::new(store, options).unwrap(),
                     _dir: Some(dir),
                     cleanup: None,
                 }
@@ -45,7 +45,7 @@ impl Fixture {
                 let url = replace_database(&admin_url, &database);
                 let store = Store::open_postgres(&url).await.unwrap();
                 Fixture {
-                    state: StateService::new(store, options),
+                    state: StateService::new(store, options).unwrap(),
                     _dir: None,
                     cleanup: Some((admin_url, database)),
                 }
@@ -567,3 +567,76 @@ both_backends!(
         f.finish().await;
     }
 );
+
+both_backends!(namespace_schemas_are_enforced, |backend| async move {
+    let options = StateOptions {
+        schemas: [(
+            "tasks".to_string(),
+            json!({"type": "object", "required": ["title"], "properties": {"title": {"type": "string"}, "done": {"type": "boolean"}}}),
+        )]
+        .into(),
+        ..StateOptions::default()
+    };
+    let f = Fixture::new(backend, options).await;
+    let s = &f.state;
+    s.put(
+        vec![set("tasks/t1", 0, json!({"title": "write tests"}))],
+        None,
+        &author("a"),
+    )
+    .await
+    .unwrap();
+    let missing = s
+        .put(
+            vec![set("tasks/t2", 0, json!({"done": true}))],
+            None,
+            &author("a"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&missing, StateError::SchemaViolation { errors, .. } if errors[0].contains("title")),
+        "{missing}"
+    );
+    let patched = Change {
+        key: "tasks/t1".into(),
+        base_version: 1,
+        ops: vec![Op::MergePatch {
+            patch: json!({"done": "yes"}),
+        }],
+        lease_token: None,
+    };
+    let wrong_type = s.put(vec![patched], None, &author("a")).await.unwrap_err();
+    assert!(
+        matches!(&wrong_type, StateError::SchemaViolation { errors, .. } if errors[0].contains("/done")),
+        "{wrong_type}"
+    );
+    assert_eq!(
+        s.get("tasks/t1").await.unwrap().version,
+        1,
+        "refused writes change nothing"
+    );
+    assert_eq!(s.get("tasks/t2").await.unwrap().version, 0);
+    // Other namespaces are free-form.
+    s.put(vec![set("notes/n", 0, json!(42))], None, &author("a"))
+        .await
+        .unwrap();
+    f.finish().await;
+});
+
+#[tokio::test]
+async fn an_invalid_schema_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("s.db")).await.unwrap();
+    let options = StateOptions {
+        schemas: [("tasks".to_string(), json!({"type": "no-such-type"}))].into(),
+        ..StateOptions::default()
+    };
+    let error = StateService::new(store, options)
+        .err()
+        .expect("must be refused");
+    assert!(
+        matches!(error, StateError::InvalidSchema { ref namespace, .. } if namespace == "tasks"),
+        "{error}"
+    );
+}
