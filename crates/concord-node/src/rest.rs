@@ -28,7 +28,9 @@ fn status_of(error: &StateError) -> StatusCode {
             StatusCode::BAD_REQUEST
         }
         StateError::SchemaViolation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        StateError::InvalidSchema { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        StateError::InvalidSchema { .. } | StateError::NeedBaseValues => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
         StateError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }

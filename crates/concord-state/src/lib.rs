@@ -71,6 +71,10 @@ pub enum StateError {
     InvalidSchema { namespace: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Internal: a commit found a stale base and needs the base values to decide.
+    #[doc(hidden)]
+    #[error("internal: base values needed")]
+    NeedBaseValues,
 }
 
 fn describe_conflicts(conflicts: &[Conflict]) -> String {
@@ -493,7 +497,7 @@ impl StateService {
             });
         }
         let result = self
-            .apply(&changes, proposal_id, &idempotency_key, author)
+            .apply(&changes, proposal_id, Some(&idempotency_key), author)
             .await;
         match &result {
             Ok(_) => {
@@ -565,10 +569,17 @@ impl StateService {
         idempotency_key: Option<String>,
         author: &Author,
     ) -> Result<CommitResult, StateError> {
-        self.check_changes(&changes).await?;
+        // No separate validation pass: the commit applies the operations and checks size and
+        // schema inside its transaction, with the same errors.
+        if changes.is_empty() {
+            return Err(StateError::InvalidOperation {
+                key: String::new(),
+                reason: "a write needs at least one change".into(),
+            });
+        }
         let proposal_id = format!("put-{}", uuid::Uuid::new_v4().simple());
-        let idempotency_key = idempotency_key.unwrap_or_else(|| format!("proposal:{proposal_id}"));
-        self.apply(&changes, &proposal_id, &idempotency_key, author)
+        // A fresh put has nothing to be a retry of; only a caller's own key can repeat.
+        self.apply(&changes, &proposal_id, idempotency_key.as_deref(), author)
             .await
     }
 
@@ -576,42 +587,53 @@ impl StateService {
         &self,
         changes: &[Change],
         proposal_id: &str,
-        idempotency_key: &str,
+        idempotency_key: Option<&str>,
         author: &Author,
     ) -> Result<CommitResult, StateError> {
         let keys: Vec<KeyRef> = changes
             .iter()
             .map(|c| parse_key(&c.key))
             .collect::<Result<_, _>>()?;
-        // Values at the base versions, read before the transaction (history never changes):
-        // the merge policy and the conflict report both need what changed since each base.
-        let mut base_values = Vec::with_capacity(changes.len());
-        for (change, key) in changes.iter().zip(&keys) {
-            base_values.push(self.store.value_at(key, change.base_version).await?);
-        }
         let policies: Vec<ConflictPolicy> =
             keys.iter().map(|k| self.policy(&k.namespace)).collect();
         let meta = CommitMeta {
             author: author.principal.clone(),
             proposal_id: Some(proposal_id.to_string()),
             trace_id: author.trace_id.clone(),
-            idempotency_key: Some(idempotency_key.to_string()),
+            idempotency_key: idempotency_key.map(str::to_string),
         };
         let limit = self.options.max_value_bytes;
         let validators = &self.validators;
-        let outcome = self
-            .store
-            .transact(&keys, &meta, |currents| {
-                decide(
-                    changes,
-                    currents,
-                    &base_values,
-                    &policies,
-                    limit,
-                    validators,
-                )
-            })
-            .await?;
+        // The values at the base versions matter only when a base is stale (to merge, or to
+        // report what changed). The first attempt goes without them; a stale key sends the
+        // commit back once to fetch them (history never changes, so they can be read outside
+        // the transaction) and try again.
+        let mut base_values: Option<Vec<Option<Value>>> = None;
+        let outcome = loop {
+            let outcome = self
+                .store
+                .transact(&keys, &meta, |currents| {
+                    decide(
+                        changes,
+                        currents,
+                        base_values.as_deref(),
+                        &policies,
+                        limit,
+                        validators,
+                    )
+                })
+                .await?;
+            match outcome {
+                Transacted::Refused(StateError::NeedBaseValues) if base_values.is_none() => {
+                    let mut values = Vec::with_capacity(changes.len());
+                    for (change, key) in changes.iter().zip(&keys) {
+                        values.push(self.store.value_at(key, change.base_version).await?);
+                    }
+                    base_values = Some(values);
+                }
+                other => break other,
+            }
+        };
         match outcome {
             Transacted::Committed(committed) => Ok(CommitResult {
                 seq: committed.seq,
@@ -632,15 +654,15 @@ impl StateService {
 fn decide(
     changes: &[Change],
     currents: &[Current],
-    base_values: &[Option<Value>],
+    base_values: Option<&[Option<Value>]>,
     policies: &[ConflictPolicy],
     limit: usize,
     validators: &HashMap<String, jsonschema::Validator>,
 ) -> Result<Vec<Write>, StateError> {
     let mut writes = Vec::with_capacity(changes.len());
     let mut conflicts = Vec::new();
-    for (((change, current), base_value), policy) in
-        changes.iter().zip(currents).zip(base_values).zip(policies)
+    for (index, ((change, current), policy)) in
+        changes.iter().zip(currents).zip(policies).enumerate()
     {
         match (&current.lease, change.lease_token) {
             (Some(lease), presented) if presented != Some(lease.token) => {
@@ -661,21 +683,23 @@ fn decide(
             _ => {}
         }
         let stale = current.version != change.base_version;
+        let needs_base = stale && !ops::all_commutative(&change.ops);
+        let base_value = match base_values {
+            Some(values) => values[index].as_ref(),
+            None if needs_base => return Err(StateError::NeedBaseValues),
+            None => None,
+        };
         let rebase_allowed = !stale
             || ops::all_commutative(&change.ops)
             || (*policy == ConflictPolicy::Merge
-                && ops::disjoint_from_changes(
-                    &change.ops,
-                    base_value.as_ref(),
-                    current.value.as_ref(),
-                ));
+                && ops::disjoint_from_changes(&change.ops, base_value, current.value.as_ref()));
         if !rebase_allowed {
             conflicts.push(Conflict {
                 key: change.key.clone(),
                 base_version: change.base_version,
                 current_version: current.version,
                 current_value: current.value.clone(),
-                changed_since_base: ops::diff(base_value.as_ref(), current.value.as_ref()),
+                changed_since_base: ops::diff(base_value, current.value.as_ref()),
             });
             continue;
         }

@@ -928,48 +928,50 @@ mod sqlite {
         let _ = sorted;
         let mut currents = Vec::with_capacity(keys.len());
         for key in keys {
-            let row: Option<(i64, String)> =
-                sqlx::query("SELECT version, value FROM state_keys WHERE ns = ? AND key = ?")
-                    .bind(&key.namespace)
-                    .bind(&key.key)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|r| (r.get(0), r.get(1)));
-            let lease: Option<(i64, String, i64)> = sqlx::query(
-                "SELECT token, holder, expires_at_ms FROM state_leases WHERE ns = ? AND key = ?",
+            // The key and its lease in one round trip (the lease may exist for an absent key).
+            let row = sqlx::query(
+                "SELECT k.version, k.value, l.token, l.holder, l.expires_at_ms \
+                 FROM (SELECT ? AS ns, ? AS key) q \
+                 LEFT JOIN state_keys k ON k.ns = q.ns AND k.key = q.key \
+                 LEFT JOIN state_leases l ON l.ns = q.ns AND l.key = q.key",
             )
             .bind(&key.namespace)
             .bind(&key.key)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| (r.get(0), r.get(1), r.get(2)));
-            let mut current = current_of(key, row)?;
-            current.lease = live_lease(lease, now_ms());
-            currents.push(current);
+            .fetch_one(&mut *tx)
+            .await?;
+            currents.push(current_with_lease(
+                key,
+                row.get(0),
+                row.get(1),
+                row.get(2),
+                row.get(3),
+                row.get(4),
+            )?);
         }
         let writes = match decide(&currents) {
             Ok(writes) => writes,
             Err(refusal) => return Ok(Transacted::Refused(refusal)),
         };
-        let committed_at = now_ms() as i64;
-        let seq: i64 = sqlx::query_scalar(
-            "INSERT INTO state_commits (author, proposal_id, trace_id, committed_at_ms, idempotency_key, result) \
-             VALUES (?, ?, ?, ?, ?, '') RETURNING seq",
+        // Under BEGIN IMMEDIATE nobody else writes, so the next sequence number is known now
+        // and the commit row can carry its result from the start.
+        let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM state_commits")
+            .fetch_one(&mut *tx)
+            .await?;
+        let committed = plan(seq as u64, &currents, &writes);
+        sqlx::query(
+            "INSERT INTO state_commits (seq, author, proposal_id, trace_id, committed_at_ms, idempotency_key, result) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
+        .bind(seq)
         .bind(&meta.author)
         .bind(&meta.proposal_id)
         .bind(&meta.trace_id)
-        .bind(committed_at)
+        .bind(now_ms() as i64)
         .bind(&meta.idempotency_key)
-        .fetch_one(&mut *tx)
+        .bind(serde_json::to_string(&committed).unwrap_or_default())
+        .execute(&mut *tx)
         .await?;
-        let mut versions = Vec::with_capacity(writes.len());
-        for write in &writes {
-            let base = currents
-                .iter()
-                .find(|c| c.key == write.key)
-                .map_or(0, |c| c.version);
-            let version = base + 1;
+        for (write, (_, _, version)) in writes.iter().zip(&committed.versions) {
             let value = write.value.to_string();
             sqlx::query(
                 "INSERT INTO state_keys (ns, key, version, value, seq) VALUES (?, ?, ?, ?, ?) \
@@ -977,7 +979,7 @@ mod sqlite {
             )
             .bind(&write.key.namespace)
             .bind(&write.key.key)
-            .bind(version as i64)
+            .bind(*version as i64)
             .bind(&value)
             .bind(seq)
             .execute(&mut *tx)
@@ -987,23 +989,12 @@ mod sqlite {
             )
             .bind(&write.key.namespace)
             .bind(&write.key.key)
-            .bind(version as i64)
+            .bind(*version as i64)
             .bind(&value)
             .bind(seq)
             .execute(&mut *tx)
             .await?;
-            versions.push((write.key.namespace.clone(), write.key.key.clone(), version));
         }
-        let committed = Committed {
-            seq: seq as u64,
-            versions,
-            replayed: false,
-        };
-        sqlx::query("UPDATE state_commits SET result = ? WHERE seq = ?")
-            .bind(serde_json::to_string(&committed).unwrap_or_default())
-            .bind(seq)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(Transacted::Committed(committed))
     }
@@ -1046,24 +1037,25 @@ mod postgres {
         }
         let mut currents = Vec::with_capacity(keys.len());
         for key in keys {
-            let row: Option<(i64, String)> =
-                sqlx::query("SELECT version, value FROM state_keys WHERE ns = $1 AND key = $2")
-                    .bind(&key.namespace)
-                    .bind(&key.key)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|r| (r.get(0), r.get(1)));
-            let lease: Option<(i64, String, i64)> = sqlx::query(
-                "SELECT token, holder, expires_at_ms FROM state_leases WHERE ns = $1 AND key = $2",
+            // The key and its lease in one round trip (the lease may exist for an absent key).
+            let row = sqlx::query(
+                "SELECT k.version, k.value, l.token, l.holder, l.expires_at_ms \
+                 FROM (SELECT $1::text AS ns, $2::text AS key) q \
+                 LEFT JOIN state_keys k ON k.ns = q.ns AND k.key = q.key \
+                 LEFT JOIN state_leases l ON l.ns = q.ns AND l.key = q.key",
             )
             .bind(&key.namespace)
             .bind(&key.key)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| (r.get(0), r.get(1), r.get(2)));
-            let mut current = current_of(key, row)?;
-            current.lease = live_lease(lease, now_ms());
-            currents.push(current);
+            .fetch_one(&mut *tx)
+            .await?;
+            currents.push(current_with_lease(
+                key,
+                row.get(0),
+                row.get(1),
+                row.get(2),
+                row.get(3),
+                row.get(4),
+            )?);
         }
         let writes = match decide(&currents) {
             Ok(writes) => writes,
@@ -1074,9 +1066,10 @@ mod postgres {
         let seq: i64 = sqlx::query_scalar("UPDATE state_sequence SET seq = seq + 1 RETURNING seq")
             .fetch_one(&mut *tx)
             .await?;
+        let committed = plan(seq as u64, &currents, &writes);
         sqlx::query(
             "INSERT INTO state_commits (seq, author, proposal_id, trace_id, committed_at_ms, idempotency_key, result) \
-             VALUES ($1, $2, $3, $4, $5, $6, '')",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(seq)
         .bind(&meta.author)
@@ -1084,15 +1077,10 @@ mod postgres {
         .bind(&meta.trace_id)
         .bind(now_ms() as i64)
         .bind(&meta.idempotency_key)
+        .bind(serde_json::to_string(&committed).unwrap_or_default())
         .execute(&mut *tx)
         .await?;
-        let mut versions = Vec::with_capacity(writes.len());
-        for write in &writes {
-            let base = currents
-                .iter()
-                .find(|c| c.key == write.key)
-                .map_or(0, |c| c.version);
-            let version = base + 1;
+        for (write, (_, _, version)) in writes.iter().zip(&committed.versions) {
             let value = write.value.to_string();
             sqlx::query(
                 "INSERT INTO state_keys (ns, key, version, value, seq) VALUES ($1, $2, $3, $4, $5) \
@@ -1100,7 +1088,7 @@ mod postgres {
             )
             .bind(&write.key.namespace)
             .bind(&write.key.key)
-            .bind(version as i64)
+            .bind(*version as i64)
             .bind(&value)
             .bind(seq)
             .execute(&mut *tx)
@@ -1108,25 +1096,33 @@ mod postgres {
             sqlx::query("INSERT INTO state_history (ns, key, version, value, seq) VALUES ($1, $2, $3, $4, $5)")
                 .bind(&write.key.namespace)
                 .bind(&write.key.key)
-                .bind(version as i64)
+                .bind(*version as i64)
                 .bind(&value)
                 .bind(seq)
                 .execute(&mut *tx)
                 .await?;
-            versions.push((write.key.namespace.clone(), write.key.key.clone(), version));
         }
-        let committed = Committed {
-            seq: seq as u64,
-            versions,
-            replayed: false,
-        };
-        sqlx::query("UPDATE state_commits SET result = $1 WHERE seq = $2")
-            .bind(serde_json::to_string(&committed).unwrap_or_default())
-            .bind(seq)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(Transacted::Committed(committed))
+    }
+}
+
+/// The result of a commit before it is written: each write's new version follows its key's
+/// current version.
+fn plan(seq: u64, currents: &[Current], writes: &[Write]) -> Committed {
+    Committed {
+        seq,
+        versions: writes
+            .iter()
+            .map(|write| {
+                let base = currents
+                    .iter()
+                    .find(|c| c.key == write.key)
+                    .map_or(0, |c| c.version);
+                (write.key.namespace.clone(), write.key.key.clone(), base + 1)
+            })
+            .collect(),
+        replayed: false,
     }
 }
 
@@ -1145,6 +1141,24 @@ fn current_of(key: &KeyRef, row: Option<(i64, String)>) -> Result<Current, Store
             lease: None,
         },
     })
+}
+
+fn current_with_lease(
+    key: &KeyRef,
+    version: Option<i64>,
+    value: Option<String>,
+    token: Option<i64>,
+    holder: Option<String>,
+    expires_at_ms: Option<i64>,
+) -> Result<Current, StoreError> {
+    let row = version.zip(value);
+    let lease = match (token, holder, expires_at_ms) {
+        (Some(token), Some(holder), Some(expires)) => Some((token, holder, expires)),
+        _ => None,
+    };
+    let mut current = current_of(key, row)?;
+    current.lease = live_lease(lease, now_ms());
+    Ok(current)
 }
 
 fn live_lease(row: Option<(i64, String, i64)>, now: u64) -> Option<Lease> {
