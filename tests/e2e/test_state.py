@@ -245,3 +245,40 @@ async def test_leases_through_mcp_refuse_a_stale_fencing_token(node: Node) -> No
         assert failed and "stale" in stale["error"], stale
         _, now = await call(intruder, "state_get", key="jobs/deploy")
         assert now["value"] == "deployed" and now["version"] == 1
+
+
+async def test_state_keys_are_resources_with_update_notifications(node: Node) -> None:
+    import json as _json
+
+    from mcp.types import ResourceUpdatedNotification
+
+    uri = "concord://state/team/board"
+    updates: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, ResourceUpdatedNotification):
+            updates.append(message.params.uri)
+
+    async with connect(node.url, message_handler=on_message) as watcher, connect(node.url) as writer:
+        templates = {t.uri_template for t in (await watcher.list_resource_templates()).resource_templates}
+        assert "concord://state/{+key}" in templates
+        await call(writer, "state_put", key="team/board", base_version=0, value={"columns": ["todo"]})
+        contents = (await watcher.read_resource(uri)).contents
+        assert _json.loads(contents[0].text) == {"key": "team/board", "version": 1, "value": {"columns": ["todo"]}}
+
+        await watcher.subscribe_resource(uri)
+        await call(writer, "state_put", key="team/board", base_version=1, value={"columns": ["todo", "done"]})
+        await call(writer, "state_put", key="team/other", base_version=0, value=1)  # not subscribed
+        with anyio.fail_after(10):
+            while uri not in updates:
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.5)
+        assert set(updates) == {uri}, updates
+        contents = (await watcher.read_resource(uri)).contents
+        assert _json.loads(contents[0].text)["version"] == 2
+
+        await watcher.unsubscribe_resource(uri)
+        seen = len(updates)
+        await call(writer, "state_put", key="team/board", base_version=2, value={"columns": []})
+        await anyio.sleep(0.6)
+        assert len(updates) == seen, "no updates after unsubscribing"

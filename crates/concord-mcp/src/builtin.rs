@@ -44,10 +44,31 @@ pub struct BuiltinOutcome {
 
 pub type BuiltinFuture = Pin<Box<dyn Future<Output = BuiltinOutcome> + Send>>;
 
+/// A family of resources the node serves itself, by URI template.
+#[derive(Debug, Clone)]
+pub struct BuiltinTemplate {
+    pub uri_template: String,
+    pub name: String,
+    pub description: String,
+    pub mime_type: String,
+}
+
+/// The text of a built-in resource, or why there is none.
+pub type ResourceFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+
 pub trait BuiltinTools: Send + Sync + 'static {
     fn tools(&self) -> Vec<BuiltinTool>;
     /// Runs `name` (unprefixed) with `arguments`.
     fn call(&self, name: &str, arguments: Map<String, Value>, caller: Caller) -> BuiltinFuture;
+    /// Resource templates served by [`Self::read_resource`].
+    fn resource_templates(&self) -> Vec<BuiltinTemplate> {
+        Vec::new()
+    }
+    /// Reads one resource under a template from [`Self::resource_templates`].
+    fn read_resource(&self, uri: &str) -> ResourceFuture {
+        let uri = uri.to_string();
+        Box::pin(async move { Err(format!("no built-in resource {uri}")) })
+    }
 }
 
 pub(crate) type SharedBuiltins = Arc<dyn BuiltinTools>;

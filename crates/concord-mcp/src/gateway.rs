@@ -563,6 +563,21 @@ impl Gateway {
                 .as_ref()
                 .map(|b| b.tools().iter().map(builtin_to_tool).collect())
                 .unwrap_or_default(),
+            templates: builtins
+                .as_ref()
+                .map(|b| {
+                    b.resource_templates()
+                        .into_iter()
+                        .map(|t| {
+                            let mut template =
+                                rmcp::model::ResourceTemplate::new(t.uri_template, t.name);
+                            template.description = Some(t.description);
+                            template.mime_type = Some(t.mime_type);
+                            template
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             ..UpstreamLists::default()
         });
         let upstreams: Vec<Arc<Upstream>> = config
@@ -666,6 +681,27 @@ impl Gateway {
     /// Number of tools currently exposed.
     pub fn tool_count(&self) -> usize {
         self.shared.catalog().tools.len()
+    }
+
+    /// Tells the clients subscribed to `uri` (a built-in resource) that it changed.
+    pub async fn notify_resource_updated(&self, uri: &str) {
+        let params = rmcp::model::ResourceUpdatedNotificationParam::new(uri.to_string());
+        let _ = self
+            .shared
+            .subscriptions
+            .updated(&self.shared.builtin_name, params)
+            .await;
+    }
+
+    /// True when some client is subscribed to a built-in resource (so changes are worth
+    /// looking for).
+    pub async fn has_builtin_subscribers(&self) -> bool {
+        !self
+            .shared
+            .subscriptions
+            .uris_of(&self.shared.builtin_name)
+            .await
+            .is_empty()
     }
 
     /// Stops every supervisor and waits for stdio children to exit.

@@ -816,6 +816,24 @@ impl ServerHandler for GatewaySession {
             self.observe("resources/read", "", false);
             return Err(GatewayError::UnknownResource(params.uri).into());
         };
+        if let Some(builtins) = self.shared.builtins.clone()
+            && server == self.shared.builtin_name
+        {
+            let text = builtins
+                .read_resource(&params.uri)
+                .await
+                .map_err(|reason| McpError::resource_not_found(reason, None))?;
+            self.observe("resources/read", BUILTIN_NAMESPACE, true);
+            let contents = rmcp::model::ResourceContents::TextResourceContents {
+                uri: params.uri.clone(),
+                mime_type: Some("application/json".to_string()),
+                text,
+                meta: None,
+            };
+            return Ok(ReadResourceResponse::Complete(
+                rmcp::model::ReadResourceResult::new(vec![contents]),
+            ));
+        }
         let mut upstream_params = params;
         upstream_params.meta = None;
         let span =
@@ -850,6 +868,19 @@ impl ServerHandler for GatewaySession {
             self.observe("resources/subscribe", "", false);
             return Err(GatewayError::UnknownResource(params.uri).into());
         };
+        if server == self.shared.builtin_name {
+            self.shared
+                .subscriptions
+                .subscribe_local(
+                    self.id,
+                    Subscriber::Session(context.peer.clone()),
+                    server,
+                    &params.uri,
+                )
+                .await;
+            self.observe("resources/subscribe", BUILTIN_NAMESPACE, true);
+            return Ok(());
+        }
         let (upstream, _) = self.upstream_peer(&server)?;
         let result = self
             .shared
@@ -891,6 +922,14 @@ impl ServerHandler for GatewaySession {
                 tracing::debug!(uri, "listen: no server owns this resource");
                 continue;
             };
+            if server == self.shared.builtin_name {
+                self.shared
+                    .subscriptions
+                    .subscribe_local(listen_id, Subscriber::Listen(sink.clone()), server, &uri)
+                    .await;
+                held.push(uri);
+                continue;
+            }
             let Ok((upstream, _)) = self.upstream_peer(&server) else {
                 continue;
             };
@@ -916,6 +955,7 @@ impl ServerHandler for GatewaySession {
         self.shared.downstream.remove_listener(listen_id);
         for uri in held {
             if let Some(server) = self.shared.subscriptions.unsubscribe(listen_id, &uri).await
+                && server != self.shared.builtin_name
                 && let Ok((upstream, _)) = self.upstream_peer(&server)
             {
                 Subscriptions::release(&upstream, &uri).await;

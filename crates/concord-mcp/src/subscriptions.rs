@@ -84,6 +84,26 @@ impl Subscriptions {
         Ok(())
     }
 
+    /// Adds a subscriber to a URI the node serves itself (no upstream subscription to take).
+    pub async fn subscribe_local(
+        &self,
+        session: SessionId,
+        subscriber: Subscriber,
+        server: Arc<str>,
+        uri: &str,
+    ) {
+        self.by_uri
+            .lock()
+            .await
+            .entry(uri.to_string())
+            .or_insert_with(|| Subscription {
+                server,
+                subscribers: HashMap::new(),
+            })
+            .subscribers
+            .insert(session, subscriber);
+    }
+
     /// Removes `session` from `uri`'s subscribers; returns the upstream subscription to release
     /// when it was the last one.
     pub async fn unsubscribe(&self, session: SessionId, uri: &str) -> Option<Arc<str>> {

@@ -124,6 +124,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         store,
         state_options(config),
     )?);
+    let state_for_watch = state.clone();
     let metrics = Arc::new(Metrics::new());
     let gateway = Gateway::with_builtins(
         config,
@@ -160,6 +161,11 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         source,
     })?;
     gateway.start();
+    tokio::spawn(watch_state(
+        state_for_watch,
+        gateway.clone(),
+        shutdown.clone(),
+    ));
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {
         // Small JSON-RPC answers must leave at once: without TCP_NODELAY, Nagle's algorithm and
@@ -177,6 +183,44 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         shutdown,
         server,
     })
+}
+
+/// Turns commits into `notifications/resources/updated` for clients subscribed to
+/// `concord://state/…` resources. It reads the store's commit log rather than hooking this
+/// node's writes, so commits made through another node sharing the store are announced too.
+async fn watch_state(
+    state: Arc<concord_state::StateService>,
+    gateway: Gateway,
+    stop: CancellationToken,
+) {
+    const POLL: Duration = Duration::from_millis(200);
+    let mut last = state.last_seq().await.unwrap_or(0);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(POLL) => {}
+        }
+        if !gateway.has_builtin_subscribers().await {
+            // Nobody listens: skip ahead, so a new subscriber hears only of later commits.
+            if let Ok(seq) = state.last_seq().await {
+                last = seq;
+            }
+            continue;
+        }
+        match state.changed_keys(last, 1000).await {
+            Ok(changes) => {
+                for (key, seq) in changes {
+                    gateway
+                        .notify_resource_updated(&format!("{}{key}", state_tools::STATE_URI_PREFIX))
+                        .await;
+                    last = seq;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the commit log for resource updates failed")
+            }
+        }
+    }
 }
 
 fn state_options(config: &Config) -> concord_state::StateOptions {

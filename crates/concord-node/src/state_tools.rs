@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use concord_mcp::builtin::{BuiltinFuture, BuiltinOutcome, BuiltinTool, BuiltinTools, Caller};
+use concord_mcp::builtin::{
+    BuiltinFuture, BuiltinOutcome, BuiltinTemplate, BuiltinTool, BuiltinTools, Caller,
+    ResourceFuture,
+};
 use concord_state::{Author, Change, Op, StateError, StateService, error_details};
 use serde_json::{Map, Value, json};
 
@@ -145,7 +148,29 @@ fn put_changes(arguments: &Map<String, Value>) -> Result<Vec<Change>, String> {
     }])
 }
 
+/// Shared-state keys as MCP resources: `concord://state/{namespace}/{path}`.
+pub const STATE_URI_PREFIX: &str = "concord://state/";
+
 impl BuiltinTools for StateTools {
+    fn resource_templates(&self) -> Vec<BuiltinTemplate> {
+        vec![BuiltinTemplate {
+            uri_template: format!("{STATE_URI_PREFIX}{{+key}}"),
+            name: "shared-state".to_string(),
+            description: "A shared-state key (namespace/path) as JSON: {key, version, value}. Subscribe to hear of every commit to it.".to_string(),
+            mime_type: "application/json".to_string(),
+        }]
+    }
+
+    fn read_resource(&self, uri: &str) -> ResourceFuture {
+        let state = self.state.clone();
+        let key = uri.strip_prefix(STATE_URI_PREFIX).map(str::to_string);
+        Box::pin(async move {
+            let key = key.ok_or_else(|| "not a concord://state/ URI".to_string())?;
+            let entry = state.get(&key).await.map_err(|e| e.to_string())?;
+            serde_json::to_string(&entry).map_err(|e| e.to_string())
+        })
+    }
+
     fn tools(&self) -> Vec<BuiltinTool> {
         vec![
             tool(

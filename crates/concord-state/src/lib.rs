@@ -388,6 +388,26 @@ impl StateService {
             .collect())
     }
 
+    /// Keys (`namespace/path`) changed after commit `after_seq`, with each change's sequence
+    /// number, oldest first.
+    pub async fn changed_keys(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<(String, u64)>, StateError> {
+        Ok(self
+            .store
+            .changed_keys_since(after_seq, limit)
+            .await?
+            .into_iter()
+            .map(|(key, seq)| (key_name(&key), seq))
+            .collect())
+    }
+
+    pub async fn last_seq(&self) -> Result<u64, StateError> {
+        Ok(self.store.last_seq().await?)
+    }
+
     /// RFC 6902 patch from version `from` of `key` to version `to` (0: absent).
     pub async fn diff(&self, key: &str, from: u64, to: u64) -> Result<Value, StateError> {
         let key_ref = parse_key(key)?;

@@ -411,6 +411,58 @@ impl Store {
             .collect())
     }
 
+    /// Keys changed by commits after `after_seq` in any namespace, oldest first, with the
+    /// sequence number of each change (for watchers of individual keys).
+    pub async fn changed_keys_since(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<(KeyRef, u64)>, StoreError> {
+        let rows: Vec<(String, String, i64)> = match &self.backend {
+            Backend::Sqlite(pool) => sqlx::query(
+                "SELECT ns, key, seq FROM state_history WHERE seq > ? ORDER BY seq LIMIT ?",
+            )
+            .bind(after_seq as i64)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+            Backend::Postgres(pool) => sqlx::query(
+                "SELECT ns, key, seq FROM state_history WHERE seq > $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(after_seq as i64)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(namespace, key, seq)| (KeyRef { namespace, key }, seq as u64))
+            .collect())
+    }
+
+    /// The highest commit sequence number so far (0 before the first commit).
+    pub async fn last_seq(&self) -> Result<u64, StoreError> {
+        let seq: i64 = match &self.backend {
+            Backend::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM state_commits")
+                    .fetch_one(pool)
+                    .await?
+            }
+            Backend::Postgres(pool) => {
+                sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM state_commits")
+                    .fetch_one(pool)
+                    .await?
+            }
+        };
+        Ok(seq as u64)
+    }
+
     /// The value `key` had at `version`, if that version is still kept.
     pub async fn value_at(&self, key: &KeyRef, version: u64) -> Result<Option<Value>, StoreError> {
         if version == 0 {
