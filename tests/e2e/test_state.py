@@ -282,3 +282,30 @@ async def test_state_keys_are_resources_with_update_notifications(node: Node) ->
         await call(writer, "state_put", key="team/board", base_version=2, value={"columns": []})
         await anyio.sleep(0.6)
         assert len(updates) == seen, "no updates after unsubscribing"
+
+
+async def test_a_validator_tool_reviews_writes(concord: NodeFactory) -> None:
+    from conftest import fixture_server
+
+    reviewed = concord.start(
+        "state-reviewed",
+        {"fx": fixture_server("fx")},
+        extra_config='[state.namespaces.reviewed]\nvalidator = "fx__review"\n',
+    )
+    try:
+        async with connect(reviewed.url) as client:
+            failed, ok = await call(client, "state_put", key="reviewed/plan", base_version=0, value="a good plan")
+            assert not failed, ok
+            failed, refused = await call(client, "state_put", key="reviewed/plan", base_version=1, value="a bad plan")
+            assert failed and "rejected" in refused["error"] and "mentions something bad" in refused["error"], refused
+            failed, refused = await call(
+                client, "state_propose", changes=[{"key": "reviewed/plan", "base_version": 1, "ops": [{"op": "set", "value": "bad"}]}]
+            )
+            assert failed and "fx__review" in refused["error"], refused
+            _, now = await call(client, "state_get", key="reviewed/plan")
+            assert now["value"] == "a good plan" and now["version"] == 1
+            # Other namespaces are not reviewed.
+            failed, _ = await call(client, "state_put", key="free/x", base_version=0, value="bad is fine here")
+            assert not failed
+    finally:
+        reviewed.stop()

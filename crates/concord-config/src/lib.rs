@@ -86,6 +86,8 @@ pub struct StateSettings {
     pub policies: BTreeMap<String, String>,
     /// namespace → JSON Schema every value there must satisfy.
     pub schemas: BTreeMap<String, serde_json::Value>,
+    /// namespace → the MCP tool that reviews each write there.
+    pub validators: BTreeMap<String, String>,
 }
 
 /// One upstream MCP server.

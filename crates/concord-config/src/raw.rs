@@ -41,6 +41,8 @@ struct RawNamespace {
     policy: Option<String>,
     /// A JSON Schema every value in the namespace must satisfy, written as a TOML table.
     schema: Option<toml::Value>,
+    /// An MCP tool (its name through the gateway) that approves or rejects each write.
+    validator: Option<String>,
 }
 
 impl RawState {
@@ -61,6 +63,7 @@ impl RawState {
         };
         let mut policies = BTreeMap::new();
         let mut schemas = BTreeMap::new();
+        let mut validators = BTreeMap::new();
         for (namespace, raw) in self.namespaces {
             if let Some(policy) = raw.policy {
                 if policy != "reject" && policy != "merge" {
@@ -71,6 +74,16 @@ impl RawState {
                     ));
                 }
                 policies.insert(namespace.clone(), policy);
+            }
+            if let Some(tool) = raw.validator {
+                if tool.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("state.namespaces.{namespace}.validator"),
+                        "expected a tool name as the gateway exposes it, e.g. \"qa__review\"",
+                    ));
+                }
+                validators.insert(namespace.clone(), tool);
             }
             if let Some(schema) = raw.schema {
                 let schema = serde_json::to_value(schema).map_err(|e| {
@@ -89,6 +102,7 @@ impl RawState {
             proposal_ttl,
             policies,
             schemas,
+            validators,
         })
     }
 }

@@ -216,6 +216,7 @@ fn state_table_with_policies_and_schemas() {
         policy = "merge"
         [state.namespaces.tasks]
         schema = { type = "object", required = ["title"] }
+        validator = "qa__review"
         "#,
     )
     .unwrap();
@@ -229,6 +230,9 @@ fn state_table_with_policies_and_schemas() {
         config.state.schemas["tasks"],
         serde_json::json!({"type": "object", "required": ["title"]})
     );
+    assert_eq!(config.state.validators["tasks"], "qa__review");
+    let err = toml("[state.namespaces.docs]\nvalidator = \"  \"\n").unwrap_err();
+    assert_eq!(err.key(), Some("state.namespaces.docs.validator"), "{err}");
     let err = toml("[state.namespaces.docs]\npolicy = \"sometimes\"\n").unwrap_err();
     assert_eq!(err.key(), Some("state.namespaces.docs.policy"), "{err}");
     let err = toml("[state]\nstor = \"x\"\n").unwrap_err();

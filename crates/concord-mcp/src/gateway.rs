@@ -683,6 +683,45 @@ impl Gateway {
         self.shared.catalog().tools.len()
     }
 
+    /// Calls an upstream tool by its exposed name on the node's own behalf (no client session:
+    /// no progress, and sampling or elicitation requests are refused). Returns the
+    /// `tools/call` result as JSON.
+    pub async fn call_tool(
+        &self,
+        name: &str,
+        arguments: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Value, GatewayError> {
+        let route = self
+            .shared
+            .catalog()
+            .tool_routes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| GatewayError::UnknownTool(name.to_string()))?;
+        let upstream = self
+            .shared
+            .upstream(&route.server)
+            .ok_or_else(|| GatewayError::UnknownTool(name.to_string()))?;
+        let peer = upstream
+            .peer()
+            .map_err(|reason| GatewayError::Unavailable {
+                server: route.server.to_string(),
+                reason,
+            })?;
+        let mut params = rmcp::model::CallToolRequestParams::new(route.name.clone());
+        params.arguments = Some(arguments);
+        let timeout = upstream.spec.request_timeout;
+        let result = tokio::time::timeout(timeout, peer.call_tool(params))
+            .await
+            .map_err(|_| GatewayError::Timeout {
+                server: route.server.to_string(),
+                method: "tools/call".into(),
+                timeout,
+            })?
+            .map_err(|e| GatewayError::from_service(&route.server, "tools/call", e))?;
+        serde_json::to_value(result).map_err(|e| GatewayError::Startup(e.to_string()))
+    }
+
     /// Tells the clients subscribed to `uri` (a built-in resource) that it changed.
     pub async fn notify_resource_updated(&self, uri: &str) {
         let params = rmcp::model::ResourceUpdatedNotificationParam::new(uri.to_string());

@@ -22,6 +22,7 @@ use tracing::Instrument;
 mod edge;
 mod rest;
 mod state_tools;
+mod validator;
 
 /// How long start-up waits for every upstream's first connection attempt before it reports
 /// readiness anyway (slow `npx` downloads should not keep a node from serving the others).
@@ -120,10 +121,15 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         .unwrap_or_else(|| options.data_dir.join("state.db").display().to_string());
     let store = concord_store::Store::open(&store_location).await?;
     tracing::info!(backend = store.backend_name(), "state store open");
-    let state = Arc::new(concord_state::StateService::new(
-        store,
-        state_options(config),
-    )?);
+    let late_gateway = Arc::new(std::sync::OnceLock::new());
+    let mut state_service = concord_state::StateService::new(store, state_options(config))?;
+    if !config.state.validators.is_empty() {
+        state_service = state_service.with_guard(Arc::new(validator::ToolValidator::new(
+            config.state.validators.clone(),
+            late_gateway.clone(),
+        )));
+    }
+    let state = Arc::new(state_service);
     let state_for_watch = state.clone();
     let metrics = Arc::new(Metrics::new());
     let gateway = Gateway::with_builtins(
@@ -135,6 +141,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         metrics.clone(),
         Some(Arc::new(state_tools::StateTools::new(state.clone()))),
     );
+    let _ = late_gateway.set(gateway.clone());
     let shutdown = CancellationToken::new();
     let edge = EdgeOptions {
         allowed_hosts: config.node.allowed_hosts.clone(),

@@ -27,7 +27,9 @@ fn status_of(error: &StateError) -> StatusCode {
         StateError::InvalidKey { .. } | StateError::InvalidOperation { .. } => {
             StatusCode::BAD_REQUEST
         }
-        StateError::SchemaViolation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        StateError::SchemaViolation { .. } | StateError::Rejected { .. } => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
         StateError::InvalidSchema { .. } | StateError::NeedBaseValues => {
             StatusCode::INTERNAL_SERVER_ERROR
         }

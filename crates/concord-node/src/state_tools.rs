@@ -298,12 +298,14 @@ impl BuiltinTools for StateTools {
                             Err(e) => refused(e),
                         }
                     }
-                    "state_propose" => match state.propose(arg(&arguments, "changes")?).await {
-                        Ok(p) => ok(
-                            json!({"proposal_id": p.id, "status": p.status, "expires_at_ms": p.expires_at_ms}),
-                        ),
-                        Err(e) => refused(e),
-                    },
+                    "state_propose" => {
+                        match state.propose_as(arg(&arguments, "changes")?, &author).await {
+                            Ok(p) => ok(
+                                json!({"proposal_id": p.id, "status": p.status, "expires_at_ms": p.expires_at_ms}),
+                            ),
+                            Err(e) => refused(e),
+                        }
+                    }
                     "state_commit" => {
                         let id: String = arg(&arguments, "proposal_id")?;
                         let idempotency = optional(&arguments, "idempotency_key")?;

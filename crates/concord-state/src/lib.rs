@@ -71,6 +71,8 @@ pub enum StateError {
     InvalidSchema { namespace: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("the write to {key} was rejected: {reason}")]
+    Rejected { key: String, reason: String },
     /// Internal: a commit found a stale base and needs the base values to decide.
     #[doc(hidden)]
     #[error("internal: base values needed")]
@@ -150,6 +152,27 @@ pub struct HistoryEntry {
     pub committed_at_ms: u64,
 }
 
+/// What a guard is asked to judge: one key's proposed new value.
+#[derive(Debug, Clone, Serialize)]
+pub struct WriteReview {
+    pub key: String,
+    pub namespace: String,
+    pub author: String,
+    pub current_version: u64,
+    pub current_value: Option<Value>,
+    pub proposed_value: Value,
+}
+
+/// A validation step every write passes before it may commit, besides the namespace schema:
+/// the policy hook (who may write what) and reviewers such as a validator tool.
+pub trait WriteGuard: Send + Sync + 'static {
+    /// `Ok` lets the write through; `Err(reason)` refuses it with that reason.
+    fn review<'a>(
+        &'a self,
+        review: &'a WriteReview,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+}
+
 /// The answer to a claim: the lease, or who holds the key instead.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseOutcome {
@@ -218,6 +241,7 @@ pub struct StateService {
     store: Store,
     options: StateOptions,
     validators: std::sync::Arc<HashMap<String, jsonschema::Validator>>,
+    guards: Vec<std::sync::Arc<dyn WriteGuard>>,
 }
 
 fn now_ms() -> u64 {
@@ -291,7 +315,14 @@ impl StateService {
             store,
             options,
             validators: std::sync::Arc::new(validators),
+            guards: Vec::new(),
         })
+    }
+
+    /// Adds a validation step every write must pass.
+    pub fn with_guard(mut self, guard: std::sync::Arc<dyn WriteGuard>) -> Self {
+        self.guards.push(guard);
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -428,7 +459,16 @@ impl StateService {
     /// Checks a write and records it as a proposal to commit later. The operations are tried
     /// against the current values now, so a malformed patch is refused here, not at commit.
     pub async fn propose(&self, changes: Vec<Change>) -> Result<Proposal, StateError> {
-        self.check_changes(&changes).await?;
+        self.propose_as(changes, &Author::default()).await
+    }
+
+    /// [`Self::propose`] on behalf of `author`, whom the guards see.
+    pub async fn propose_as(
+        &self,
+        changes: Vec<Change>,
+        author: &Author,
+    ) -> Result<Proposal, StateError> {
+        self.check_changes(&changes, author).await?;
         let id = format!("p-{}", uuid::Uuid::new_v4().simple());
         let expires_at_ms = now_ms() + self.options.proposal_ttl.as_millis() as u64;
         self.store
@@ -448,7 +488,7 @@ impl StateService {
     }
 
     /// Keys, operations and sizes, tried against the current values.
-    async fn check_changes(&self, changes: &[Change]) -> Result<(), StateError> {
+    async fn check_changes(&self, changes: &[Change], author: &Author) -> Result<(), StateError> {
         if changes.is_empty() {
             return Err(StateError::InvalidOperation {
                 key: String::new(),
@@ -472,6 +512,25 @@ impl StateService {
             })?;
             self.check_size(&change.key, &value)?;
             check_schema(&self.validators, &key.namespace, &change.key, &value)?;
+            if !self.guards.is_empty() {
+                let review = WriteReview {
+                    key: change.key.clone(),
+                    namespace: key.namespace.clone(),
+                    author: author.principal.clone(),
+                    current_version: current.version,
+                    current_value: current.value.clone(),
+                    proposed_value: value,
+                };
+                for guard in &self.guards {
+                    guard
+                        .review(&review)
+                        .await
+                        .map_err(|reason| StateError::Rejected {
+                            key: change.key.clone(),
+                            reason,
+                        })?;
+                }
+            }
         }
         Ok(())
     }
@@ -589,8 +648,11 @@ impl StateService {
         idempotency_key: Option<String>,
         author: &Author,
     ) -> Result<CommitResult, StateError> {
-        // No separate validation pass: the commit applies the operations and checks size and
-        // schema inside its transaction, with the same errors.
+        // The commit applies the operations and checks size and schema inside its transaction,
+        // with the same errors; a separate pass runs only when guards must see the new values.
+        if !self.guards.is_empty() {
+            self.check_changes(&changes, author).await?;
+        }
         if changes.is_empty() {
             return Err(StateError::InvalidOperation {
                 key: String::new(),

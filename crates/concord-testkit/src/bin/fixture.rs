@@ -59,6 +59,12 @@ async fn tool_list(state: &State) -> Value {
         ),
         tool("hang", "Never answers", json!({}), true),
         tool(
+            "review",
+            "Approves a proposed state write unless its value mentions \"bad\"",
+            json!({"key": {"type": "string"}, "proposed_value": {}}),
+            true,
+        ),
+        tool(
             "touch",
             "Announces notifications/resources/updated for `uri` if it is subscribed",
             json!({"uri": {"type": "string"}}),
@@ -206,6 +212,21 @@ async fn handle_request(
                     Ok(text_result(format!("done after {steps} steps")))
                 }
                 "hang" => return None,
+                "review" => {
+                    let proposed = args["proposed_value"].to_string();
+                    let approved = !proposed.contains("bad");
+                    let reason = if approved {
+                        "looks good".to_string()
+                    } else {
+                        format!(
+                            "{} mentions something bad",
+                            args["key"].as_str().unwrap_or("?")
+                        )
+                    };
+                    let mut result = text_result(reason.clone());
+                    result["structuredContent"] = json!({"approved": approved, "reason": reason});
+                    Ok(result)
+                }
                 "touch" => {
                     let uri = args["uri"].as_str().unwrap_or_default().to_string();
                     let subscribed = state.subscribed.lock().await.contains(&uri);
