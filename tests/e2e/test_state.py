@@ -176,6 +176,12 @@ async def test_contention_on_postgres_across_two_nodes(concord: NodeFactory, pos
     try:
         done = await contend([first.url, second.url], "race/postgres")
         await check_linearizable(second.url, "race/postgres", done)
+        # The change feed of either node sees every commit, whichever node made it.
+        for node in (first, second):
+            async with connect(node.url) as client:
+                _, feed = await call(client, "state_changes", prefix="race/", since_seq=0, limit=1000)
+                versions = [c["version"] for c in feed["changes"] if c["key"] == "race/postgres"]
+                assert versions == list(range(1, 801)), f"{node.label}: {len(versions)} changes"
     finally:
         first.stop()
         second.stop()
