@@ -82,6 +82,8 @@ pub struct StateSettings {
     pub store: Option<String>,
     pub max_value_bytes: Option<usize>,
     pub proposal_ttl: Option<Duration>,
+    /// Versions of each key kept in the history (None: all).
+    pub keep_versions: Option<u64>,
     /// namespace → `reject` or `merge`.
     pub policies: BTreeMap<String, String>,
     /// namespace → JSON Schema every value there must satisfy.

@@ -31,6 +31,7 @@ struct RawState {
     store: Option<String>,
     max_value_bytes: Option<usize>,
     proposal_ttl: Option<String>,
+    keep_versions: Option<u64>,
     #[serde(default)]
     namespaces: BTreeMap<String, RawNamespace>,
 }
@@ -96,10 +97,18 @@ impl RawState {
                 schemas.insert(namespace, schema);
             }
         }
+        if self.keep_versions == Some(0) {
+            return Err(ConfigError::invalid(
+                file,
+                "state.keep_versions",
+                "expected at least 1 (the current version is always kept)",
+            ));
+        }
         Ok(StateSettings {
             store,
             max_value_bytes: self.max_value_bytes,
             proposal_ttl,
+            keep_versions: self.keep_versions,
             policies,
             schemas,
             validators,

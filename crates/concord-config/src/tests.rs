@@ -212,6 +212,7 @@ fn state_table_with_policies_and_schemas() {
         [state]
         store = "postgres://u:${GH_TOKEN}@db/concord"
         proposal_ttl = "2m"
+        keep_versions = 100
         [state.namespaces.docs]
         policy = "merge"
         [state.namespaces.tasks]
@@ -225,6 +226,11 @@ fn state_table_with_policies_and_schemas() {
         Some("postgres://u:ghp_test@db/concord")
     );
     assert_eq!(config.state.proposal_ttl, Some(Duration::from_secs(120)));
+    assert_eq!(config.state.keep_versions, Some(100));
+    assert_eq!(
+        toml("[state]\nkeep_versions = 0\n").unwrap_err().key(),
+        Some("state.keep_versions")
+    );
     assert_eq!(config.state.policies["docs"], "merge");
     assert_eq!(
         config.state.schemas["tasks"],

@@ -252,6 +252,7 @@ fn state_options(config: &Config) -> concord_state::StateOptions {
                 (namespace.clone(), policy)
             })
             .collect(),
+        keep_versions: config.state.keep_versions,
         schemas: config
             .state
             .schemas

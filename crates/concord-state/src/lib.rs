@@ -222,6 +222,9 @@ pub struct StateOptions {
     pub policies: HashMap<String, ConflictPolicy>,
     /// namespace → JSON Schema every value there must satisfy.
     pub schemas: HashMap<String, Value>,
+    /// Versions of each key kept in the history (None: all). Older versions leave the
+    /// history, the diff and the change feed.
+    pub keep_versions: Option<u64>,
 }
 
 impl Default for StateOptions {
@@ -232,6 +235,7 @@ impl Default for StateOptions {
             default_policy: ConflictPolicy::Reject,
             policies: HashMap::new(),
             schemas: HashMap::new(),
+            keep_versions: None,
         }
     }
 }
@@ -683,6 +687,7 @@ impl StateService {
             proposal_id: Some(proposal_id.to_string()),
             trace_id: author.trace_id.clone(),
             idempotency_key: idempotency_key.map(str::to_string),
+            keep_versions: self.options.keep_versions,
         };
         let limit = self.options.max_value_bytes;
         let validators = &self.validators;

@@ -640,3 +640,58 @@ async fn an_invalid_schema_is_refused_at_start() {
         "{error}"
     );
 }
+
+both_backends!(
+    history_retention_keeps_the_newest_versions,
+    |backend| async move {
+        let options = StateOptions {
+            keep_versions: Some(3),
+            ..StateOptions::default()
+        };
+        let f = Fixture::new(backend, options).await;
+        let s = &f.state;
+        for version in 0..5u64 {
+            s.put(
+                vec![set("log/entry", version, json!(version + 1))],
+                None,
+                &author("w"),
+            )
+            .await
+            .unwrap();
+        }
+        let history = s.history("log/entry", 10).await.unwrap();
+        assert_eq!(
+            history.iter().map(|h| h.version).collect::<Vec<_>>(),
+            [5, 4, 3]
+        );
+        assert_eq!(
+            s.get("log/entry").await.unwrap().version,
+            5,
+            "the current version is untouched"
+        );
+        assert!(
+            s.diff("log/entry", 1, 5).await.is_err(),
+            "version 1 is no longer kept"
+        );
+        assert_eq!(
+            s.diff("log/entry", 4, 5).await.unwrap(),
+            json!([{"op": "replace", "path": "", "value": 5}])
+        );
+        // A stale writer whose base left the history is still refused, never merged blindly.
+        let stale = s
+            .put(
+                vec![set("log/entry", 1, json!("late"))],
+                None,
+                &author("late"),
+            )
+            .await;
+        assert!(matches!(stale, Err(StateError::Conflict(_))), "{stale:?}");
+        // Sequence numbers keep growing after pruning.
+        let next = s
+            .put(vec![set("log/entry", 5, json!(6))], None, &author("w"))
+            .await
+            .unwrap();
+        assert!(next.seq > history[0].seq);
+        f.finish().await;
+    }
+);

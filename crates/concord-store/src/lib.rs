@@ -89,6 +89,9 @@ pub struct CommitMeta {
     /// A retried commit with the same key returns the first commit's result instead of
     /// applying again.
     pub idempotency_key: Option<String>,
+    /// Keep only this many newest versions of each written key in the history (None: all).
+    /// Commit rows are never pruned, so sequence numbers are never reused.
+    pub keep_versions: Option<u64>,
 }
 
 /// What one commit wrote.
@@ -1046,6 +1049,14 @@ mod sqlite {
             .bind(seq)
             .execute(&mut *tx)
             .await?;
+            if let Some(keep) = meta.keep_versions.filter(|&keep| *version > keep) {
+                sqlx::query("DELETE FROM state_history WHERE ns = ? AND key = ? AND version <= ?")
+                    .bind(&write.key.namespace)
+                    .bind(&write.key.key)
+                    .bind((*version - keep) as i64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         tx.commit().await?;
         Ok(Transacted::Committed(committed))
@@ -1153,6 +1164,16 @@ mod postgres {
                 .bind(seq)
                 .execute(&mut *tx)
                 .await?;
+            if let Some(keep) = meta.keep_versions.filter(|&keep| *version > keep) {
+                sqlx::query(
+                    "DELETE FROM state_history WHERE ns = $1 AND key = $2 AND version <= $3",
+                )
+                .bind(&write.key.namespace)
+                .bind(&write.key.key)
+                .bind((*version - keep) as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(Transacted::Committed(committed))
