@@ -501,12 +501,10 @@ pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
     let span = tracing::info_span!("upstream", server = %upstream.name, transport = upstream.spec.transport.kind());
     async move {
         let mut backoff = FIRST_BACKOFF;
-        let mut attempt: u64 = 0;
         loop {
             if shared.shutdown.is_cancelled() {
                 return;
             }
-            attempt += 1;
             let (events_tx, mut events) = mpsc::unbounded_channel();
             let handler = UpstreamClient {
                 server: upstream.name.clone(),
@@ -532,9 +530,6 @@ pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
                     }
                 }
             };
-            if attempt > 1 || upstream.state.read().first_attempt_done {
-                shared.metrics.count_upstream_restart(&upstream.name);
-            }
             tracing::warn!(reason = %failure, retry_in_ms = backoff.as_millis() as u64, "upstream unhealthy");
             mark_unhealthy(&shared, &upstream, failure);
             tokio::select! {
@@ -690,9 +685,11 @@ async fn refresh(
 }
 
 fn mark_unhealthy(shared: &Shared, upstream: &Upstream, reason: String) {
+    let lost_a_healthy_connection;
     let changed = {
         let mut state = upstream.state.write();
         let was_serving = state.health == Health::Healthy;
+        lost_a_healthy_connection = was_serving;
         if matches!(&state.health, Health::Unhealthy { reason: r } if *r == reason) {
             false
         } else {
@@ -707,6 +704,10 @@ fn mark_unhealthy(shared: &Shared, upstream: &Upstream, reason: String) {
         }
     };
     shared.metrics.set_upstream_up(&upstream.name, false);
+    // One count per healthy connection lost, the same event `UpstreamStatus::restarts` counts.
+    if lost_a_healthy_connection {
+        shared.metrics.count_upstream_restart(&upstream.name);
+    }
     if changed {
         shared.rebuild_catalog();
     }
