@@ -504,12 +504,15 @@ impl Store {
         meta: &CommitMeta,
         decide: impl FnOnce(&[Current]) -> Result<Vec<Write>, R>,
     ) -> Result<Transacted<R>, StoreError> {
-        let mut sorted: Vec<KeyRef> = keys.to_vec();
-        sorted.sort();
-        sorted.dedup();
         match &self.backend {
-            Backend::Sqlite(pool) => sqlite::transact(pool, &sorted, keys, meta, decide).await,
-            Backend::Postgres(pool) => postgres::transact(pool, &sorted, keys, meta, decide).await,
+            // BEGIN IMMEDIATE serialises every SQLite writer: no per-key locks to order.
+            Backend::Sqlite(pool) => sqlite::transact(pool, keys, meta, decide).await,
+            Backend::Postgres(pool) => {
+                let mut sorted: Vec<KeyRef> = keys.to_vec();
+                sorted.sort();
+                sorted.dedup();
+                postgres::transact(pool, &sorted, keys, meta, decide).await
+            }
         }
     }
 
@@ -919,27 +922,27 @@ fn version_from_row(
 }
 
 fn version_from_sqlite(row: sqlx::sqlite::SqliteRow) -> Result<Version, StoreError> {
-    Ok(Version {
-        version: row.get::<i64, _>(0) as u64,
-        value: parse_json(&row.get::<String, _>(1))?,
-        seq: row.get::<i64, _>(2) as u64,
-        author: row.get(3),
-        proposal_id: row.get(4),
-        trace_id: row.get(5),
-        committed_at_ms: row.get::<i64, _>(6) as u64,
-    })
+    version_from_row(
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        row.get(5),
+        row.get(6),
+    )
 }
 
 fn version_from_postgres(row: sqlx::postgres::PgRow) -> Result<Version, StoreError> {
-    Ok(Version {
-        version: row.get::<i64, _>(0) as u64,
-        value: parse_json(&row.get::<String, _>(1))?,
-        seq: row.get::<i64, _>(2) as u64,
-        author: row.get(3),
-        proposal_id: row.get(4),
-        trace_id: row.get(5),
-        committed_at_ms: row.get::<i64, _>(6) as u64,
-    })
+    version_from_row(
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        row.get(5),
+        row.get(6),
+    )
 }
 
 /// Hides the password of a connection URL for error messages and logs.
@@ -961,7 +964,6 @@ mod sqlite {
 
     pub(super) async fn transact<R>(
         pool: &SqlitePool,
-        sorted: &[KeyRef],
         keys: &[KeyRef],
         meta: &CommitMeta,
         decide: impl FnOnce(&[Current]) -> Result<Vec<Write>, R>,
@@ -980,7 +982,6 @@ mod sqlite {
                 return replayed(&result).map(Transacted::Committed);
             }
         }
-        let _ = sorted;
         let mut currents = Vec::with_capacity(keys.len());
         for key in keys {
             // The key and its lease in one round trip (the lease may exist for an absent key).
