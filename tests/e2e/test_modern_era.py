@@ -107,3 +107,30 @@ async def test_a_made_up_request_state_is_refused(node: Any) -> None:
                 "fx__echo", {"message": "x"}, request_state="concord-parked-forged", input_responses={}
             )
         assert "unknown or expired requestState" in str(refused.value)
+
+
+async def test_log_messages_follow_the_per_request_log_level(node: Any) -> None:
+    """A 2026-07-28 client asks for logs on each request (`_meta` log level) and hears the
+    upstream's log messages of that call on the call's own stream, at or above that level only."""
+    from mcp.types import LoggingMessageNotificationParams
+
+    heard: dict[str, list[LoggingMessageNotificationParams]] = {"warning": [], "error": [], "none": []}
+
+    def collector(name: str) -> Any:
+        async def collect(params: LoggingMessageNotificationParams) -> None:
+            heard[name].append(params)
+
+        return collect
+
+    async with (
+        Client(node.url, cache=None, log_level="warning", logging_callback=collector("warning")) as warned,
+        Client(node.url, cache=None, log_level="error", logging_callback=collector("error")) as strict,
+        Client(node.url, cache=None, logging_callback=collector("none")) as silent,
+    ):
+        for client, name in ((warned, "warning"), (strict, "error"), (silent, "none")):
+            assert client.protocol_version == "2026-07-28"
+            assert text_of(await client.call_tool("fx__log", {"message": f"note for {name}"})) == "logged"
+
+    assert [(p.level, p.logger, p.data) for p in heard["warning"]] == [("warning", "fx", "note for warning")]
+    assert heard["error"] == [], "a warning is below the error level the client asked for"
+    assert heard["none"] == [], "a client that asked for no logs gets none"

@@ -99,6 +99,10 @@ pub struct ServerSpec {
     pub transport: TransportSpec,
     pub prefix: PrefixMode,
     pub request_timeout: Duration,
+    /// Declare the `roots` capability to this upstream and answer its `roots/list` requests with
+    /// the roots of the client whose call it is serving. Off by default: one upstream connection
+    /// serves every client, and a request made outside any call has no client to answer it.
+    pub forward_roots: bool,
 }
 
 /// How to reach an upstream server.

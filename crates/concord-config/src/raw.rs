@@ -148,6 +148,8 @@ struct TomlServer {
     timeout: Option<String>,
     #[serde(default = "yes")]
     enabled: bool,
+    #[serde(default)]
+    forward_roots: bool,
 }
 
 fn yes() -> bool {
@@ -270,6 +272,7 @@ struct CommonServer {
     kind: Option<TransportKind>,
     prefix: Option<PrefixMode>,
     timeout: Option<std::time::Duration>,
+    forward_roots: bool,
 }
 
 impl TomlFile {
@@ -302,6 +305,7 @@ impl TomlFile {
                 kind: raw.transport,
                 prefix: raw.prefix,
                 timeout,
+                forward_roots: raw.forward_roots,
             };
             servers.push(common.into_spec(&name, "servers", file, base_dir, &node, lookup)?);
         }
@@ -344,6 +348,7 @@ impl JsonFile {
                 kind: raw.kind,
                 prefix: None,
                 timeout: raw.timeout.map(std::time::Duration::from_millis),
+                forward_roots: false,
             };
             servers.push(common.into_spec(&name, "mcpServers", file, base_dir, &node, lookup)?);
         }
@@ -537,6 +542,7 @@ impl CommonServer {
             transport,
             prefix: self.prefix.unwrap_or_default(),
             request_timeout: self.timeout.unwrap_or(node.request_timeout),
+            forward_roots: self.forward_roots,
         })
     }
 }

@@ -31,6 +31,7 @@ fn toml_with_every_transport() {
         command = "npx"
         args = ["-y", "@modelcontextprotocol/server-filesystem", "${HOME_DIR}"]
         cwd = "work"
+        forward_roots = true
 
         [servers.github]
         url = "https://api.example.com/mcp"
@@ -48,6 +49,11 @@ fn toml_with_every_transport() {
     assert_eq!(names, ["fs", "github", "legacy"]);
     let fs = &config.servers[0];
     assert_eq!(fs.request_timeout, Duration::from_secs(5));
+    assert!(fs.forward_roots);
+    assert!(
+        !config.servers[1].forward_roots,
+        "roots stay undeclared unless asked for"
+    );
     match &fs.transport {
         TransportSpec::Stdio { args, cwd, .. } => {
             assert_eq!(args[2], "/home/u");

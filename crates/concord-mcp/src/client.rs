@@ -115,6 +115,7 @@ pub async fn run_stdio_bridge(url: &str) -> Result<(), crate::GatewayError> {
             },
             prefix: PrefixMode::Never,
             request_timeout: Duration::from_secs(600),
+            forward_roots: false,
         }],
     };
     let gateway = Gateway::new(&config, GatewayOptions::default(), Default::default());

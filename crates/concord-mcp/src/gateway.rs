@@ -340,7 +340,7 @@ impl Downstream {
     }
 }
 
-fn severity(level: LoggingLevel) -> u8 {
+pub(crate) fn severity(level: LoggingLevel) -> u8 {
     match level {
         LoggingLevel::Debug => 0,
         LoggingLevel::Info => 1,
@@ -360,6 +360,9 @@ type CallSender = mpsc::UnboundedSender<CallEvent>;
 /// Upstream traffic that belongs to one in-flight downstream call.
 pub(crate) enum CallEvent {
     Progress(ProgressNotificationParam),
+    /// A log message the call's server sent while the call was in flight. Only a 2026-07-28
+    /// caller that asked for logs on the request (`_meta` log level) receives it this way.
+    Log(LoggingMessageNotificationParam),
     /// A request the upstream sent to its client while serving the call (sampling,
     /// elicitation); the call forwards it to its own client and replies through `reply`.
     Request {
@@ -430,6 +433,18 @@ impl CallRouter {
                     early.clear();
                 }
                 early.entry(key).or_default().push(params);
+            }
+        }
+    }
+
+    /// Called by the transport tap, in wire order: offers a log message to every call in
+    /// flight to `server`. A notification carries no request id, so the calls to that server
+    /// are the narrowest audience that can be named; each call filters by its caller's level.
+    pub fn push_log(&self, server: &Arc<str>, params: &LoggingMessageNotificationParam) {
+        let by_request = self.by_request.lock();
+        for ((call_server, _), sender) in by_request.iter() {
+            if call_server == server {
+                let _ = sender.send(CallEvent::Log(params.clone()));
             }
         }
     }

@@ -28,11 +28,13 @@ use tracing::Instrument;
 use crate::builtin::{BUILTIN_NAMESPACE, BuiltinTools, Caller};
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
-use crate::gateway::{CallEvent, CallGuard, NameKind, Shared, server_request_method};
-use crate::subscriptions::{SessionId, Subscriber, Subscriptions};
+use crate::gateway::{CallEvent, CallGuard, NameKind, Shared, server_request_method, severity};
+use crate::subscriptions::{SessionId, Subscriber};
+use crate::upstream::hold_subscription;
 use futures::StreamExt;
 use rmcp::model::{
-    InputRequest, InputRequests, InputRequiredResult, InputResponses, ProtocolVersion, RequestId,
+    InputRequest, InputRequests, InputRequiredResult, InputResponses, LoggingLevel,
+    LoggingMessageNotificationParam, ProtocolVersion, RequestId,
 };
 use rmcp::service::ServiceError;
 use std::collections::HashMap;
@@ -177,6 +179,29 @@ async fn relay_progress(
     }
 }
 
+/// A 2026-07-28 caller asks for log messages per request (`_meta` log level) and hears them on
+/// that request's stream; callers of the 2025 era set a session level and hear them from the
+/// session broadcast instead.
+async fn relay_log(
+    peer: &Peer<RoleServer>,
+    server: &str,
+    floor: Option<LoggingLevel>,
+    mut params: LoggingMessageNotificationParam,
+) {
+    let Some(floor) = floor else {
+        return;
+    };
+    if severity(params.level) < severity(floor) {
+        return;
+    }
+    if params.logger.is_none() {
+        params.logger = Some(server.to_string());
+    }
+    if let Err(e) = peer.notify_logging_message(params).await {
+        tracing::debug!(error = %e, "log message for a client that has gone");
+    }
+}
+
 /// Puts an upstream's sampling or elicitation request to the calling client, if it declared
 /// the capability; otherwise the upstream hears that this client cannot answer.
 async fn ask_client(
@@ -204,6 +229,9 @@ async fn ask_client(
         ServerRequest::ElicitRequest(_) => capabilities
             .as_ref()
             .is_some_and(|c| c.elicitation.is_some()),
+        ServerRequest::ListRootsRequest(_) => {
+            capabilities.as_ref().is_some_and(|c| c.roots.is_some())
+        }
         _ => true,
     };
     if !declared {
@@ -335,6 +363,11 @@ impl GatewaySession {
     ) -> Result<ServerResult, GatewayError> {
         let downstream_token = context.meta.get_progress_token();
         let modern = is_modern(context);
+        let log_floor = if modern {
+            context.meta.log_level()
+        } else {
+            None
+        };
         // Requests to the client run beside the wait for the upstream's response (the upstream
         // usually needs their answers to finish), inside this handler's task so that rmcp sends
         // them on this request's own response stream.
@@ -345,6 +378,9 @@ impl GatewaySession {
                 Some(event) = call.events.recv() => match event {
                     CallEvent::Progress(params) => {
                         relay_progress(&context.peer, &downstream_token, params).await;
+                    }
+                    CallEvent::Log(params) => {
+                        relay_log(&context.peer, &call.server, log_floor, params).await;
                     }
                     CallEvent::Request { request, reply } if modern => {
                         return Ok(self.suspend(call, request, reply));
@@ -361,8 +397,14 @@ impl GatewaySession {
                 result = &mut call.response => {
                     // Everything the upstream sent before its response is already queued.
                     while let Ok(event) = call.events.try_recv() {
-                        if let CallEvent::Progress(params) = event {
-                            relay_progress(&context.peer, &downstream_token, params).await;
+                        match event {
+                            CallEvent::Progress(params) => {
+                                relay_progress(&context.peer, &downstream_token, params).await;
+                            }
+                            CallEvent::Log(params) => {
+                                relay_log(&context.peer, &call.server, log_floor, params).await;
+                            }
+                            CallEvent::Request { .. } => {}
                         }
                     }
                     return result
@@ -397,6 +439,9 @@ impl GatewaySession {
             match event {
                 CallEvent::Request { request, reply } => pending.push((request, reply)),
                 CallEvent::Progress(params) => early_progress.push(params),
+                // The caller's retry is a new request with a stream of its own; what was
+                // logged before the suspension has no stream left to go to.
+                CallEvent::Log(_) => {}
             }
         }
         let mut input_requests = InputRequests::new();
@@ -889,8 +934,13 @@ impl ServerHandler for GatewaySession {
                 self.id,
                 Subscriber::Session(context.peer.clone()),
                 server.clone(),
-                &upstream,
                 &params.uri,
+                hold_subscription(
+                    Arc::downgrade(&self.shared),
+                    server.clone(),
+                    &upstream,
+                    params.uri.clone(),
+                ),
             )
             .await
             .map_err(|e| GatewayError::from_service(&server, "resources/subscribe", e));
@@ -940,8 +990,13 @@ impl ServerHandler for GatewaySession {
                     listen_id,
                     Subscriber::Listen(sink.clone()),
                     server.clone(),
-                    &upstream,
                     &uri,
+                    hold_subscription(
+                        Arc::downgrade(&self.shared),
+                        server.clone(),
+                        &upstream,
+                        uri.clone(),
+                    ),
                 )
                 .await
             {
@@ -954,11 +1009,9 @@ impl ServerHandler for GatewaySession {
         context.cancelled().await;
         self.shared.downstream.remove_listener(listen_id);
         for uri in held {
-            if let Some(server) = self.shared.subscriptions.unsubscribe(listen_id, &uri).await
-                && server != self.shared.builtin_name
-                && let Ok((upstream, _)) = self.upstream_peer(&server)
-            {
-                Subscriptions::release(&upstream, &uri).await;
+            if let Some(abandoned) = self.shared.subscriptions.unsubscribe(listen_id, &uri).await {
+                let upstream = self.upstream_peer(&abandoned.server).ok().map(|(p, _)| p);
+                abandoned.release(upstream.as_ref()).await;
             }
         }
         Ok(())
@@ -969,14 +1022,14 @@ impl ServerHandler for GatewaySession {
         params: UnsubscribeRequestParams,
         _context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        if let Some(server) = self
+        if let Some(abandoned) = self
             .shared
             .subscriptions
             .unsubscribe(self.id, &params.uri)
             .await
-            && let Ok((upstream, _)) = self.upstream_peer(&server)
         {
-            Subscriptions::release(&upstream, &params.uri).await;
+            let upstream = self.upstream_peer(&abandoned.server).ok().map(|(p, _)| p);
+            abandoned.release(upstream.as_ref()).await;
         }
         self.observe("resources/unsubscribe", "", true);
         Ok(())

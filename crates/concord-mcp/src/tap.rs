@@ -2,7 +2,9 @@
 //! the order they arrive. rmcp hands each notification to its handler on a task of its own, so
 //! two progress notifications (or the last progress and the response) can overtake each other;
 //! reading them here, before rmcp dispatches, keeps them in wire order and guarantees that every
-//! progress sent before a response is queued before that response is delivered.
+//! progress sent before a response is queued before that response is delivered. Log messages
+//! are offered to the calls in flight the same way (for callers that ask for logs per request)
+//! and then passed on.
 
 use std::sync::Arc;
 
@@ -47,6 +49,14 @@ impl<T: Transport<RoleClient>> Transport<RoleClient> for ProgressTap<T> {
                     notification: ServerNotification::ProgressNotification(progress),
                     ..
                 }) => self.router.push_progress(&self.server, progress.params),
+                JsonRpcMessage::Notification(JsonRpcNotification {
+                    notification: ServerNotification::LoggingMessageNotification(ref log),
+                    ..
+                }) => {
+                    // Also passed on: clients of the 2025 era hear logs through `setLevel`.
+                    self.router.push_log(&self.server, &log.params);
+                    return Some(message);
+                }
                 other => return Some(other),
             }
         }

@@ -11,9 +11,10 @@ use rmcp::model::{
     ClientCapabilities, ClientConfig, ClientRequest, ClientResult, CreateMessageRequest,
     CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
     ElicitResult, ElicitationCapability, FormElicitationCapability, Implementation,
-    LoggingMessageNotificationParam, PingRequest, ProtocolVersion,
-    ResourceUpdatedNotificationParam, ServerCapabilities, ServerNotification, ServerRequest,
-    SubscriptionFilter, UrlElicitationCapability,
+    ListRootsRequest, ListRootsRequestMethod, ListRootsResult, LoggingMessageNotificationParam,
+    PingRequest, ProtocolVersion, ResourceUpdatedNotificationParam, RootsCapabilities,
+    ServerCapabilities, ServerNotification, ServerRequest, SubscriptionFilter,
+    UrlElicitationCapability,
 };
 use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
 use rmcp::service::{
@@ -27,7 +28,7 @@ use tracing::Instrument;
 use crate::catalog::UpstreamLists;
 use crate::child::{self, ChildProcess};
 use crate::gateway::{CallRouter, Shared};
-use crate::subscriptions::Subscriptions;
+use crate::subscriptions::{AbortOnDrop, UpstreamHold};
 use crate::tap::ProgressTap;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -110,6 +111,7 @@ pub(crate) struct UpstreamClient {
     server: Arc<str>,
     shared: Weak<Shared>,
     events: mpsc::UnboundedSender<ListChanged>,
+    forward_roots: bool,
 }
 
 impl ClientHandler for UpstreamClient {
@@ -118,18 +120,22 @@ impl ClientHandler for UpstreamClient {
         // 2026-07-28 discover lifecycle for upstreams is not wired yet.
         // Sampling and elicitation are declared so upstreams may use them; each request is
         // relayed to the client of the call it belongs to, which may still decline it. Roots
-        // are not declared: an upstream asks for them outside any call (at start-up), when
-        // there is no client to ask, and some servers replace their configured roots with the
-        // answer.
+        // are declared only where configured (`forward_roots`): an upstream often asks for
+        // them outside any call (at start-up), when there is no client to ask, and some
+        // servers replace their configured roots with the answer.
+        let mut capabilities = ClientCapabilities::builder()
+            .enable_sampling()
+            .enable_elicitation_with(
+                ElicitationCapability::new()
+                    .with_form(FormElicitationCapability::default())
+                    .with_url(UrlElicitationCapability::default()),
+            )
+            .build();
+        if self.forward_roots {
+            capabilities.roots = Some(RootsCapabilities::default());
+        }
         let mut info = ClientConfig::new(
-            ClientCapabilities::builder()
-                .enable_sampling()
-                .enable_elicitation_with(
-                    ElicitationCapability::new()
-                        .with_form(FormElicitationCapability::default())
-                        .with_url(UrlElicitationCapability::default()),
-                )
-                .build(),
+            capabilities,
             Implementation::new("concord", env!("CARGO_PKG_VERSION")),
         );
         info.protocol_version = ProtocolVersion::V_2025_11_25;
@@ -166,6 +172,23 @@ impl ClientHandler for UpstreamClient {
         }
     }
 
+    async fn list_roots(
+        &self,
+        context: RequestContext<RoleClient>,
+    ) -> Result<ListRootsResult, McpError> {
+        if !self.forward_roots {
+            return Err(McpError::method_not_found::<ListRootsRequestMethod>());
+        }
+        let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
+        match self.relay_request(request, &context).await? {
+            ClientResult::ListRootsResult(result) => Ok(result),
+            _ => Err(McpError::internal_error(
+                "the client answered roots/list with another result type",
+                None,
+            )),
+        }
+    }
+
     async fn on_logging_message(
         &self,
         params: LoggingMessageNotificationParam,
@@ -184,10 +207,9 @@ impl ClientHandler for UpstreamClient {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
-        if let Some(abandoned) = shared.subscriptions.updated(&self.server, params).await
-            && let Some(Ok(peer)) = shared.upstream(&self.server).map(|u| u.peer())
-        {
-            Subscriptions::release(&peer, &abandoned).await;
+        if let Some(abandoned) = shared.subscriptions.updated(&self.server, params).await {
+            let peer = shared.upstream(&self.server).and_then(|u| u.peer().ok());
+            abandoned.release(peer.as_ref()).await;
         }
     }
 
@@ -225,14 +247,6 @@ impl UpstreamClient {
             .router
             .route_request(&self.server, origin, request)
             .await
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -495,6 +509,45 @@ fn listen_for_changes(
     })
 }
 
+/// Takes the upstream side of a resource subscription: `resources/subscribe` in the 2025 era; in
+/// the 2026-07-28 era, which has no such method, a `subscriptions/listen` stream naming the URI,
+/// whose updates are delivered like the legacy notification's.
+pub(crate) async fn hold_subscription(
+    shared: Weak<Shared>,
+    server: Arc<str>,
+    peer: &Peer<RoleClient>,
+    uri: String,
+) -> Result<UpstreamHold, rmcp::service::ServiceError> {
+    if !is_modern_peer(peer) {
+        peer.subscribe(rmcp::model::SubscribeRequestParams::new(uri))
+            .await?;
+        return Ok(UpstreamHold::Subscribed);
+    }
+    let filter = SubscriptionFilter::builder()
+        .resource_subscription(uri.clone())
+        .build();
+    let mut subscription = peer.listen(filter).await?;
+    let relay = tokio::spawn(async move {
+        while let Ok(Some(notification)) = subscription.next().await {
+            let ServerNotification::ResourceUpdatedNotification(updated) = notification else {
+                continue;
+            };
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            // The last subscriber left: the abandoned hold is this task's own, and dropping it
+            // ends the task (and the listen stream with it).
+            if let Some(abandoned) = shared.subscriptions.updated(&server, updated.params).await {
+                abandoned.release(None).await;
+            }
+        }
+        tracing::debug!(server = %server, uri, "resource listen stream ended");
+    });
+    Ok(UpstreamHold::Listening {
+        _relay: AbortOnDrop(relay),
+    })
+}
+
 /// Keeps one upstream connected until the gateway shuts down.
 pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
     let upstream = shared.upstreams[index].clone();
@@ -510,6 +563,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
                 server: upstream.name.clone(),
                 shared: Arc::downgrade(&shared),
                 events: events_tx.clone(),
+                forward_roots: upstream.spec.forward_roots,
             };
             let connected = tokio::select! {
                 result = connect(&upstream.spec, handler, shared.router.clone()) => result,
@@ -596,14 +650,12 @@ async fn serve_connection(
         state.connected_since = Some(Instant::now());
     }
     // A restarted server has forgotten its subscriptions: take them again.
-    for uri in shared.subscriptions.uris_of(&upstream.name).await {
-        if let Err(e) = peer
-            .subscribe(rmcp::model::SubscribeRequestParams::new(uri.clone()))
-            .await
-        {
-            tracing::warn!(uri, error = %e, "could not renew a resource subscription");
-        }
-    }
+    shared
+        .subscriptions
+        .renew(&upstream.name, |uri| {
+            hold_subscription(Arc::downgrade(shared), upstream.name.clone(), &peer, uri)
+        })
+        .await;
     shared.metrics.set_upstream_up(&upstream.name, true);
     shared.rebuild_catalog();
     shared.upstream_settled();

@@ -9,7 +9,9 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use concord_config::{Config, NodeSettings, PrefixMode, ServerSpec, TransportSpec};
@@ -17,12 +19,15 @@ use concord_mcp::{EdgeOptions, Gateway, GatewayOptions};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
     ContentBlock, CreateMessageRequest, CreateMessageRequestParams, CreateMessageResult,
-    Implementation, InputRequest, InputRequiredResult, JsonObject, ListToolsResult,
-    PaginatedRequestParams, ProtocolVersion, SamplingMessage, ServerCapabilities, ServerConfig,
-    Tool,
+    Implementation, InputRequest, InputRequiredResult, JsonObject, ListResourcesResult,
+    ListToolsResult, PaginatedRequestParams, ProtocolVersion, ReadResourceRequestParams,
+    ReadResourceResponse, ReadResourceResult, Resource, ResourceContents,
+    ResourceUpdatedNotificationParam, SamplingMessage, ServerCapabilities, ServerConfig,
+    SubscribeRequestParams, SubscriptionFilter, Tool, UnsubscribeRequestParams,
 };
 use rmcp::service::{
     ClientLifecycleMode, ClientServiceExt, RequestContext, RoleClient, RoleServer,
+    SubscriptionContext, SubscriptionSink,
 };
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -30,15 +35,78 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use rmcp::{ClientHandler, ErrorData as McpError, ServerHandler, ServiceExt};
 use tokio_util::sync::CancellationToken;
 
+const CLOCK: &str = "modern://clock";
+
+/// The open `subscriptions/listen` streams that name resources, by stream.
+#[derive(Default)]
+struct ModernState {
+    next_listener: AtomicU64,
+    listeners: Mutex<HashMap<u64, (SubscriptionSink, Vec<String>)>>,
+}
+
 /// A server of the 2026-07-28 era only. Its `ask` tool needs a sampled answer and gets it the
-/// new way: it returns `input_required` and finishes when the retry brings the answer.
-#[derive(Clone)]
-struct ModernServer;
+/// new way: it returns `input_required` and finishes when the retry brings the answer. Its
+/// resource `modern://clock` can only be watched through `subscriptions/listen`; `tick`
+/// announces an update to every stream that names it, `listeners` counts those streams.
+#[derive(Clone, Default)]
+struct ModernServer(Arc<ModernState>);
 
 impl ServerHandler for ModernServer {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(Implementation::new("modern-upstream", "1.0.0"))
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_resources()
+                .enable_resources_subscribe()
+                .build(),
+        )
+        .with_server_info(Implementation::new("modern-upstream", "1.0.0"))
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, McpError> {
+        Ok(ListResourcesResult::with_all_items(vec![Resource::new(
+            CLOCK, "clock",
+        )]))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, McpError> {
+        Ok(ReadResourceResult::new(vec![ResourceContents::text("tick", request.uri)]).into())
+    }
+
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        Some(requested.clone())
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
+        let uris = context
+            .accepted()
+            .resource_subscriptions
+            .clone()
+            .unwrap_or_default();
+        if uris.is_empty() {
+            context.cancelled().await;
+            return Ok(());
+        }
+        let id = self.0.next_listener.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .listeners
+            .lock()
+            .unwrap()
+            .insert(id, (context.sink().clone(), uris));
+        context.cancelled().await;
+        self.0.listeners.lock().unwrap().remove(&id);
+        Ok(())
     }
 
     fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
@@ -53,7 +121,17 @@ impl ServerHandler for ModernServer {
         let schema = Arc::new(JsonObject::new());
         Ok(ListToolsResult::with_all_items(vec![
             Tool::new("hello", "Greets", schema.clone()),
-            Tool::new("ask", "Asks the client's model a question", schema),
+            Tool::new("ask", "Asks the client's model a question", schema.clone()),
+            Tool::new(
+                "tick",
+                "Announces an update of modern://clock",
+                schema.clone(),
+            ),
+            Tool::new(
+                "listeners",
+                "Counts the listen streams naming resources",
+                schema,
+            ),
         ]))
     }
 
@@ -63,6 +141,28 @@ impl ServerHandler for ModernServer {
         _context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         match &*request.name {
+            "tick" => {
+                let sinks: Vec<SubscriptionSink> = self
+                    .0
+                    .listeners
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .filter(|(_, uris)| uris.iter().any(|u| u == CLOCK))
+                    .map(|(sink, _)| sink.clone())
+                    .collect();
+                for sink in &sinks {
+                    let _ = sink.notify_resource_updated(CLOCK).await;
+                }
+                Ok(
+                    CallToolResult::success(vec![ContentBlock::text(sinks.len().to_string())])
+                        .into(),
+                )
+            }
+            "listeners" => {
+                let count = self.0.listeners.lock().unwrap().len();
+                Ok(CallToolResult::success(vec![ContentBlock::text(count.to_string())]).into())
+            }
             "hello" => {
                 Ok(CallToolResult::success(vec![ContentBlock::text("hello from 2026")]).into())
             }
@@ -106,8 +206,9 @@ impl ServerHandler for ModernServer {
 }
 
 async fn serve_modern_upstream(stop: CancellationToken) -> String {
+    let server = ModernServer::default();
     let service = StreamableHttpService::new(
-        || Ok(ModernServer),
+        move || Ok(server.clone()),
         Arc::new(LocalSessionManager::default()),
         StreamableHttpServerConfig::default()
             .with_legacy_session_mode(false)
@@ -142,6 +243,7 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
                 },
                 prefix: PrefixMode::Always,
                 request_timeout: Duration::from_secs(20),
+                forward_roots: false,
             },
             ServerSpec {
                 name: "modern".into(),
@@ -151,6 +253,7 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
                 },
                 prefix: PrefixMode::Always,
                 request_timeout: Duration::from_secs(20),
+                forward_roots: false,
             },
         ],
     };
@@ -179,9 +282,20 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
     (gateway, url)
 }
 
-/// A client that answers sampling with a fixed text, naming itself.
+/// A client that answers sampling with a fixed text, naming itself, and records the resource
+/// updates it hears.
 #[derive(Clone)]
-struct Sampler(&'static str);
+struct Sampler(&'static str, Arc<Mutex<Vec<String>>>);
+
+impl Sampler {
+    fn new(name: &'static str) -> Self {
+        Self(name, Arc::default())
+    }
+
+    fn updates(&self) -> Vec<String> {
+        self.1.lock().unwrap().clone()
+    }
+}
 
 impl ClientHandler for Sampler {
     fn get_info(&self) -> ClientConfig {
@@ -202,6 +316,14 @@ impl ClientHandler for Sampler {
             SamplingMessage::assistant_text(format!("42, says {}", self.0)),
             "test-model".to_string(),
         ))
+    }
+
+    async fn on_resource_updated(
+        &self,
+        params: ResourceUpdatedNotificationParam,
+        _context: rmcp::service::NotificationContext<RoleClient>,
+    ) {
+        self.1.lock().unwrap().push(params.uri);
     }
 }
 
@@ -234,7 +356,7 @@ async fn both_eras_of_client_against_both_eras_of_upstream_at_once() {
     let modern_url = serve_modern_upstream(stop.clone()).await;
     let (gateway, url) = start_gateway(&modern_url, stop.clone()).await;
 
-    let modern_client = Sampler("discover-client")
+    let modern_client = Sampler::new("discover-client")
         .serve_with_lifecycle(
             StreamableHttpClientTransport::from_uri(url.clone()),
             ClientLifecycleMode::Discover {
@@ -243,7 +365,7 @@ async fn both_eras_of_client_against_both_eras_of_upstream_at_once() {
         )
         .await
         .expect("discover through the gateway");
-    let legacy_client = Sampler("legacy-client")
+    let legacy_client = Sampler::new("legacy-client")
         .serve(StreamableHttpClientTransport::from_uri(url.clone()))
         .await
         .expect("initialize through the gateway");
@@ -291,6 +413,60 @@ async fn both_eras_of_client_against_both_eras_of_upstream_at_once() {
     let status = gateway.status();
     let modern = status.iter().find(|s| s.name == "modern").unwrap();
     assert_eq!(modern.state, "healthy");
+
+    // The 2026 upstream has no resources/subscribe: the gateway watches the URI with one
+    // listen stream however many clients subscribe (one per era here), and closes it when the
+    // last one leaves.
+    legacy_client
+        .peer()
+        .subscribe(SubscribeRequestParams::new(CLOCK))
+        .await
+        .expect("subscribe through the gateway");
+    let mut listen = modern_client
+        .peer()
+        .listen(
+            SubscriptionFilter::builder()
+                .resource_subscription(CLOCK)
+                .build(),
+        )
+        .await
+        .expect("listen through the gateway");
+    assert_eq!(
+        text_of(&call(&legacy_client, "modern__listeners").await),
+        "1"
+    );
+    assert_eq!(text_of(&call(&legacy_client, "modern__tick").await), "1");
+    let heard = tokio::time::timeout(Duration::from_secs(10), listen.next())
+        .await
+        .expect("the update reaches the listening client")
+        .unwrap();
+    assert!(
+        matches!(&heard, Some(rmcp::model::ServerNotification::ResourceUpdatedNotification(n)) if n.params.uri == CLOCK),
+        "{heard:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while legacy_client.service().updates().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the update reaches the subscribed client");
+    assert_eq!(legacy_client.service().updates(), vec![CLOCK.to_string()]);
+    assert!(modern_client.service().updates().is_empty());
+
+    drop(listen);
+    legacy_client
+        .peer()
+        .unsubscribe(UnsubscribeRequestParams::new(CLOCK))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while text_of(&call(&legacy_client, "modern__listeners").await) != "0" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the last subscriber leaving closes the upstream listen stream");
 
     stop.cancel();
     gateway.shutdown().await;

@@ -379,6 +379,12 @@ fn tools() -> Value {
             &[],
         ),
         tool(
+            "test_list_roots",
+            "Asks the client for its roots (roots/list) while running and returns them (not a suite fixture)",
+            none(),
+            &[],
+        ),
+        tool(
             "test_reconnection",
             "Closes the SSE stream mid-call; the result arrives after the client resumes (SEP-1699)",
             none(),
@@ -497,6 +503,19 @@ async fn call_tool(call: &Call, params: &Value) -> Result<Value, Value> {
                     text_result(format!("LLM response: {reply}"))
                 }
                 Err(error) => error_result(format!("Sampling failed: {error}")),
+            }
+        }
+        "test_list_roots" => {
+            if !call.client_supports("roots") {
+                return Ok(error_result("The client does not support roots"));
+            }
+            match call.request("roots/list", json!({})).await {
+                Ok(answer) => {
+                    let mut result = text_result(format!("Roots: {}", answer["roots"]));
+                    result["structuredContent"] = json!({"roots": answer["roots"]});
+                    result
+                }
+                Err(error) => error_result(format!("roots/list failed: {error}")),
             }
         }
         "test_elicitation" => {
