@@ -63,6 +63,7 @@ pub struct NodeOptions {
 struct AppState {
     gateway: Gateway,
     metrics: Arc<Metrics>,
+    store: concord_store::Store,
 }
 
 /// A node that is serving.
@@ -152,6 +153,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         AppState {
             gateway: gateway.clone(),
             metrics,
+            store: state.store().clone(),
         },
         &edge,
         shutdown.clone(),
@@ -326,9 +328,16 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    let mut body = state.metrics.render();
+    // Read at scrape time from the store's own counters.
+    let (transactions, commits) = state.store.commit_groups();
+    body.push_str(&format!(
+        "# HELP concord_state_commit_transactions_total Store transactions written by the group committer.\n\
+         # TYPE concord_state_commit_transactions_total counter\n\
+         concord_state_commit_transactions_total {transactions}\n\
+         # HELP concord_state_commit_requests_total Commit requests those transactions carried (committed, refused or replayed).\n\
+         # TYPE concord_state_commit_requests_total counter\n\
+         concord_state_commit_requests_total {commits}\n"
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -395,6 +395,12 @@ async fn health_and_metrics_endpoints() {
             .contains("concord_tool_call_duration_seconds_count{server=\"alpha\",tool=\"echo\"} 1")
     );
     assert!(metrics.contains("concord_upstream_up{server=\"alpha\"} 1"));
+    // Nothing was written to the shared state in this test.
+    assert!(
+        metrics.contains("concord_state_commit_requests_total 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("concord_state_commit_transactions_total 0"));
 }
 
 #[tokio::test]

@@ -10,7 +10,8 @@
 //! Closed loop, so latencies do not include coordinated-omission queueing.
 //!
 //! Run: `./scripts/bench.sh state` (or `cargo bench -p concord-state --bench state`);
-//! `BENCH_SECONDS` sets the time per point (default 3). Needs PostgreSQL
+//! `BENCH_SECONDS` sets the time per point (default 3); `BENCH_ONLY=SQLite` (any part of a
+//! row's store label) runs only the matching rows. Needs PostgreSQL
 //! (CONCORD_TEST_POSTGRES) and Redis (CONCORD_BENCH_REDIS, default redis://127.0.0.1:6379).
 
 use std::sync::Arc;
@@ -221,6 +222,7 @@ async fn main() {
         "read-modify-write increments, closed loop, {seconds} s per point; goodput = successful commits/s\n\n\
          | workload | writers | store | commits/s | attempts per commit | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|\n"
     );
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let mut run_id = 0;
     for workload in [Workload::HotKey, Workload::Disjoint] {
         for writers in [1usize, 8, 64] {
@@ -231,6 +233,9 @@ async fn main() {
                 "bare CAS on PostgreSQL",
                 "Redis WATCH/MULTI/EXEC",
             ] {
+                if !label.contains(only.as_str()) {
+                    continue;
+                }
                 run_id += 1;
                 let point = match label {
                     "Concord on SQLite" | "Concord on PostgreSQL" => {

@@ -6,6 +6,7 @@
 mod ops;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use concord_store::{
@@ -244,7 +245,7 @@ impl Default for StateOptions {
 pub struct StateService {
     store: Store,
     options: StateOptions,
-    validators: std::sync::Arc<HashMap<String, jsonschema::Validator>>,
+    validators: Arc<HashMap<String, jsonschema::Validator>>,
     guards: Vec<std::sync::Arc<dyn WriteGuard>>,
 }
 
@@ -318,7 +319,7 @@ impl StateService {
         Ok(Self {
             store,
             options,
-            validators: std::sync::Arc::new(validators),
+            validators: Arc::new(validators),
             guards: Vec::new(),
         })
     }
@@ -690,23 +691,29 @@ impl StateService {
             keep_versions: self.options.keep_versions,
         };
         let limit = self.options.max_value_bytes;
-        let validators = &self.validators;
+        // The decision runs in the store's committer, so it owns what it reads.
+        let shared_changes: Arc<[Change]> = changes.into();
+        let policies: Arc<[ConflictPolicy]> = policies.into();
         // The values at the base versions matter only when a base is stale (to merge, or to
         // report what changed). The first attempt goes without them; a stale key sends the
         // commit back once to fetch them (history never changes, so they can be read outside
         // the transaction) and try again.
-        let mut base_values: Option<Vec<Option<Value>>> = None;
+        let mut base_values: Option<Arc<[Option<Value>]>> = None;
         let outcome = loop {
+            let attempt = shared_changes.clone();
+            let policies = policies.clone();
+            let validators = self.validators.clone();
+            let bases = base_values.clone();
             let outcome = self
                 .store
-                .transact(&keys, &meta, |currents| {
+                .transact(&keys, &meta, move |currents| {
                     decide(
-                        changes,
+                        &attempt,
                         currents,
-                        base_values.as_deref(),
+                        bases.as_deref(),
                         &policies,
                         limit,
-                        validators,
+                        &validators,
                     )
                 })
                 .await?;
@@ -716,12 +723,18 @@ impl StateService {
                     for (change, key) in changes.iter().zip(&keys) {
                         values.push(self.store.value_at(key, change.base_version).await?);
                     }
-                    base_values = Some(values);
+                    base_values = Some(values.into());
                 }
                 other => break other,
             }
         };
         match outcome {
+            Transacted::Refused(StateError::Conflict(mut conflicts)) => {
+                if base_values.is_none() {
+                    self.complete_conflicts(&mut conflicts).await?;
+                }
+                Err(StateError::Conflict(conflicts))
+            }
             Transacted::Committed(committed) => Ok(CommitResult {
                 seq: committed.seq,
                 proposal_id: proposal_id.to_string(),
@@ -734,6 +747,20 @@ impl StateService {
             }),
             Transacted::Refused(error) => Err(error),
         }
+    }
+}
+
+impl StateService {
+    /// A conflict decided without the base values says what changed since the base once the
+    /// commit is over: history never changes, so the base value can be read afterwards, without
+    /// holding up the commits queued behind this one.
+    async fn complete_conflicts(&self, conflicts: &mut [Conflict]) -> Result<(), StateError> {
+        for conflict in conflicts {
+            let key = parse_key(&conflict.key)?;
+            let base = self.store.value_at(&key, conflict.base_version).await?;
+            conflict.changed_since_base = ops::diff(base.as_ref(), conflict.current_value.as_ref());
+        }
+        Ok(())
     }
 }
 
@@ -770,7 +797,10 @@ fn decide(
             _ => {}
         }
         let stale = current.version != change.base_version;
-        let needs_base = stale && !ops::all_commutative(&change.ops);
+        // Only a merge needs the base value inside the commit; a plain conflict's report of
+        // what changed since the base is completed after the commit (see `complete_conflicts`).
+        let needs_base =
+            stale && !ops::all_commutative(&change.ops) && *policy == ConflictPolicy::Merge;
         let base_value = match base_values {
             Some(values) => values[index].as_ref(),
             None if needs_base => return Err(StateError::NeedBaseValues),

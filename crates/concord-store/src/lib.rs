@@ -8,6 +8,12 @@
 //! refusal), and writes them with a new global commit sequence number. What the values mean
 //! (patches, merge policies) is the state crate's business, not the store's.
 
+mod group_commit;
+mod postgres_batch;
+mod sqlite_batch;
+mod value_cache;
+
+use std::any::Any;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -18,6 +24,12 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Connection, Row};
+
+use group_commit::{Decide, GroupCommitter};
+use postgres_batch::PostgresWriter;
+use sqlite_batch::SqliteWriter;
+use std::sync::Arc;
+use value_cache::ValueCache;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -37,6 +49,8 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("the store is closed")]
+    Closed,
 }
 
 /// A key as stored: `namespace` and `key` (the state crate validates both).
@@ -150,6 +164,8 @@ enum Backend {
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
+    /// Every commit goes through this store's one group-committing writer.
+    committer: GroupCommitter,
 }
 
 fn now_ms() -> u64 {
@@ -177,15 +193,23 @@ impl Store {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|source| StoreError::Open {
                 location: path.display().to_string(),
                 source,
             })?;
         migrate_sqlite(&pool).await?;
+        let cache = Arc::new(ValueCache::default());
+        let writer = SqliteWriter::open(&options, cache.clone())
+            .await
+            .map_err(|source| StoreError::Open {
+                location: path.display().to_string(),
+                source,
+            })?;
         Ok(Store {
             backend: Backend::Sqlite(pool),
+            committer: GroupCommitter::start(writer, Some(cache)),
         })
     }
 
@@ -206,6 +230,7 @@ impl Store {
             })?;
         migrate_postgres(&pool).await?;
         Ok(Store {
+            committer: GroupCommitter::start(PostgresWriter::new(pool.clone()), None),
             backend: Backend::Postgres(pool),
         })
     }
@@ -222,6 +247,12 @@ impl Store {
         }
     }
 
+    /// (transactions written, commits they carried) since the store opened: their ratio is
+    /// the average group size.
+    pub fn commit_groups(&self) -> (u64, u64) {
+        self.committer.stats()
+    }
+
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
             Backend::Sqlite(_) => "sqlite",
@@ -232,12 +263,29 @@ impl Store {
     pub async fn get(&self, key: &KeyRef) -> Result<Current, StoreError> {
         let row = match &self.backend {
             Backend::Sqlite(pool) => {
-                sqlx::query("SELECT version, value FROM state_keys WHERE ns = ? AND key = ?")
-                    .bind(&key.namespace)
-                    .bind(&key.key)
-                    .fetch_optional(pool)
-                    .await?
-                    .map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1)))
+                let cache = self.committer.cache();
+                if let Some((version, value)) = cache.and_then(|c| c.get(key)) {
+                    return Ok(Current {
+                        key: key.clone(),
+                        version,
+                        value: Some(value),
+                        lease: None,
+                    });
+                }
+                let epoch = cache.map(|c| c.epoch());
+                let row =
+                    sqlx::query("SELECT version, value FROM state_keys WHERE ns = ? AND key = ?")
+                        .bind(&key.namespace)
+                        .bind(&key.key)
+                        .fetch_optional(pool)
+                        .await?
+                        .map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1)));
+                if let (Some(cache), Some(epoch), Some((version, value))) = (cache, epoch, &row) {
+                    let current = current_of(key, Some((*version, value.clone())))?;
+                    cache.fill(epoch, key, current.version, current.value.as_ref());
+                    return Ok(current);
+                }
+                row
             }
             Backend::Postgres(pool) => {
                 sqlx::query("SELECT version, value FROM state_keys WHERE ns = $1 AND key = $2")
@@ -471,6 +519,13 @@ impl Store {
         if version == 0 {
             return Ok(None);
         }
+        if let Some(value) = self
+            .committer
+            .cache()
+            .and_then(|c| c.value_at(key, version))
+        {
+            return Ok(Some(value));
+        }
         let text: Option<String> =
             match &self.backend {
                 Backend::Sqlite(pool) => {
@@ -497,22 +552,34 @@ impl Store {
 
     /// Runs one commit: locks `keys`, reads them, lets `decide` compute the writes (or refuse),
     /// and writes them atomically with a new commit sequence number. A repeated idempotency
-    /// key returns the first commit's result without calling `decide`.
-    pub async fn transact<R>(
+    /// key returns the first commit's result without calling `decide`. The commit joins a group
+    /// commit (see `group_commit`), where `decide` may be called again if the group's
+    /// transaction fails and the commit is retried alone.
+    pub async fn transact<R, F>(
         &self,
         keys: &[KeyRef],
         meta: &CommitMeta,
-        decide: impl FnOnce(&[Current]) -> Result<Vec<Write>, R>,
-    ) -> Result<Transacted<R>, StoreError> {
-        match &self.backend {
-            // BEGIN IMMEDIATE serialises every SQLite writer: no per-key locks to order.
-            Backend::Sqlite(pool) => sqlite::transact(pool, keys, meta, decide).await,
-            Backend::Postgres(pool) => {
-                let mut sorted: Vec<KeyRef> = keys.to_vec();
-                sorted.sort();
-                sorted.dedup();
-                postgres::transact(pool, &sorted, keys, meta, decide).await
-            }
+        mut decide: F,
+    ) -> Result<Transacted<R>, StoreError>
+    where
+        R: Send + 'static,
+        F: FnMut(&[Current]) -> Result<Vec<Write>, R> + Send + 'static,
+    {
+        let erased: Decide = Box::new(move |currents: &[Current]| {
+            decide(currents).map_err(|refusal| Box::new(refusal) as Box<dyn Any + Send>)
+        });
+        match self
+            .committer
+            .commit(keys.to_vec(), meta.clone(), erased)
+            .await?
+        {
+            Transacted::Committed(committed) => Ok(Transacted::Committed(committed)),
+            Transacted::Refused(refusal) => match refusal.downcast::<R>() {
+                Ok(refusal) => Ok(Transacted::Refused(*refusal)),
+                Err(_) => Err(StoreError::Corrupt(
+                    "a refusal came back as another type".into(),
+                )),
+            },
         }
     }
 
@@ -825,8 +892,14 @@ impl Store {
     /// Closes the connection pool.
     pub async fn close(&self) {
         match &self.backend {
-            Backend::Sqlite(pool) => pool.close().await,
-            Backend::Postgres(pool) => pool.close().await,
+            Backend::Sqlite(pool) => {
+                self.committer.close().await;
+                pool.close().await
+            }
+            Backend::Postgres(pool) => {
+                self.committer.close().await;
+                pool.close().await
+            }
         }
     }
 }
@@ -956,228 +1029,6 @@ fn redact(url: &str) -> String {
             }
         }
         _ => url.to_string(),
-    }
-}
-
-mod sqlite {
-    use super::*;
-
-    pub(super) async fn transact<R>(
-        pool: &SqlitePool,
-        keys: &[KeyRef],
-        meta: &CommitMeta,
-        decide: impl FnOnce(&[Current]) -> Result<Vec<Write>, R>,
-    ) -> Result<Transacted<R>, StoreError> {
-        let mut conn = pool.acquire().await?;
-        // IMMEDIATE takes the write lock at once: two deferred transactions that both read
-        // and then write would otherwise fail each other with SQLITE_BUSY.
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(key) = &meta.idempotency_key {
-            let earlier: Option<String> =
-                sqlx::query_scalar("SELECT result FROM state_commits WHERE idempotency_key = ?")
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if let Some(result) = earlier {
-                return replayed(&result).map(Transacted::Committed);
-            }
-        }
-        let mut currents = Vec::with_capacity(keys.len());
-        for key in keys {
-            // The key and its lease in one round trip (the lease may exist for an absent key).
-            let row = sqlx::query(
-                "SELECT k.version, k.value, l.token, l.holder, l.expires_at_ms \
-                 FROM (SELECT ? AS ns, ? AS key) q \
-                 LEFT JOIN state_keys k ON k.ns = q.ns AND k.key = q.key \
-                 LEFT JOIN state_leases l ON l.ns = q.ns AND l.key = q.key",
-            )
-            .bind(&key.namespace)
-            .bind(&key.key)
-            .fetch_one(&mut *tx)
-            .await?;
-            currents.push(current_with_lease(
-                key,
-                row.get(0),
-                row.get(1),
-                row.get(2),
-                row.get(3),
-                row.get(4),
-            )?);
-        }
-        let writes = match decide(&currents) {
-            Ok(writes) => writes,
-            Err(refusal) => return Ok(Transacted::Refused(refusal)),
-        };
-        // Under BEGIN IMMEDIATE nobody else writes, so the next sequence number is known now
-        // and the commit row can carry its result from the start.
-        let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM state_commits")
-            .fetch_one(&mut *tx)
-            .await?;
-        let committed = plan(seq as u64, &currents, &writes);
-        sqlx::query(
-            "INSERT INTO state_commits (seq, author, proposal_id, trace_id, committed_at_ms, idempotency_key, result) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(seq)
-        .bind(&meta.author)
-        .bind(&meta.proposal_id)
-        .bind(&meta.trace_id)
-        .bind(now_ms() as i64)
-        .bind(&meta.idempotency_key)
-        .bind(serde_json::to_string(&committed).unwrap_or_default())
-        .execute(&mut *tx)
-        .await?;
-        for (write, (_, _, version)) in writes.iter().zip(&committed.versions) {
-            let value = write.value.to_string();
-            sqlx::query(
-                "INSERT INTO state_keys (ns, key, version, value, seq) VALUES (?, ?, ?, ?, ?) \
-                 ON CONFLICT (ns, key) DO UPDATE SET version = excluded.version, value = excluded.value, seq = excluded.seq",
-            )
-            .bind(&write.key.namespace)
-            .bind(&write.key.key)
-            .bind(*version as i64)
-            .bind(&value)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO state_history (ns, key, version, value, seq) VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(&write.key.namespace)
-            .bind(&write.key.key)
-            .bind(*version as i64)
-            .bind(&value)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await?;
-            if let Some(keep) = meta.keep_versions.filter(|&keep| *version > keep) {
-                sqlx::query("DELETE FROM state_history WHERE ns = ? AND key = ? AND version <= ?")
-                    .bind(&write.key.namespace)
-                    .bind(&write.key.key)
-                    .bind((*version - keep) as i64)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(Transacted::Committed(committed))
-    }
-}
-
-mod postgres {
-    use super::*;
-
-    pub(super) async fn transact<R>(
-        pool: &PgPool,
-        sorted: &[KeyRef],
-        keys: &[KeyRef],
-        meta: &CommitMeta,
-        decide: impl FnOnce(&[Current]) -> Result<Vec<Write>, R>,
-    ) -> Result<Transacted<R>, StoreError> {
-        let mut tx = pool.begin().await?;
-        if let Some(key) = &meta.idempotency_key {
-            // Serialises commits that share an idempotency key, so a retry racing the
-            // original waits for it and then sees its result.
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
-                .bind(format!("idem:{key}"))
-                .execute(&mut *tx)
-                .await?;
-            let earlier: Option<String> =
-                sqlx::query_scalar("SELECT result FROM state_commits WHERE idempotency_key = $1")
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if let Some(result) = earlier {
-                return replayed(&result).map(Transacted::Committed);
-            }
-        }
-        // A transaction-scoped lock per key, taken in key order: a key that does not exist yet
-        // has no row to lock, and fixed order means no deadlock between multi-key commits.
-        for key in sorted {
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-                .bind(format!("{}/{}", key.namespace, key.key))
-                .execute(&mut *tx)
-                .await?;
-        }
-        let mut currents = Vec::with_capacity(keys.len());
-        for key in keys {
-            // The key and its lease in one round trip (the lease may exist for an absent key).
-            let row = sqlx::query(
-                "SELECT k.version, k.value, l.token, l.holder, l.expires_at_ms \
-                 FROM (SELECT $1::text AS ns, $2::text AS key) q \
-                 LEFT JOIN state_keys k ON k.ns = q.ns AND k.key = q.key \
-                 LEFT JOIN state_leases l ON l.ns = q.ns AND l.key = q.key",
-            )
-            .bind(&key.namespace)
-            .bind(&key.key)
-            .fetch_one(&mut *tx)
-            .await?;
-            currents.push(current_with_lease(
-                key,
-                row.get(0),
-                row.get(1),
-                row.get(2),
-                row.get(3),
-                row.get(4),
-            )?);
-        }
-        let writes = match decide(&currents) {
-            Ok(writes) => writes,
-            Err(refusal) => return Ok(Transacted::Refused(refusal)),
-        };
-        // The sequence row is locked until commit, so sequence numbers become visible in
-        // order: a change feed that resumes from a number never misses an earlier commit.
-        let seq: i64 = sqlx::query_scalar("UPDATE state_sequence SET seq = seq + 1 RETURNING seq")
-            .fetch_one(&mut *tx)
-            .await?;
-        let committed = plan(seq as u64, &currents, &writes);
-        sqlx::query(
-            "INSERT INTO state_commits (seq, author, proposal_id, trace_id, committed_at_ms, idempotency_key, result) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(seq)
-        .bind(&meta.author)
-        .bind(&meta.proposal_id)
-        .bind(&meta.trace_id)
-        .bind(now_ms() as i64)
-        .bind(&meta.idempotency_key)
-        .bind(serde_json::to_string(&committed).unwrap_or_default())
-        .execute(&mut *tx)
-        .await?;
-        for (write, (_, _, version)) in writes.iter().zip(&committed.versions) {
-            let value = write.value.to_string();
-            sqlx::query(
-                "INSERT INTO state_keys (ns, key, version, value, seq) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (ns, key) DO UPDATE SET version = excluded.version, value = excluded.value, seq = excluded.seq",
-            )
-            .bind(&write.key.namespace)
-            .bind(&write.key.key)
-            .bind(*version as i64)
-            .bind(&value)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("INSERT INTO state_history (ns, key, version, value, seq) VALUES ($1, $2, $3, $4, $5)")
-                .bind(&write.key.namespace)
-                .bind(&write.key.key)
-                .bind(*version as i64)
-                .bind(&value)
-                .bind(seq)
-                .execute(&mut *tx)
-                .await?;
-            if let Some(keep) = meta.keep_versions.filter(|&keep| *version > keep) {
-                sqlx::query(
-                    "DELETE FROM state_history WHERE ns = $1 AND key = $2 AND version <= $3",
-                )
-                .bind(&write.key.namespace)
-                .bind(&write.key.key)
-                .bind((*version - keep) as i64)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(Transacted::Committed(committed))
     }
 }
 
