@@ -1086,6 +1086,31 @@ fn current_with_lease(
     Ok(current)
 }
 
+/// A `(ns, key, version, value, lease token, lease holder, lease expiry)` row, the shape both
+/// group-commit readers select.
+fn keyed_current<'r, R>(row: &'r R) -> Result<(KeyRef, Current), StoreError>
+where
+    R: Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let key = KeyRef {
+        namespace: row.try_get(0)?,
+        key: row.try_get(1)?,
+    };
+    let current = current_with_lease(
+        &key,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+        row.try_get(6)?,
+    )?;
+    Ok((key, current))
+}
+
 fn live_lease(row: Option<(i64, String, i64)>, now: u64) -> Option<Lease> {
     row.filter(|(_, _, expires)| *expires as u64 > now)
         .map(|(token, holder, expires)| Lease {

@@ -14,7 +14,7 @@ use sqlx::{PgConnection, Row};
 use crate::group_commit::{
     BatchWriter, Job, Plan, Refusal, idempotency_keys, plan_batch, wanted_keys,
 };
-use crate::{Committed, Current, KeyRef, StoreError, Transacted, current_with_lease, replayed};
+use crate::{Committed, Current, KeyRef, StoreError, Transacted, keyed_current, replayed};
 
 pub(crate) struct PostgresWriter {
     pool: PgPool,
@@ -84,19 +84,8 @@ async fn write_batch(tx: &mut PgConnection, jobs: &mut [Job]) -> Result<(Plan, u
     .fetch_all(&mut *tx)
     .await?;
     let mut overlay: HashMap<KeyRef, Current> = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let key = KeyRef {
-            namespace: row.get(0),
-            key: row.get(1),
-        };
-        let current = current_with_lease(
-            &key,
-            row.get(2),
-            row.get(3),
-            row.get(4),
-            row.get(5),
-            row.get(6),
-        )?;
+    for row in &rows {
+        let (key, current) = keyed_current(row)?;
         overlay.insert(key, current);
     }
 

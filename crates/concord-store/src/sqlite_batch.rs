@@ -7,14 +7,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
+use sqlx::Connection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{Connection, Row};
 
 use crate::group_commit::{
     BatchWriter, Job, Plan, Refusal, idempotency_keys, plan_batch, wanted_keys,
 };
 use crate::value_cache::ValueCache;
-use crate::{Committed, Current, KeyRef, StoreError, Transacted, current_with_lease, replayed};
+use crate::{Committed, Current, KeyRef, StoreError, Transacted, keyed_current, replayed};
 
 pub(crate) struct SqliteWriter {
     connection: SqliteConnection,
@@ -204,19 +204,8 @@ async fn read_currents(
     .fetch_all(&mut *tx)
     .await?;
     let mut currents = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let key = KeyRef {
-            namespace: row.get(0),
-            key: row.get(1),
-        };
-        let current = current_with_lease(
-            &key,
-            row.get(2),
-            row.get(3),
-            row.get(4),
-            row.get(5),
-            row.get(6),
-        )?;
+    for row in &rows {
+        let (key, current) = keyed_current(row)?;
         currents.insert(key, current);
     }
     Ok(currents)
