@@ -31,6 +31,9 @@ enum Command {
         /// The node's MCP endpoint.
         #[arg(env = "CONCORD_URL", default_value = DEFAULT_URL)]
         url: String,
+        /// A JWT or API key for a node with authentication on.
+        #[arg(long, env = "CONCORD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// List or call the tools a running node exposes.
     #[command(subcommand)]
@@ -41,6 +44,12 @@ enum Command {
     /// Check a config file without starting anything.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Create, revoke and list API keys (in the node's store).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Read and verify the audit trail (in the node's store).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Run one client scenario of the official MCP conformance suite (its client mode runs
     /// this with the test server's URL; the scenario comes from MCP_CONFORMANCE_SCENARIO).
     #[command(hide = true)]
@@ -68,6 +77,66 @@ struct UpArgs {
     store: Option<String>,
 }
 
+/// Where a node keeps its store: the same resolution as `concord up`.
+#[derive(Args)]
+struct StoreTarget {
+    /// The node's config file (for node.data_dir and state.store).
+    #[arg(long, short, default_value = "concord.toml")]
+    config: PathBuf,
+    /// The node's data directory (default: node.data_dir, else ./.concord).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The store itself: `postgres://…` or a SQLite file.
+    #[arg(long, env = "CONCORD_STORE")]
+    store: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a key; it is printed once and only a hash of it is kept.
+    Create {
+        #[arg(long)]
+        principal: String,
+        /// A role of the key's principal (repeat for several).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        #[command(flatten)]
+        store: StoreTarget,
+    },
+    /// Revoke a key by its id (the part after `ck_`, before the second `_`).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        store: StoreTarget,
+    },
+    /// List keys (ids, principals, roles, state; never secrets).
+    List {
+        #[command(flatten)]
+        store: StoreTarget,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the whole hash chain; exit 1 naming the first bad entry.
+    Verify {
+        #[command(flatten)]
+        store: StoreTarget,
+    },
+    /// Print the newest entries.
+    Tail {
+        #[arg(long, short, default_value_t = 20)]
+        n: u32,
+        #[command(flatten)]
+        store: StoreTarget,
+    },
+    /// Every entry as JSON lines, oldest first (for export to other systems).
+    Export {
+        #[command(flatten)]
+        store: StoreTarget,
+    },
+}
+
 #[derive(Subcommand)]
 enum ToolsCommand {
     /// List every tool, namespaced as the node exposes it.
@@ -92,6 +161,9 @@ struct Target {
     /// The node's MCP endpoint.
     #[arg(long, env = "CONCORD_URL", default_value = DEFAULT_URL)]
     url: String,
+    /// A JWT or API key for a node with authentication on.
+    #[arg(long, env = "CONCORD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -173,8 +245,8 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     match cli.command {
         Command::Up(args) => up(args).await,
-        Command::Connect { url } => {
-            concord_mcp::run_stdio_bridge(&url).await?;
+        Command::Connect { url, token } => {
+            concord_mcp::run_stdio_bridge(&url, token.as_deref()).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Tools(ToolsCommand::List { target }) => tools_list(target).await,
@@ -182,6 +254,8 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             tools_call(&name, &args, target).await
         }
         Command::State(command) => state_command(command).await,
+        Command::Keys(command) => keys_command(command).await,
+        Command::Audit(command) => audit_command(command).await,
         Command::ConformanceClient { url, scenario } => {
             concord_mcp::conformance::run_client(&scenario, &url).await?;
             Ok(std::process::ExitCode::SUCCESS)
@@ -192,6 +266,154 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 println!("{:<24} {}", server.name, server.transport.kind());
             }
             println!("{}: {} servers, OK", file.display(), config.servers.len());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn open_store(target: &StoreTarget) -> Result<concord_store::Store> {
+    let config = if target.config.exists() {
+        Some(Config::load(&target.config)?)
+    } else {
+        None
+    };
+    let data_dir = target
+        .data_dir
+        .clone()
+        .or_else(|| config.as_ref().and_then(|c| c.node.data_dir.clone()))
+        .unwrap_or_else(|| PathBuf::from(".concord"));
+    let location = concord_node::store_location(
+        target.store.clone(),
+        config.as_ref().and_then(|c| c.state.store.clone()),
+        &data_dir,
+    );
+    concord_store::Store::open(&location)
+        .await
+        .with_context(|| format!("opening the store at {location}"))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+async fn keys_command(command: KeysCommand) -> Result<std::process::ExitCode> {
+    match command {
+        KeysCommand::Create {
+            principal,
+            roles,
+            store,
+        } => {
+            let store = open_store(&store).await?;
+            let created =
+                concord_governance::api_keys::create(&store, &principal, &roles, now_ms()).await?;
+            println!("{}", created.token);
+            eprintln!(
+                "API key {} for {principal} (roles: {}). Shown once: store it now.",
+                created.id,
+                if roles.is_empty() {
+                    "none".to_string()
+                } else {
+                    roles.join(", ")
+                }
+            );
+            store.close().await;
+        }
+        KeysCommand::Revoke { id, store } => {
+            let store = open_store(&store).await?;
+            let revoked = store.revoke_api_key(&id, now_ms()).await?;
+            store.close().await;
+            if !revoked {
+                bail!("no active API key with id {id}");
+            }
+            println!("revoked {id} (nodes stop accepting it within 2 s)");
+        }
+        KeysCommand::List { store } => {
+            let store = open_store(&store).await?;
+            for key in store.api_keys().await? {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    key.id,
+                    key.principal,
+                    key.roles.join(","),
+                    if key.revoked_at_ms.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    }
+                );
+            }
+            store.close().await;
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn audit_command(command: AuditCommand) -> Result<std::process::ExitCode> {
+    match command {
+        AuditCommand::Verify { store } => {
+            let store = open_store(&store).await?;
+            let outcome = concord_governance::audit::verify(&store).await?;
+            store.close().await;
+            match outcome {
+                Ok(count) => {
+                    println!("audit trail intact: {count} entries verify");
+                    Ok(std::process::ExitCode::SUCCESS)
+                }
+                Err(broken) => {
+                    println!(
+                        "audit trail BROKEN at entry {}: {}",
+                        broken.seq, broken.reason
+                    );
+                    Ok(std::process::ExitCode::from(1))
+                }
+            }
+        }
+        AuditCommand::Tail { n, store } => {
+            let store = open_store(&store).await?;
+            let mut rows = Vec::new();
+            let mut after = 0;
+            loop {
+                let page = store.audit_rows(after, 1000).await?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                rows.extend(page);
+                if rows.len() > n as usize {
+                    rows.drain(..rows.len() - n as usize);
+                }
+            }
+            for row in rows {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    row.seq, row.at_ms, row.kind, row.principal, row.data
+                );
+            }
+            store.close().await;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        AuditCommand::Export { store } => {
+            let store = open_store(&store).await?;
+            let mut after = 0;
+            loop {
+                let page = store.audit_rows(after, 1000).await?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                for row in page {
+                    let data: serde_json::Value =
+                        serde_json::from_str(&row.data).unwrap_or(serde_json::Value::Null);
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "seq": row.seq, "at_ms": row.at_ms, "kind": row.kind,
+                            "principal": row.principal, "data": data,
+                            "prev_hash": row.prev_hash, "hash": row.hash,
+                        })
+                    );
+                }
+            }
+            store.close().await;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }
@@ -259,7 +481,7 @@ async fn up(args: UpArgs) -> Result<std::process::ExitCode> {
 }
 
 async fn tools_list(target: Target) -> Result<std::process::ExitCode> {
-    let client = NodeClient::connect(&target.url).await?;
+    let client = NodeClient::connect_as(&target.url, target.token.as_deref()).await?;
     let tools = client.list_tools().await;
     client.close().await;
     let tools = tools?;
@@ -316,7 +538,7 @@ fn parse_args(pairs: &[String], schema: Option<&Value>) -> Result<Map<String, Va
 }
 
 async fn tools_call(name: &str, args: &[String], target: Target) -> Result<std::process::ExitCode> {
-    let client = NodeClient::connect(&target.url).await?;
+    let client = NodeClient::connect_as(&target.url, target.token.as_deref()).await?;
     let outcome = async {
         let tools = client.list_tools().await?;
         let schema = tools
@@ -369,7 +591,7 @@ fn json_or_string(raw: &str) -> Value {
 
 /// Calls a `concord__state_*` tool; a refusal (conflict, bad input) is printed and exits 1.
 async fn state_tool(target: &Target, tool: &str, arguments: Value) -> Result<Result<Value, Value>> {
-    let client = NodeClient::connect(&target.url).await?;
+    let client = NodeClient::connect_as(&target.url, target.token.as_deref()).await?;
     let result = client
         .call_tool(
             &format!("concord__{tool}"),

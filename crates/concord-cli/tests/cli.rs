@@ -40,6 +40,51 @@ fn config_error_names_file_key_and_expectation() {
 }
 
 #[test]
+fn auth_off_beyond_loopback_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("concord.toml");
+    std::fs::write(&file, "[node]\n").unwrap();
+    let output = run(&[
+        "up",
+        "--config",
+        file.to_str().unwrap(),
+        "--listen",
+        "0.0.0.0:0",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+    ]);
+    assert_ne!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:0 with authentication off"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_policy_that_does_not_compile_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("concord.toml");
+    std::fs::write(
+        &file,
+        "[auth]\nenabled = true\n[policy]\n[[policy.rules]]\nname = \"bad\"\neffect = \"allow\"\nwhen = \"principal.roles.exists(\"\n",
+    )
+    .unwrap();
+    let output = run(&[
+        "up",
+        "--config",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+    ]);
+    assert_ne!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("[policy]: rule \"bad\""), "{stderr}");
+}
+
+#[test]
 fn missing_config_file_is_named() {
     let output = run(&["up", "--config", "/nonexistent/concord.toml"]);
     assert_eq!(output.status.code(), Some(2));

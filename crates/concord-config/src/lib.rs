@@ -39,8 +39,87 @@ pub struct Config {
     pub source: Option<PathBuf>,
     pub node: NodeSettings,
     pub state: StateSettings,
+    pub auth: AuthSettings,
+    pub policy: PolicySettings,
     /// Upstream servers, sorted by name.
     pub servers: Vec<ServerSpec>,
+}
+
+/// Authentication (the `[auth]` table). Off by default, which is allowed only on loopback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthSettings {
+    pub enabled: bool,
+    /// Required `iss` of JWTs.
+    pub issuer: Option<String>,
+    /// Required `aud` of JWTs.
+    pub audience: Option<String>,
+    /// Where the signing keys are published (fetched at start, again for an unknown `kid`).
+    pub jwks_url: Option<String>,
+    /// Keys given in the config instead of (or beside) a JWKS.
+    pub keys: Vec<StaticKey>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// The claim naming the principal.
+    pub principal_claim: String,
+    /// The claim listing the principal's roles (an array, or a space-separated string).
+    pub roles_claim: String,
+    /// Announced in the protected-resource metadata (RFC 9728) so clients find where to log in.
+    pub authorization_servers: Vec<String>,
+    /// This server's resource identifier (default: the URL of `/mcp` as requested).
+    pub resource: Option<String>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            issuer: None,
+            audience: None,
+            jwks_url: None,
+            keys: Vec::new(),
+            leeway: Duration::from_secs(60),
+            principal_claim: "sub".into(),
+            roles_claim: "roles".into(),
+            authorization_servers: Vec::new(),
+            resource: None,
+        }
+    }
+}
+
+/// A JWT verification key from the config. Each key verifies one algorithm only, so a token
+/// cannot pick a weaker reading of the key (algorithm confusion).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticKey {
+    pub kid: Option<String>,
+    /// `HS256`, `RS256`, `ES256` or `EdDSA`.
+    pub algorithm: String,
+    /// The shared secret (HS256).
+    pub secret: Option<String>,
+    /// PEM public key (RS256, ES256, EdDSA).
+    pub public_key_pem: Option<String>,
+}
+
+/// Authorization rules (the `[policy]` table and the file it names).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PolicySettings {
+    pub rules: Vec<PolicyRule>,
+    /// A file of `[[rules]]`, watched and reloaded without a restart.
+    pub file: Option<PathBuf>,
+}
+
+/// One rule: when `when` (a CEL expression over the request) is true, `effect` applies. Any
+/// matching `deny` wins over every `allow`; with auth on, no matching rule means deny.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyRule {
+    pub name: String,
+    pub effect: Effect,
+    pub when: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Allow,
+    Deny,
 }
 
 /// Settings of the node itself (the `[node]` table).
@@ -181,6 +260,26 @@ impl Config {
         config.source = Some(path.to_path_buf());
         Ok(config)
     }
+}
+
+/// Reads a policy file (`[[rules]]` tables) — at start and again on every reload.
+pub fn load_policy_file(path: &Path) -> Result<Vec<PolicyRule>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+        file: path.to_path_buf(),
+        source: e,
+    })?;
+    let deserializer = toml::Deserializer::parse(&text).map_err(|e| ConfigError::Syntax {
+        file: path.to_path_buf(),
+        location: String::new(),
+        message: e.message().to_string(),
+    })?;
+    let parsed: raw::PolicyFile =
+        serde_path_to_error::deserialize(deserializer).map_err(|e| ConfigError::Invalid {
+            file: path.to_path_buf(),
+            key: e.path().to_string(),
+            message: e.into_inner().message().to_string(),
+        })?;
+    parsed.into_rules(path)
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::{
-    Config, ConfigError, NAMESPACE_SEPARATOR, NodeSettings, PrefixMode, RESERVED_SERVER_NAMES,
-    ServerSpec, StateSettings, TransportSpec, expand_vars, parse_duration,
+    AuthSettings, Config, ConfigError, Effect, NAMESPACE_SEPARATOR, NodeSettings, PolicyRule,
+    PolicySettings, PrefixMode, RESERVED_SERVER_NAMES, ServerSpec, StateSettings, StaticKey,
+    TransportSpec, expand_vars, parse_duration,
 };
 
 type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -22,7 +23,215 @@ pub(crate) struct TomlFile {
     #[serde(default)]
     state: RawState,
     #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
     servers: BTreeMap<String, TomlServer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    enabled: bool,
+    issuer: Option<String>,
+    audience: Option<String>,
+    jwks_url: Option<String>,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+    leeway: Option<String>,
+    principal_claim: Option<String>,
+    roles_claim: Option<String>,
+    #[serde(default)]
+    authorization_servers: Vec<String>,
+    resource: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    kid: Option<String>,
+    algorithm: String,
+    secret: Option<String>,
+    public_key: Option<String>,
+    public_key_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    file: Option<String>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRule {
+    name: String,
+    effect: String,
+    when: Option<String>,
+}
+
+/// A policy file: `[[rules]]` only.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PolicyFile {
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+impl PolicyFile {
+    pub(crate) fn into_rules(self, file: &Path) -> Result<Vec<PolicyRule>, ConfigError> {
+        rules_of(self.rules, file, "rules")
+    }
+}
+
+fn rules_of(raw: Vec<RawRule>, file: &Path, table: &str) -> Result<Vec<PolicyRule>, ConfigError> {
+    let mut rules = Vec::with_capacity(raw.len());
+    let mut names = std::collections::BTreeSet::new();
+    for (index, rule) in raw.into_iter().enumerate() {
+        let key = format!("{table}[{index}]");
+        let effect = match rule.effect.as_str() {
+            "allow" => Effect::Allow,
+            "deny" => Effect::Deny,
+            other => {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{key}.effect"),
+                    format!("expected \"allow\" or \"deny\", got {other:?}"),
+                ));
+            }
+        };
+        if rule.name.trim().is_empty() || !names.insert(rule.name.clone()) {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{key}.name"),
+                format!(
+                    "every rule needs a name of its own (audit records which rule decided); {:?} is empty or repeated",
+                    rule.name
+                ),
+            ));
+        }
+        rules.push(PolicyRule {
+            name: rule.name,
+            effect,
+            when: rule.when.unwrap_or_else(|| "true".into()),
+        });
+    }
+    Ok(rules)
+}
+
+impl RawAuth {
+    fn into_settings(
+        self,
+        file: &Path,
+        base_dir: &Path,
+        lookup: Lookup<'_>,
+    ) -> Result<AuthSettings, ConfigError> {
+        let defaults = AuthSettings::default();
+        let expand = |key: &str, text: &str| {
+            expand_vars(text, lookup).map_err(|m| ConfigError::invalid(file, key, m))
+        };
+        let leeway = match self.leeway {
+            Some(text) => {
+                parse_duration(&text).map_err(|m| ConfigError::invalid(file, "auth.leeway", m))?
+            }
+            None => defaults.leeway,
+        };
+        let mut keys = Vec::with_capacity(self.keys.len());
+        for (index, key) in self.keys.into_iter().enumerate() {
+            let at = |field: &str| format!("auth.keys[{index}].{field}");
+            let secret = key.secret.map(|s| expand(&at("secret"), &s)).transpose()?;
+            let public_key_pem = match (key.public_key, key.public_key_file) {
+                (Some(pem), None) => Some(expand(&at("public_key"), &pem)?),
+                (None, Some(path)) => {
+                    let path = base_dir.join(expand(&at("public_key_file"), &path)?);
+                    Some(std::fs::read_to_string(&path).map_err(|e| {
+                        ConfigError::invalid(
+                            file,
+                            at("public_key_file"),
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?)
+                }
+                (None, None) => None,
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        at("public_key"),
+                        "give `public_key` or `public_key_file`, not both",
+                    ));
+                }
+            };
+            let symmetric = key.algorithm == "HS256";
+            match (symmetric, &secret, &public_key_pem) {
+                (true, Some(_), None) | (false, None, Some(_)) => {}
+                (true, _, _) => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        at("secret"),
+                        "HS256 keys need `secret` (and no public key)",
+                    ));
+                }
+                (false, _, _) => {
+                    if !["RS256", "ES256", "EdDSA"].contains(&key.algorithm.as_str()) {
+                        return Err(ConfigError::invalid(
+                            file,
+                            at("algorithm"),
+                            format!(
+                                "expected \"HS256\", \"RS256\", \"ES256\" or \"EdDSA\", got {:?}",
+                                key.algorithm
+                            ),
+                        ));
+                    }
+                    return Err(ConfigError::invalid(
+                        file,
+                        at("public_key"),
+                        format!(
+                            "{} keys need a PEM `public_key` or `public_key_file` (and no secret)",
+                            key.algorithm
+                        ),
+                    ));
+                }
+            }
+            keys.push(StaticKey {
+                kid: key.kid,
+                algorithm: key.algorithm,
+                secret,
+                public_key_pem,
+            });
+        }
+        let jwks_url = self
+            .jwks_url
+            .map(|u| expand("auth.jwks_url", &u))
+            .transpose()?;
+        Ok(AuthSettings {
+            enabled: self.enabled,
+            issuer: self.issuer.map(|v| expand("auth.issuer", &v)).transpose()?,
+            audience: self
+                .audience
+                .map(|v| expand("auth.audience", &v))
+                .transpose()?,
+            jwks_url,
+            keys,
+            leeway,
+            principal_claim: self.principal_claim.unwrap_or(defaults.principal_claim),
+            roles_claim: self.roles_claim.unwrap_or(defaults.roles_claim),
+            authorization_servers: self.authorization_servers,
+            resource: self.resource,
+        })
+    }
+}
+
+impl RawPolicy {
+    fn into_settings(self, file: &Path, base_dir: &Path) -> Result<PolicySettings, ConfigError> {
+        Ok(PolicySettings {
+            rules: rules_of(self.rules, file, "policy.rules")?,
+            file: self.file.map(|f| base_dir.join(f)),
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -284,6 +493,8 @@ impl TomlFile {
     ) -> Result<Config, ConfigError> {
         let node = self.node.into_settings(file, base_dir)?;
         let state = self.state.into_settings(file, lookup)?;
+        let auth = self.auth.into_settings(file, base_dir, lookup)?;
+        let policy = self.policy.into_settings(file, base_dir)?;
         let mut servers = Vec::new();
         for (name, raw) in self.servers {
             if !raw.enabled {
@@ -313,6 +524,8 @@ impl TomlFile {
             source: None,
             node,
             state,
+            auth,
+            policy,
             servers,
         })
     }
@@ -356,6 +569,8 @@ impl JsonFile {
             source: None,
             node,
             state: StateSettings::default(),
+            auth: AuthSettings::default(),
+            policy: PolicySettings::default(),
             servers,
         })
     }

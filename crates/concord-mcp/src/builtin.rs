@@ -28,8 +28,10 @@ pub struct BuiltinTool {
 /// Who is calling, as far as the gateway knows.
 #[derive(Debug, Clone, Default)]
 pub struct Caller {
-    /// The client's name until authentication lands; then the principal.
+    /// The authenticated principal; with auth off, the client's name.
     pub principal: String,
+    /// Who authenticated (absent with auth off).
+    pub identity: Option<crate::access::Identity>,
     /// The W3C `traceparent` of the call, when the client sent one.
     pub trace_id: Option<String>,
 }

@@ -47,8 +47,13 @@ pub struct NodeClient {
 
 impl NodeClient {
     pub async fn connect(url: &str) -> Result<NodeClient, ClientError> {
+        Self::connect_as(url, None).await
+    }
+
+    /// Connects presenting `token` (a JWT or an API key) as a bearer token.
+    pub async fn connect_as(url: &str, token: Option<&str>) -> Result<NodeClient, ClientError> {
         let transport =
-            crate::http_client::streamable_http(url, &BTreeMap::new()).map_err(|reason| {
+            crate::http_client::streamable_http(url, &bearer_header(token)).map_err(|reason| {
                 ClientError::Connect {
                     url: url.to_string(),
                     reason,
@@ -102,16 +107,24 @@ impl NodeClient {
 
 /// Serves MCP on this process's stdin/stdout, forwarding everything to the node at `url`, so
 /// that stdio-only clients (Claude Desktop and the like) can use a node.
-pub async fn run_stdio_bridge(url: &str) -> Result<(), crate::GatewayError> {
+fn bearer_header(token: Option<&str>) -> BTreeMap<String, String> {
+    token
+        .map(|t| BTreeMap::from([("Authorization".to_string(), format!("Bearer {t}"))]))
+        .unwrap_or_default()
+}
+
+pub async fn run_stdio_bridge(url: &str, token: Option<&str>) -> Result<(), crate::GatewayError> {
     let config = Config {
         source: None,
         node: NodeSettings::default(),
         state: Default::default(),
+        auth: Default::default(),
+        policy: Default::default(),
         servers: vec![ServerSpec {
             name: "node".to_string(),
             transport: TransportSpec::StreamableHttp {
                 url: url.to_string(),
-                headers: BTreeMap::new(),
+                headers: bearer_header(token),
             },
             prefix: PrefixMode::Never,
             request_timeout: Duration::from_secs(600),

@@ -68,6 +68,8 @@ pub async fn run_client(scenario: &str, url: &str) -> Result<(), GatewayError> {
         source: None,
         node: NodeSettings::default(),
         state: Default::default(),
+        auth: Default::default(),
+        policy: Default::default(),
         servers: vec![ServerSpec {
             name: "server".to_string(),
             transport: TransportSpec::StreamableHttp {

@@ -18,6 +18,7 @@ use rmcp::service::{Peer, RoleServer, SubscriptionSink};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::AccessControl;
 use crate::builtin::{BUILTIN_NAMESPACE, BuiltinTool, BuiltinTools, SharedBuiltins};
 use crate::catalog::{Catalog, CatalogInput, Collision, UpstreamLists};
 use crate::error::GatewayError;
@@ -26,11 +27,23 @@ use crate::subscriptions::Subscriptions;
 use crate::upstream::{Health, Upstream, supervise};
 
 /// Tunables of the gateway that do not belong to any one upstream.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GatewayOptions {
     pub health_interval: Duration,
     /// Items per page in list results.
     pub page_size: usize,
+    /// Who may use what (auth on); `None` allows everything.
+    pub access: Option<Arc<dyn AccessControl>>,
+}
+
+impl std::fmt::Debug for GatewayOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayOptions")
+            .field("health_interval", &self.health_interval)
+            .field("page_size", &self.page_size)
+            .field("access", &self.access.is_some())
+            .finish()
+    }
 }
 
 impl Default for GatewayOptions {
@@ -38,6 +51,7 @@ impl Default for GatewayOptions {
         Self {
             health_interval: concord_config::DEFAULT_HEALTH_INTERVAL,
             page_size: concord_config::DEFAULT_PAGE_SIZE,
+            access: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 // but 2025-era clients and upstreams still use it and the gateway must carry it.
 #![allow(deprecated)]
 
+pub mod access;
 pub mod builtin;
 mod catalog;
 mod child;
@@ -21,6 +22,7 @@ mod subscriptions;
 mod tap;
 mod upstream;
 
+pub use access::{AccessControl, AccessRequest, Identity};
 pub use client::{ClientError, NodeClient, run_stdio_bridge};
 pub use error::{GatewayError, codes};
 pub use gateway::{Gateway, GatewayOptions, UpstreamStatus};

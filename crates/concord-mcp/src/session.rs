@@ -25,6 +25,7 @@ use rmcp::service::{
 };
 use tracing::Instrument;
 
+use crate::access::{AccessRequest, identity_of};
 use crate::builtin::{BUILTIN_NAMESPACE, BuiltinTools, Caller};
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
@@ -532,13 +533,18 @@ impl GatewaySession {
         context: &RequestContext<RoleServer>,
         started: Instant,
     ) -> CallToolResponse {
+        let identity = identity_of(context);
         let caller = Caller {
-            principal: context
-                .peer
-                .peer_info()
-                .map(|info| info.client_info.name.clone())
-                .filter(|name| !name.is_empty())
-                .unwrap_or_else(|| "anonymous".to_string()),
+            principal: match &identity {
+                Some(identity) => identity.principal.clone(),
+                None => context
+                    .peer
+                    .peer_info()
+                    .map(|info| info.client_info.name.clone())
+                    .filter(|name| !name.is_empty())
+                    .unwrap_or_else(|| "anonymous".to_string()),
+            },
+            identity,
             trace_id: context.meta.get_traceparent().map(str::to_string),
         };
         let span = tracing::info_span!("tools/call", server = BUILTIN_NAMESPACE, tool = %name);
@@ -596,6 +602,32 @@ impl GatewaySession {
         );
     }
 
+    /// Whether the caller of `context` may use `name` of `server` (always, with auth off).
+    fn permits(
+        &self,
+        context: &RequestContext<RoleServer>,
+        method: &str,
+        server: &str,
+        name: &str,
+        arguments: Option<&rmcp::model::JsonObject>,
+        listing: bool,
+    ) -> bool {
+        let Some(access) = &self.shared.options.access else {
+            return true;
+        };
+        let identity = identity_of(context);
+        access.allows(
+            identity.as_ref(),
+            &AccessRequest {
+                method,
+                server,
+                name,
+                arguments,
+                listing,
+            },
+        )
+    }
+
     fn catalog(&self) -> Arc<Catalog> {
         self.shared.catalog()
     }
@@ -643,14 +675,27 @@ impl ServerHandler for GatewaySession {
     async fn list_tools(
         &self,
         params: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
         let catalog = self.catalog();
-        let (tools, next) = page(
-            &catalog.tools,
-            cursor(&params),
-            self.shared.options.page_size,
-        )?;
+        let visible: Vec<_> = catalog
+            .tools
+            .iter()
+            .filter(|tool| {
+                catalog.tool_routes.get(&*tool.name).is_some_and(|route| {
+                    self.permits(
+                        &context,
+                        "tools/call",
+                        &route.server,
+                        &tool.name,
+                        None,
+                        true,
+                    )
+                })
+            })
+            .cloned()
+            .collect();
+        let (tools, next) = page(&visible, cursor(&params), self.shared.options.page_size)?;
         let mut result = ListToolsResult::with_all_items(tools);
         result.next_cursor = next;
         self.observe("tools/list", "", true);
@@ -673,6 +718,18 @@ impl ServerHandler for GatewaySession {
             return Err(error.into());
         };
         drop(catalog);
+        if !self.permits(
+            &context,
+            "tools/call",
+            &route.server,
+            &params.name,
+            params.arguments.as_ref(),
+            false,
+        ) {
+            // Exactly what an unknown tool gets: a hidden tool's existence is not revealed.
+            self.observe("tools/call", "", false);
+            return Err(GatewayError::UnknownTool(params.name.to_string()).into());
+        }
         if let Some(builtins) = self.shared.builtins.clone()
             && route.server == self.shared.builtin_name
         {
@@ -766,14 +823,30 @@ impl ServerHandler for GatewaySession {
     async fn list_prompts(
         &self,
         params: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, McpError> {
         let catalog = self.catalog();
-        let (prompts, next) = page(
-            &catalog.prompts,
-            cursor(&params),
-            self.shared.options.page_size,
-        )?;
+        let visible: Vec<_> = catalog
+            .prompts
+            .iter()
+            .filter(|prompt| {
+                catalog
+                    .prompt_routes
+                    .get(&prompt.name)
+                    .is_some_and(|route| {
+                        self.permits(
+                            &context,
+                            "prompts/get",
+                            &route.server,
+                            &prompt.name,
+                            None,
+                            true,
+                        )
+                    })
+            })
+            .cloned()
+            .collect();
+        let (prompts, next) = page(&visible, cursor(&params), self.shared.options.page_size)?;
         let mut result = ListPromptsResult::with_all_items(prompts);
         result.next_cursor = next;
         self.observe("prompts/list", "", true);
@@ -793,6 +866,17 @@ impl ServerHandler for GatewaySession {
             self.observe("prompts/get", "", false);
             return Err(error.into());
         };
+        if !self.permits(
+            &context,
+            "prompts/get",
+            &route.server,
+            &params.name,
+            None,
+            false,
+        ) {
+            self.observe("prompts/get", "", false);
+            return Err(GatewayError::UnknownPrompt(params.name.clone()).into());
+        }
         let mut upstream_params = params;
         upstream_params.name = route.name.clone();
         upstream_params.meta = None;
@@ -821,14 +905,27 @@ impl ServerHandler for GatewaySession {
     async fn list_resources(
         &self,
         params: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, McpError> {
         let catalog = self.catalog();
-        let (resources, next) = page(
-            &catalog.resources,
-            cursor(&params),
-            self.shared.options.page_size,
-        )?;
+        let visible: Vec<_> = catalog
+            .resources
+            .iter()
+            .filter(|resource| {
+                catalog.resource_owner(&resource.uri).is_some_and(|server| {
+                    self.permits(
+                        &context,
+                        "resources/read",
+                        server,
+                        &resource.uri,
+                        None,
+                        true,
+                    )
+                })
+            })
+            .cloned()
+            .collect();
+        let (resources, next) = page(&visible, cursor(&params), self.shared.options.page_size)?;
         let mut result = ListResourcesResult::with_all_items(resources);
         result.next_cursor = next;
         self.observe("resources/list", "", true);
@@ -861,6 +958,17 @@ impl ServerHandler for GatewaySession {
             self.observe("resources/read", "", false);
             return Err(GatewayError::UnknownResource(params.uri).into());
         };
+        if !self.permits(
+            &context,
+            "resources/read",
+            &server,
+            &params.uri,
+            None,
+            false,
+        ) {
+            self.observe("resources/read", "", false);
+            return Err(GatewayError::UnknownResource(params.uri).into());
+        }
         if let Some(builtins) = self.shared.builtins.clone()
             && server == self.shared.builtin_name
         {
@@ -913,6 +1021,17 @@ impl ServerHandler for GatewaySession {
             self.observe("resources/subscribe", "", false);
             return Err(GatewayError::UnknownResource(params.uri).into());
         };
+        if !self.permits(
+            &context,
+            "resources/read",
+            &server,
+            &params.uri,
+            None,
+            false,
+        ) {
+            self.observe("resources/subscribe", "", false);
+            return Err(GatewayError::UnknownResource(params.uri).into());
+        }
         if server == self.shared.builtin_name {
             self.shared
                 .subscriptions

@@ -232,6 +232,8 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
         source: None,
         node: NodeSettings::default(),
         state: Default::default(),
+        auth: Default::default(),
+        policy: Default::default(),
         servers: vec![
             ServerSpec {
                 name: "legacy".into(),

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 mod edge;
+mod governance;
 mod rest;
 mod state_tools;
 mod validator;
@@ -48,6 +49,12 @@ pub enum NodeError {
     Store(#[from] concord_store::StoreError),
     #[error(transparent)]
     State(#[from] concord_state::StateError),
+    #[error("{0}")]
+    Governance(String),
+    #[error(
+        "refusing to listen on {addr} with authentication off: anyone who can reach it could use every tool. Enable [auth] or listen on a loopback address (127.0.0.1)"
+    )]
+    Unprotected { addr: SocketAddr },
 }
 
 /// Where and how to run, after the CLI has merged its flags over the config file.
@@ -72,6 +79,7 @@ pub struct RunningNode {
     gateway: Gateway,
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    audit: Option<concord_governance::AuditLog>,
 }
 
 impl RunningNode {
@@ -100,7 +108,20 @@ impl RunningNode {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
         self.gateway.shutdown().await;
+        if let Some(audit) = self.audit {
+            audit.flush().await;
+        }
     }
+}
+
+/// Where the store is: the `--store` flag, else `state.store`, else `DATA_DIR/state.db`.
+pub fn store_location(
+    flag: Option<String>,
+    configured: Option<String>,
+    data_dir: &std::path::Path,
+) -> String {
+    flag.or(configured)
+        .unwrap_or_else(|| data_dir.join("state.db").display().to_string())
 }
 
 /// Binds, starts the upstream supervisors and serves. Returns as soon as the listener is up.
@@ -109,19 +130,33 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         path: options.data_dir.clone(),
         source,
     })?;
-    if !options.listen.ip().is_loopback() {
+    if !config.auth.enabled {
+        if !options.listen.ip().is_loopback() {
+            return Err(NodeError::Unprotected {
+                addr: options.listen,
+            });
+        }
         tracing::warn!(
             listen = %options.listen,
-            "listening beyond loopback: only the Host names in node.allowed_hosts are accepted, and there is no authentication yet"
+            "AUTHENTICATION IS OFF: every local process can use every tool and write all shared state. Enable [auth] before exposing this node"
         );
     }
-    let store_location = options
-        .store
-        .clone()
-        .or_else(|| config.state.store.clone())
-        .unwrap_or_else(|| options.data_dir.join("state.db").display().to_string());
+    let store_location = store_location(
+        options.store.clone(),
+        config.state.store.clone(),
+        &options.data_dir,
+    );
     let store = concord_store::Store::open(&store_location).await?;
     tracing::info!(backend = store.backend_name(), "state store open");
+    let governance = if config.auth.enabled {
+        Some(Arc::new(
+            governance::Governance::start(config, store.clone())
+                .await
+                .map_err(NodeError::Governance)?,
+        ))
+    } else {
+        None
+    };
     let late_gateway = Arc::new(std::sync::OnceLock::new());
     let mut state_service = concord_state::StateService::new(store, state_options(config))?;
     if !config.state.validators.is_empty() {
@@ -138,9 +173,15 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         GatewayOptions {
             health_interval: config.node.health_interval,
             page_size: config.node.page_size,
+            access: governance.clone().map(|g| {
+                Arc::new(governance::PolicyAccess(g)) as Arc<dyn concord_mcp::AccessControl>
+            }),
         },
         metrics.clone(),
-        Some(Arc::new(state_tools::StateTools::new(state.clone()))),
+        Some(Arc::new(state_tools::StateTools::new(
+            state.clone(),
+            governance.clone(),
+        ))),
     );
     let _ = late_gateway.set(gateway.clone());
     let shutdown = CancellationToken::new();
@@ -158,6 +199,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         &edge,
         shutdown.clone(),
         state,
+        governance.clone(),
     );
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
@@ -170,6 +212,12 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         source,
     })?;
     gateway.start();
+    if let Some(governance) = &governance {
+        tokio::spawn(governance::watch_policy(
+            governance.clone(),
+            shutdown.clone(),
+        ));
+    }
     tokio::spawn(watch_state(
         state_for_watch,
         gateway.clone(),
@@ -191,6 +239,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         gateway,
         shutdown,
         server,
+        audit: governance.map(|g| g.audit.clone()),
     })
 }
 
@@ -269,15 +318,19 @@ fn router(
     edge: &EdgeOptions,
     shutdown: CancellationToken,
     shared_state: Arc<concord_state::StateService>,
+    governance: Option<Arc<governance::Governance>>,
 ) -> Router {
-    let state_api = Router::new()
+    let mut state_api = Router::new()
         .route("/api/v1/state/changes", get(rest::feed))
         .route(
             "/api/v1/state/{*key}",
             get(rest::get_key).put(rest::put_key),
         )
-        .with_state(shared_state);
-    let mcp =
+        .with_state(rest::RestState {
+            state: shared_state,
+            governance: governance.clone(),
+        });
+    let mut mcp =
         state
             .gateway
             .http_router("/mcp", edge, shutdown)
@@ -285,12 +338,35 @@ fn router(
                 edge::BodyLimit(edge.max_body_bytes),
                 edge::jsonrpc_edge,
             ));
-    Router::new()
+    let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state)
-        .merge(mcp)
+        .with_state(state);
+    if let Some(governance) = governance {
+        // Authentication runs before the JSON-RPC edge checks: nothing about the request is
+        // looked at for a caller who has not proven who they are.
+        mcp = mcp.layer(middleware::from_fn_with_state(
+            governance.clone(),
+            governance::authenticate,
+        ));
+        state_api = state_api.layer(middleware::from_fn_with_state(
+            governance.clone(),
+            governance::authenticate,
+        ));
+        let metadata = Router::new()
+            .route(
+                governance::METADATA_PATH,
+                get(governance::resource_metadata),
+            )
+            .route(
+                &format!("{}/mcp", governance::METADATA_PATH),
+                get(governance::resource_metadata),
+            )
+            .with_state(governance);
+        app = app.merge(metadata);
+    }
+    app.merge(mcp)
         .merge(state_api)
         .layer(middleware::from_fn(http_span))
 }

@@ -41,7 +41,15 @@ fn refusal(error: StateError) -> Response {
     (status_of(&error), Json(error_details(&error))).into_response()
 }
 
-pub async fn get_key(State(state): State<Arc<StateService>>, Path(key): Path<String>) -> Response {
+/// What the REST handlers share.
+#[derive(Clone)]
+pub struct RestState {
+    pub state: Arc<StateService>,
+    pub governance: Option<Arc<crate::governance::Governance>>,
+}
+
+pub async fn get_key(State(rest): State<RestState>, Path(key): Path<String>) -> Response {
+    let state = rest.state;
     match state.get(&key).await {
         Ok(entry) => Json(entry).into_response(),
         Err(e) => refusal(e),
@@ -63,11 +71,13 @@ pub struct PutBody {
 }
 
 pub async fn put_key(
-    State(state): State<Arc<StateService>>,
+    State(rest): State<RestState>,
+    principal: Option<axum::Extension<concord_governance::Principal>>,
     Path(key): Path<String>,
     headers: HeaderMap,
     body: Result<Json<PutBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    let state = rest.state;
     let Json(body) = match body {
         Ok(body) => body,
         Err(rejection) => {
@@ -89,12 +99,37 @@ pub async fn put_key(
                 .into_response();
         }
     };
+    let principal = principal.map(|axum::Extension(p)| p);
+    let operations = ops
+        .iter()
+        .map(|op| {
+            serde_json::to_value(op)
+                .ok()
+                .and_then(|v| v["op"].as_str().map(str::to_string))
+                .unwrap_or_default()
+        })
+        .collect();
+    if let Err(reason) = crate::state_tools::check_write(
+        rest.governance.as_deref(),
+        principal.as_ref(),
+        &[(key.clone(), operations)],
+    ) {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({"conflict": false, "forbidden": true, "error": reason})),
+        )
+            .into_response();
+    }
     let author = Author {
-        principal: headers
-            .get("x-concord-author")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("rest")
-            .to_string(),
+        // With auth on, the author is who authenticated; without, whoever the caller says.
+        principal: match &principal {
+            Some(principal) => principal.id.clone(),
+            None => headers
+                .get("x-concord-author")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("rest")
+                .to_string(),
+        },
         trace_id: headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
@@ -122,7 +157,7 @@ pub struct FeedQuery {
 /// Every commit under `prefix` after `since` (or the `Last-Event-ID` a reconnecting client
 /// sends), then each new one as it lands. Event ids are commit sequence numbers.
 pub async fn feed(
-    State(state): State<Arc<StateService>>,
+    State(rest): State<RestState>,
     Query(query): Query<FeedQuery>,
     headers: HeaderMap,
 ) -> Response {
@@ -131,6 +166,7 @@ pub async fn feed(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let since = resume.or(query.since).unwrap_or(0);
+    let state = rest.state;
     if let Err(e) = state.changes(&query.prefix, since, 1).await {
         return refusal(e);
     }

@@ -9,15 +9,66 @@ use concord_mcp::builtin::{
     ResourceFuture,
 };
 use concord_state::{Author, Change, Op, StateError, StateService, error_details};
+
+use crate::governance::{Governance, principal_of};
 use serde_json::{Map, Value, json};
 
 pub struct StateTools {
     state: Arc<StateService>,
+    governance: Option<Arc<Governance>>,
 }
 
 impl StateTools {
-    pub fn new(state: Arc<StateService>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<StateService>, governance: Option<Arc<Governance>>) -> Self {
+        Self { state, governance }
+    }
+}
+
+/// The keys and operation names of a write, for the policy engine.
+fn write_targets(changes: &[Change]) -> Vec<(String, Vec<String>)> {
+    changes
+        .iter()
+        .map(|change| {
+            let ops = change
+                .ops
+                .iter()
+                .map(|op| {
+                    serde_json::to_value(op)
+                        .ok()
+                        .and_then(|v| v["op"].as_str().map(str::to_string))
+                        .unwrap_or_default()
+                })
+                .collect();
+            (change.key.clone(), ops)
+        })
+        .collect()
+}
+
+/// With auth on, every key of a write must be allowed for the caller (`state/write` rules);
+/// the first that is not is named in the refusal.
+pub(crate) fn check_write(
+    governance: Option<&Governance>,
+    principal: Option<&concord_governance::Principal>,
+    targets: &[(String, Vec<String>)],
+) -> Result<(), String> {
+    let Some(governance) = governance else {
+        return Ok(());
+    };
+    let Some(principal) = principal else {
+        return Err("not authenticated".into());
+    };
+    for (key, operations) in targets {
+        if !governance.allows_state_write(principal, key, operations) {
+            return Err(format!("{} may not write {key}", principal.id));
+        }
+    }
+    Ok(())
+}
+
+fn forbidden(reason: String) -> BuiltinOutcome {
+    BuiltinOutcome {
+        structured: json!({"conflict": false, "forbidden": true, "error": reason}),
+        is_error: true,
     }
 }
 
@@ -274,8 +325,13 @@ impl BuiltinTools for StateTools {
 
     fn call(&self, name: &str, arguments: Map<String, Value>, caller: Caller) -> BuiltinFuture {
         let state = self.state.clone();
+        let governance = self.governance.clone();
         let name = name.to_string();
         Box::pin(async move {
+            let principal = caller.identity.as_ref().map(principal_of);
+            let may_write = |targets: &[(String, Vec<String>)]| {
+                check_write(governance.as_deref(), principal.as_ref(), targets)
+            };
             let author = Author {
                 principal: caller.principal,
                 trace_id: caller.trace_id,
@@ -299,7 +355,11 @@ impl BuiltinTools for StateTools {
                         }
                     }
                     "state_propose" => {
-                        match state.propose_as(arg(&arguments, "changes")?, &author).await {
+                        let changes: Vec<Change> = arg(&arguments, "changes")?;
+                        if let Err(reason) = may_write(&write_targets(&changes)) {
+                            return Ok(forbidden(reason));
+                        }
+                        match state.propose_as(changes, &author).await {
                             Ok(p) => ok(
                                 json!({"proposal_id": p.id, "status": p.status, "expires_at_ms": p.expires_at_ms}),
                             ),
@@ -316,6 +376,9 @@ impl BuiltinTools for StateTools {
                     }
                     "state_put" => {
                         let changes = put_changes(&arguments)?;
+                        if let Err(reason) = may_write(&write_targets(&changes)) {
+                            return Ok(forbidden(reason));
+                        }
                         let idempotency = optional(&arguments, "idempotency_key")?;
                         match state.put(changes, idempotency, &author).await {
                             Ok(result) => ok(serde_json::to_value(result).unwrap_or_default()),
@@ -323,6 +386,10 @@ impl BuiltinTools for StateTools {
                         }
                     }
                     "state_claim" => {
+                        let key: String = arg(&arguments, "key")?;
+                        if let Err(reason) = may_write(&[(key, vec!["claim".to_string()])]) {
+                            return Ok(forbidden(reason));
+                        }
                         let ttl = optional::<u64>(&arguments, "ttl_ms")?.unwrap_or(30_000);
                         let token = optional(&arguments, "token")?;
                         match state
@@ -339,6 +406,10 @@ impl BuiltinTools for StateTools {
                         }
                     }
                     "state_release" => {
+                        let key: String = arg(&arguments, "key")?;
+                        if let Err(reason) = may_write(&[(key, vec!["release".to_string()])]) {
+                            return Ok(forbidden(reason));
+                        }
                         match state
                             .release(
                                 &arg::<String>(&arguments, "key")?,

@@ -8,6 +8,7 @@
 //! refusal), and writes them with a new global commit sequence number. What the values mean
 //! (patches, merge policies) is the state crate's business, not the store's.
 
+mod governance;
 mod group_commit;
 mod postgres_batch;
 mod sqlite_batch;
@@ -25,6 +26,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Connection, Row};
 
+pub use governance::{ApiKeyRecord, AuditDraft, AuditRow, GENESIS_HASH};
 use group_commit::{Decide, GroupCommitter};
 use postgres_batch::PostgresWriter;
 use sqlite_batch::SqliteWriter;
@@ -908,10 +910,12 @@ impl Store {
 const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_state.sql"),
     include_str!("../migrations/sqlite/0002_leases.sql"),
+    include_str!("../migrations/sqlite/0003_governance.sql"),
 ];
 const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0001_state.sql"),
     include_str!("../migrations/postgres/0002_leases.sql"),
+    include_str!("../migrations/postgres/0003_governance.sql"),
 ];
 
 async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {

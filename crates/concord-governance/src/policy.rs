@@ -1,0 +1,259 @@
+//! One policy engine for tool calls, resource reads, prompt gets and state writes. Rules are CEL
+//! expressions over the request; any matching `deny` wins, then any matching `allow`; nothing
+//! matching means deny (auth on). A rule whose expression fails on a request (a field it reads
+//! is absent) does not match it: write `has(arguments.path) && …` to be explicit.
+//!
+//! Variables a rule can read: `principal` (`id`, `kind`, `roles`, `chain`, `method`), `method`
+//! (`tools/call`, `resources/read`, `prompts/get`, `state/write`), `server`, `name` (the tool or
+//! prompt name as exposed, the resource URI, or the state key), `tool` (= `name` for tool
+//! calls, else empty), `arguments` (a map; empty when listing), `namespace` and `operations`
+//! (state writes).
+//!
+//! The rule set is swapped whole on reload; a file that does not parse or compile leaves the
+//! old set in force.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use cel_interpreter::{Context, Program};
+use concord_config::{Effect, PolicyRule};
+use parking_lot::RwLock;
+use serde_json::{Map, Value, json};
+
+use crate::identity::Principal;
+
+/// What a request asks to do.
+#[derive(Debug, Clone)]
+pub struct Action<'a> {
+    pub method: &'a str,
+    pub server: &'a str,
+    pub name: &'a str,
+    pub arguments: Option<&'a Map<String, Value>>,
+    pub namespace: Option<&'a str>,
+    pub operations: &'a [String],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow {
+        rule: String,
+    },
+    /// `rule`: the deny rule that matched, or none when no rule allowed the request.
+    Deny {
+        rule: Option<String>,
+    },
+}
+
+impl Decision {
+    pub fn allowed(&self) -> bool {
+        matches!(self, Decision::Allow { .. })
+    }
+
+    /// The rule that decided, for the audit trail.
+    pub fn rule(&self) -> &str {
+        match self {
+            Decision::Allow { rule } => rule,
+            Decision::Deny { rule: Some(rule) } => rule,
+            Decision::Deny { rule: None } => "(no rule allows it)",
+        }
+    }
+}
+
+struct CompiledRule {
+    name: String,
+    effect: Effect,
+    program: Program,
+}
+
+/// A compiled rule set.
+pub struct RuleSet {
+    rules: Vec<CompiledRule>,
+}
+
+impl RuleSet {
+    pub fn compile(rules: &[PolicyRule]) -> Result<RuleSet, String> {
+        let mut compiled = Vec::with_capacity(rules.len());
+        for rule in rules {
+            // The CEL parser can panic on some malformed input instead of returning an error;
+            // a bad rule must be refused, never take the node down.
+            let parsed = std::panic::catch_unwind(|| Program::compile(&rule.when));
+            let program = match parsed {
+                Ok(Ok(program)) => program,
+                Ok(Err(e)) => {
+                    return Err(format!("rule {:?}: `when` does not parse: {e}", rule.name));
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "rule {:?}: `when` does not parse: {:?}",
+                        rule.name, rule.when
+                    ));
+                }
+            };
+            compiled.push(CompiledRule {
+                name: rule.name.clone(),
+                effect: rule.effect,
+                program,
+            });
+        }
+        Ok(RuleSet { rules: compiled })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn decide(&self, principal: &Principal, action: &Action<'_>) -> Decision {
+        let context = match context_for(principal, action) {
+            Ok(context) => context,
+            Err(e) => {
+                tracing::warn!(error = %e, "policy context could not be built; denying");
+                return Decision::Deny { rule: None };
+            }
+        };
+        let mut allowed_by = None;
+        for rule in &self.rules {
+            // As with parsing: an interpreter panic is a non-match, never a crashed request.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rule.program.execute(&context)
+            }));
+            let matched = matches!(outcome, Ok(Ok(cel_interpreter::Value::Bool(true))));
+            if !matched {
+                continue;
+            }
+            match rule.effect {
+                Effect::Deny => {
+                    return Decision::Deny {
+                        rule: Some(rule.name.clone()),
+                    };
+                }
+                Effect::Allow if allowed_by.is_none() => allowed_by = Some(rule.name.clone()),
+                Effect::Allow => {}
+            }
+        }
+        match allowed_by {
+            Some(rule) => Decision::Allow { rule },
+            None => Decision::Deny { rule: None },
+        }
+    }
+}
+
+fn context_for(principal: &Principal, action: &Action<'_>) -> Result<Context<'static>, String> {
+    let mut context = Context::default();
+    let mut add = |name: &str, value: Value| {
+        context
+            .add_variable(name, value)
+            .map_err(|e| format!("{name}: {e}"))
+    };
+    add(
+        "principal",
+        json!({
+            "id": principal.id,
+            "kind": principal.kind,
+            "roles": principal.roles,
+            "chain": principal.chain,
+            "method": principal.method,
+        }),
+    )?;
+    add("method", json!(action.method))?;
+    add("server", json!(action.server))?;
+    add("name", json!(action.name))?;
+    let tool = if action.method == "tools/call" {
+        action.name
+    } else {
+        ""
+    };
+    add("tool", json!(tool))?;
+    add(
+        "arguments",
+        Value::Object(action.arguments.cloned().unwrap_or_default()),
+    )?;
+    add("namespace", json!(action.namespace.unwrap_or_default()))?;
+    add("operations", json!(action.operations))?;
+    Ok(context)
+}
+
+/// The rules in force, with reload from a file.
+pub struct PolicyEngine {
+    inline: Vec<PolicyRule>,
+    file: Option<PathBuf>,
+    current: RwLock<Arc<RuleSet>>,
+    loaded_at: RwLock<Option<SystemTime>>,
+}
+
+/// What a reload did, for the log and the audit trail.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reload {
+    Unchanged,
+    Loaded {
+        rules: usize,
+    },
+    /// The new file was refused; the old rules stay in force.
+    Refused {
+        error: String,
+    },
+}
+
+impl PolicyEngine {
+    /// Compiles the inline rules and the file's; an error here stops the node from starting.
+    pub fn new(inline: Vec<PolicyRule>, file: Option<PathBuf>) -> Result<Self, String> {
+        let mut rules = inline.clone();
+        let mut loaded_at = None;
+        if let Some(path) = &file {
+            rules.extend(load(path)?);
+            loaded_at = modified(path);
+        }
+        let set = RuleSet::compile(&rules)?;
+        Ok(Self {
+            inline,
+            file,
+            current: RwLock::new(Arc::new(set)),
+            loaded_at: RwLock::new(loaded_at),
+        })
+    }
+
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.current.read().clone()
+    }
+
+    pub fn decide(&self, principal: &Principal, action: &Action<'_>) -> Decision {
+        self.rules().decide(principal, action)
+    }
+
+    /// Reloads the file if it changed since the last load.
+    pub fn reload_if_changed(&self) -> Reload {
+        let Some(path) = &self.file else {
+            return Reload::Unchanged;
+        };
+        let stamp = modified(path);
+        if stamp == *self.loaded_at.read() {
+            return Reload::Unchanged;
+        }
+        *self.loaded_at.write() = stamp;
+        let mut rules = self.inline.clone();
+        let outcome = load(path).and_then(|file_rules| {
+            rules.extend(file_rules);
+            RuleSet::compile(&rules)
+        });
+        match outcome {
+            Ok(set) => {
+                let count = set.len();
+                *self.current.write() = Arc::new(set);
+                Reload::Loaded { rules: count }
+            }
+            Err(error) => Reload::Refused { error },
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Vec<PolicyRule>, String> {
+    concord_config::load_policy_file(path).map_err(|e| e.to_string())
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}

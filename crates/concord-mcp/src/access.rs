@@ -1,0 +1,49 @@
+//! The gateway's side of authorization: who is calling (put on each HTTP request by the node's
+//! authentication) and a decision hook the node fills with its policy engine. A tool, prompt or
+//! resource the caller may not use is left out of its lists, and asking for it anyway gets the
+//! same answer as asking for one that does not exist, so its existence is not revealed.
+
+use rmcp::model::JsonObject;
+use rmcp::service::{RequestContext, RoleServer};
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub principal: String,
+    /// `user`, `agent` or `service`.
+    pub kind: String,
+    pub roles: Vec<String>,
+    /// On whose behalf, from the origin to the party acting now.
+    pub chain: Vec<String>,
+    /// How it was proven: `jwt` or `api_key`.
+    pub method: String,
+}
+
+/// One thing a caller wants to use.
+#[derive(Debug, Clone)]
+pub struct AccessRequest<'a> {
+    /// `tools/call`, `prompts/get` or `resources/read`.
+    pub method: &'a str,
+    pub server: &'a str,
+    /// The tool or prompt name as exposed, or the resource URI.
+    pub name: &'a str,
+    /// The call's arguments; `None` when deciding what a list shows.
+    pub arguments: Option<&'a JsonObject>,
+    /// True while filtering a list (nothing is being used yet; not worth an audit entry).
+    pub listing: bool,
+}
+
+/// Decides whether `identity` may do `request`. Installed by the node when authentication is
+/// on; without it everything is allowed (auth off, loopback only).
+pub trait AccessControl: Send + Sync + 'static {
+    fn allows(&self, identity: Option<&Identity>, request: &AccessRequest<'_>) -> bool;
+}
+
+/// The identity the node attached to the HTTP request carrying this MCP request.
+pub(crate) fn identity_of(context: &RequestContext<RoleServer>) -> Option<Identity> {
+    context
+        .extensions
+        .get::<http::request::Parts>()
+        .and_then(|parts| parts.extensions.get::<Identity>())
+        .cloned()
+}

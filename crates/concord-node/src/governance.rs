@@ -1,0 +1,257 @@
+//! Governance on the node's request paths: authentication of `/mcp` and `/api/v1` (401 with a
+//! `WWW-Authenticate` header naming the protected-resource metadata, RFC 9728), the policy
+//! engine behind the gateway's access hook and the state writes, the audit trail of every
+//! decision, and policy reloads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use concord_config::Config;
+use concord_governance::{
+    Action, AuditLog, AuthError, Authenticator, PolicyEngine, Principal, Reload,
+};
+use concord_mcp::{AccessControl, AccessRequest, Identity};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+pub(crate) const METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
+
+/// Everything governance needs at run time; present only when auth is on.
+pub(crate) struct Governance {
+    pub authenticator: Authenticator,
+    pub policy: Arc<PolicyEngine>,
+    pub audit: AuditLog,
+    pub settings: concord_config::AuthSettings,
+}
+
+impl Governance {
+    pub async fn start(config: &Config, store: concord_store::Store) -> Result<Self, String> {
+        let authenticator =
+            Authenticator::new(&config.auth, store.clone()).map_err(|e| format!("[auth]: {e}"))?;
+        authenticator.prepare().await;
+        let policy = PolicyEngine::new(config.policy.rules.clone(), config.policy.file.clone())
+            .map_err(|e| format!("[policy]: {e}"))?;
+        let audit = AuditLog::start(store);
+        tracing::info!(
+            rules = policy.rules().len(),
+            "authentication on: every request needs a bearer token or API key; policy denies what no rule allows"
+        );
+        Ok(Self {
+            authenticator,
+            policy: Arc::new(policy),
+            audit,
+            settings: config.auth.clone(),
+        })
+    }
+
+    /// Decides (and audits) whether `principal` may write `key` with `operations`.
+    pub fn allows_state_write(
+        &self,
+        principal: &Principal,
+        key: &str,
+        operations: &[String],
+    ) -> bool {
+        let namespace = key.split('/').next().unwrap_or_default();
+        let action = Action {
+            method: "state/write",
+            server: "concord",
+            name: key,
+            arguments: None,
+            namespace: Some(namespace),
+            operations,
+        };
+        let decision = self.policy.decide(principal, &action);
+        self.audit.record(
+            "policy_decision",
+            &principal.id,
+            json!({
+                "method": "state/write",
+                "key": key,
+                "operations": operations,
+                "allowed": decision.allowed(),
+                "rule": decision.rule(),
+                "chain": principal.chain,
+            }),
+        );
+        decision.allowed()
+    }
+}
+
+pub(crate) fn principal_of(identity: &Identity) -> Principal {
+    Principal {
+        id: identity.principal.clone(),
+        kind: identity.kind.clone(),
+        roles: identity.roles.clone(),
+        chain: identity.chain.clone(),
+        method: identity.method.clone(),
+    }
+}
+
+fn identity_of(principal: &Principal) -> Identity {
+    Identity {
+        principal: principal.id.clone(),
+        kind: principal.kind.clone(),
+        roles: principal.roles.clone(),
+        chain: principal.chain.clone(),
+        method: principal.method.clone(),
+    }
+}
+
+/// The gateway's access hook, answered by the policy engine.
+pub(crate) struct PolicyAccess(pub Arc<Governance>);
+
+impl AccessControl for PolicyAccess {
+    fn allows(&self, identity: Option<&Identity>, request: &AccessRequest<'_>) -> bool {
+        // Auth is on whenever this hook is installed: a request without an identity did not
+        // come through authentication and gets nothing.
+        let Some(identity) = identity else {
+            return false;
+        };
+        let principal = principal_of(identity);
+        let action = Action {
+            method: request.method,
+            server: request.server,
+            name: request.name,
+            arguments: request.arguments,
+            namespace: None,
+            operations: &[],
+        };
+        let decision = self.0.policy.decide(&principal, &action);
+        if !request.listing {
+            self.0.audit.record(
+                "policy_decision",
+                &principal.id,
+                json!({
+                    "method": request.method,
+                    "server": request.server,
+                    "name": request.name,
+                    "allowed": decision.allowed(),
+                    "rule": decision.rule(),
+                    "chain": principal.chain,
+                }),
+            );
+        }
+        decision.allowed()
+    }
+}
+
+/// Authenticates every request it wraps; the principal goes into the request's extensions
+/// (as `Identity` for the gateway, as `Principal` for the REST API).
+pub(crate) async fn authenticate(
+    State(governance): State<Arc<Governance>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match governance.authenticator.authenticate(authorization).await {
+        Ok(principal) => {
+            request.extensions_mut().insert(identity_of(&principal));
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            governance.audit.record(
+                "auth_failure",
+                "-",
+                json!({"path": request.uri().path(), "reason": reason}),
+            );
+            tracing::info!(path = %request.uri().path(), %reason, "request refused: not authenticated");
+            unauthorized(&request, &governance, &error)
+        }
+    }
+}
+
+fn unauthorized(request: &Request, governance: &Governance, error: &AuthError) -> Response {
+    let metadata = format!("{}{METADATA_PATH}", base_url(request, governance));
+    let mut challenge = format!("Bearer resource_metadata=\"{metadata}\"");
+    if !matches!(error, AuthError::Missing) {
+        let description = error.to_string().replace(['"', '\\'], "'");
+        challenge.push_str(&format!(
+            ", error=\"invalid_token\", error_description=\"{description}\""
+        ));
+    }
+    let mut response = (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(json!({
+            "jsonrpc": "2.0",
+            "id": null,
+            "error": {"code": -32001, "message": format!("unauthorized: {error}")},
+        })),
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
+    }
+    response
+}
+
+/// `http://host:port` as the client addressed this node.
+fn base_url(request: &Request, governance: &Governance) -> String {
+    if let Some(resource) = &governance.settings.resource
+        && let Some((scheme, rest)) = resource.split_once("://")
+    {
+        let authority = rest.split('/').next().unwrap_or(rest);
+        return format!("{scheme}://{authority}");
+    }
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    format!("http://{host}")
+}
+
+/// RFC 9728 protected-resource metadata: where a client goes to get a token for this node.
+pub(crate) async fn resource_metadata(
+    State(governance): State<Arc<Governance>>,
+    request: Request,
+) -> Response {
+    let resource = governance
+        .settings
+        .resource
+        .clone()
+        .unwrap_or_else(|| format!("{}/mcp", base_url(&request, &governance)));
+    axum::Json(json!({
+        "resource": resource,
+        "authorization_servers": governance.settings.authorization_servers,
+        "bearer_methods_supported": ["header"],
+        "resource_name": "Concord",
+    }))
+    .into_response()
+}
+
+/// Reloads the policy file when it changes; a file that does not load leaves the old rules
+/// in force and says why (in the log and the audit trail).
+pub(crate) async fn watch_policy(governance: Arc<Governance>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        match governance.policy.reload_if_changed() {
+            Reload::Unchanged => {}
+            Reload::Loaded { rules } => {
+                tracing::info!(rules, "policy reloaded");
+                governance
+                    .audit
+                    .record("policy_reload", "-", json!({"rules": rules}));
+            }
+            Reload::Refused { error } => {
+                tracing::error!(%error, "policy file refused; the previous policy stays in force");
+                governance
+                    .audit
+                    .record("policy_reload_failed", "-", json!({"error": error}));
+            }
+        }
+    }
+}

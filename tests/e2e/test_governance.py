@@ -1,0 +1,275 @@
+"""Authentication, policy and audit on a real node, with the official Python SDK as the client:
+401s that point standard clients at the protected-resource metadata, two principals that see
+different tools, a hidden tool that answers exactly like an unknown one, a forbidden state write,
+API keys from the CLI, a tamper-evident audit trail, and a policy reload that refuses a broken
+file."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+from mcp import Client, MCPError
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from conftest import CONCORD_BIN, NodeFactory, fixture_server, text_of, tool_names
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "e2e-secret-e2e-secret-e2e-secret-e2e"
+ISSUER = "https://idp.e2e.test"
+AUDIENCE = "concord-e2e"
+
+POLICY = """
+[[rules]]
+name = "analysts-echo"
+effect = "allow"
+when = '"analyst" in principal.roles && method == "tools/call" && tool == "fx__echo"'
+
+[[rules]]
+name = "analysts-state-tools"
+effect = "allow"
+when = '"analyst" in principal.roles && method == "tools/call" && server == "concord"'
+
+[[rules]]
+name = "analysts-write-notes"
+effect = "allow"
+when = '"analyst" in principal.roles && method == "state/write" && namespace == "notes"'
+
+[[rules]]
+name = "admins"
+effect = "allow"
+when = '"admin" in principal.roles'
+
+[[rules]]
+name = "nobody-writes-audit-ns"
+effect = "deny"
+when = 'method == "state/write" && namespace == "locked"'
+"""
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt(claims: dict[str, Any], secret: str = SECRET, alg: str = "HS256") -> str:
+    header = b64url(json.dumps({"alg": alg, "typ": "JWT", "kid": "e2e"}).encode())
+    body = b64url(json.dumps(claims).encode())
+    signature = hmac.new(secret.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
+    return f"{header}.{body}.{b64url(signature)}"
+
+
+def token_for(sub: str, roles: list[str], **extra: Any) -> str:
+    claims = {"sub": sub, "roles": roles, "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 600}
+    claims.update(extra)
+    return jwt(claims)
+
+
+@asynccontextmanager
+async def as_principal(url: str, token: str, **kwargs: Any) -> AsyncIterator[Client]:
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+    async with http, Client(streamable_http_client(url, http_client=http), mode="legacy", cache=None, **kwargs) as client:
+        yield client
+
+
+def http_post(url: str, token: str | None) -> tuple[int, dict[str, str], str]:
+    body = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+        }
+    ).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read().decode()
+
+
+@pytest.fixture(scope="module")
+def node(concord: NodeFactory):
+    directory = concord.new_dir("governance")
+    (directory / "policy.toml").write_text(POLICY)
+    extra = f"""
+[auth]
+enabled = true
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+authorization_servers = ["{ISSUER}"]
+leeway = "5s"
+[[auth.keys]]
+kid = "e2e"
+algorithm = "HS256"
+secret = "{SECRET}"
+
+[policy]
+file = "policy.toml"
+"""
+    node = concord.start(
+        "governance",
+        {"fx": fixture_server("fx")},
+        directory=directory,
+        extra_config=extra,
+    )
+    yield node
+    node.stop()
+
+
+def cli(node: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(CONCORD_BIN),
+            *args,
+            "--config",
+            str(node.directory / "concord.toml"),
+            "--data-dir",
+            str(node.directory / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=node.directory,
+    )
+
+
+async def test_no_token_is_401_with_the_resource_metadata_and_the_metadata_names_the_issuer(node: Any) -> None:
+    status, headers, body = http_post(node.url, None)
+    assert status == 401, body
+    challenge = {k.lower(): v for k, v in headers.items()}["www-authenticate"]
+    assert challenge.startswith("Bearer resource_metadata="), challenge
+    metadata_url = challenge.split('resource_metadata="')[1].split('"')[0]
+    with urllib.request.urlopen(metadata_url, timeout=10) as response:
+        metadata = json.loads(response.read())
+    assert metadata["resource"].endswith("/mcp")
+    assert metadata["authorization_servers"] == [ISSUER]
+
+
+@pytest.mark.parametrize(
+    "label,token",
+    [
+        ("expired", token_for("alice", ["analyst"], exp=int(time.time()) - 600)),
+        ("wrong audience", token_for("alice", ["analyst"], aud="someone-else")),
+        ("wrong issuer", token_for("alice", ["analyst"], iss="https://evil.test")),
+        ("forged", jwt({"sub": "alice", "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 600}, secret="x" * 40)),
+        ("alg none", b64url(b'{"alg":"none"}') + "." + b64url(b'{"sub":"alice"}') + "."),
+        ("garbage", "not-a-token"),
+        ("unknown api key", "ck_000000000000_" + "0" * 64),
+    ],
+)
+async def test_bad_credentials_are_401_invalid_token(node: Any, label: str, token: str) -> None:
+    status, headers, body = http_post(node.url, token)
+    assert status == 401, f"{label}: {status} {body}"
+    challenge = {k.lower(): v for k, v in headers.items()}["www-authenticate"]
+    assert 'error="invalid_token"' in challenge, challenge
+    assert token not in body and token not in challenge, "credentials are never echoed"
+
+
+async def test_two_principals_see_only_their_tools_and_a_hidden_tool_looks_unknown(node: Any) -> None:
+    async with (
+        as_principal(node.url, token_for("alice", ["analyst"])) as analyst,
+        as_principal(node.url, token_for("root", ["admin"])) as admin,
+    ):
+        analyst_tools = await tool_names(analyst)
+        admin_tools = await tool_names(admin)
+        assert "fx__echo" in analyst_tools and "fx__echo" in admin_tools
+        assert "fx__slow" not in analyst_tools and "fx__slow" in admin_tools
+        assert text_of(await analyst.call_tool("fx__echo", {"message": "hi"})) == "Echo: hi"
+
+        with pytest.raises(MCPError) as hidden:
+            await analyst.call_tool("fx__slow", {"steps": 1})
+        with pytest.raises(MCPError) as unknown:
+            await analyst.call_tool("fx__no_such_tool", {})
+        assert hidden.value.error.code == unknown.value.error.code
+        assert hidden.value.error.message.replace("fx__slow", "X") == unknown.value.error.message.replace(
+            "fx__no_such_tool", "X"
+        )
+        # The admin can call it.
+        assert "done" in text_of(await admin.call_tool("fx__slow", {"steps": 1}))
+
+
+async def test_state_writes_follow_the_policy_and_everything_lands_in_a_verifiable_audit_trail(node: Any) -> None:
+    async with as_principal(node.url, token_for("alice", ["analyst"])) as analyst:
+        ok = await analyst.call_tool("concord__state_put", {"key": "notes/today", "base_version": 0, "value": {"text": "hello"}})
+        assert not ok.is_error, text_of(ok)
+        assert ok.structured_content["versions"]["notes/today"] == 1
+        refused = await analyst.call_tool("concord__state_put", {"key": "plans/q3", "base_version": 0, "value": {"x": 1}})
+        assert refused.is_error
+        assert refused.structured_content["forbidden"] is True
+        assert "alice may not write plans/q3" in refused.structured_content["error"]
+        locked = await analyst.call_tool("concord__state_put", {"key": "locked/x", "base_version": 0, "value": 1})
+        assert locked.is_error and locked.structured_content["forbidden"] is True
+        # Nothing was written by the refused calls.
+        entry = await analyst.call_tool("concord__state_get", {"key": "plans/q3"})
+        assert entry.structured_content["version"] == 0
+        history = await analyst.call_tool("concord__state_history", {"key": "notes/today"})
+        assert history.structured_content["versions"][0]["author"] == "alice"
+
+    # Audit entries are written in the background; give them a moment, then verify the chain.
+    deadline = time.monotonic() + 10
+    while True:
+        exported = cli(node, "audit", "export")
+        assert exported.returncode == 0, exported.stderr
+        entries = [json.loads(line) for line in exported.stdout.splitlines()]
+        decisions = [e for e in entries if e["kind"] == "policy_decision" and e["data"].get("key") == "plans/q3"]
+        if decisions or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert decisions and decisions[0]["data"]["allowed"] is False and decisions[0]["principal"] == "alice"
+    assert any(e["kind"] == "policy_decision" and e["data"].get("rule") == "nobody-writes-audit-ns" for e in entries)
+    assert any(e["kind"] == "auth_failure" for e in entries)
+    assert all(SECRET not in json.dumps(e) for e in entries), "no secret in the audit trail"
+    verified = cli(node, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "intact" in verified.stdout
+
+
+async def test_api_keys_from_the_cli_work_until_revoked(node: Any) -> None:
+    created = cli(node, "keys", "create", "--principal", "ci-bot", "--role", "analyst")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("ck_")
+    listed = cli(node, "keys", "list")
+    assert "ci-bot" in listed.stdout and key not in listed.stdout, "listing never shows secrets"
+
+    async with as_principal(node.url, key) as bot:
+        assert text_of(await bot.call_tool("fx__echo", {"message": "key"})) == "Echo: key"
+
+    key_id = key.split("_")[1]
+    revoked = cli(node, "keys", "revoke", key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    time.sleep(2.2)
+    status, _, body = http_post(node.url, key)
+    assert status == 401 and "revoked" in body, body
+
+
+async def test_a_broken_policy_file_keeps_the_old_policy(node: Any) -> None:
+    policy = Path(node.directory) / "policy.toml"
+    good = policy.read_text()
+    try:
+        policy.write_text('[[rules]]\nname = "broken"\neffect = "allow"\nwhen = "principal.id =="\n')
+        deadline = time.monotonic() + 15
+        while "policy file refused" not in node.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "policy file refused" in node.log_path.read_text()
+        async with as_principal(node.url, token_for("alice", ["analyst"])) as analyst:
+            assert text_of(await analyst.call_tool("fx__echo", {"message": "still"})) == "Echo: still"
+            assert "fx__slow" not in await tool_names(analyst)
+    finally:
+        policy.write_text(good)
