@@ -121,6 +121,12 @@ secret = "{SECRET}"
 
 [policy]
 file = "policy.toml"
+
+[limits.tools]
+"fx__slow" = {{ per_second = 0.2, burst = 1 }}
+
+[audit]
+record_arguments = true
 """
     node = concord.start(
         "governance",
@@ -273,3 +279,40 @@ async def test_a_broken_policy_file_keeps_the_old_policy(node: Any) -> None:
             assert "fx__slow" not in await tool_names(analyst)
     finally:
         policy.write_text(good)
+
+
+async def test_a_tool_over_its_rate_limit_is_refused_with_a_retry_time(node: Any) -> None:
+    async with as_principal(node.url, token_for("rate-tester", ["admin"])) as admin:
+        assert "done" in text_of(await admin.call_tool("fx__slow", {"steps": 1}))
+        with pytest.raises(MCPError) as limited:
+            await admin.call_tool("fx__slow", {"steps": 1})
+        assert limited.value.error.code == -32029
+        assert "rate limit exceeded (tool fx__slow for principal rate-tester)" in limited.value.error.message
+        assert 0 < limited.value.error.data["retry_after_ms"] <= 5000
+        # Other tools are not affected.
+        assert text_of(await admin.call_tool("fx__echo", {"message": "x"})) == "Echo: x"
+
+
+async def test_tool_calls_are_audited_with_redacted_arguments(node: Any) -> None:
+    async with as_principal(node.url, token_for("auditor", ["admin"])) as admin:
+        await admin.call_tool("fx__echo", {"message": "audit me", "api_token": "s3cr3t-value"})
+        await admin.call_tool("concord__state_put", {"key": "notes/audited", "base_version": 0, "value": 1})
+        await admin.call_tool("concord__state_put", {"key": "notes/audited", "base_version": 0, "value": 2})
+    deadline = time.monotonic() + 10
+    while True:
+        exported = cli(node, "audit", "export")
+        entries = [json.loads(line) for line in exported.stdout.splitlines()]
+        calls = [e for e in entries if e["kind"] == "tool_call" and e["principal"] == "auditor"]
+        commits = [e for e in entries if e["kind"] == "state_commit" and e["principal"] == "auditor"]
+        conflicts = [e for e in entries if e["kind"] == "state_conflict" and e["principal"] == "auditor"]
+        if (calls and commits and conflicts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert calls, entries[-5:]
+    call = calls[0]["data"]
+    assert call["tool"] == "echo" and call["server"] == "fx" and call["outcome"] == "ok"
+    assert call["arguments"] == {"message": "audit me", "api_token": "***"}
+    assert call["response_bytes"] > 0 and call["request_bytes"] > 0
+    assert "s3cr3t-value" not in exported.stdout
+    assert commits and commits[0]["data"]["versions"] == {"notes/audited": 1}
+    assert conflicts and conflicts[0]["data"]["keys"][0]["current_version"] == 1

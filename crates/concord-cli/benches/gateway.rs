@@ -60,10 +60,17 @@ struct Session {
     url: String,
     id: Option<String>,
     next_id: Arc<AtomicU64>,
+    authorization: Option<String>,
 }
 
 impl Session {
     async fn open(url: &str) -> Session {
+        Self::open_as(url, None).await
+    }
+
+    /// A session presenting `token` as a bearer token on every request.
+    async fn open_as(url: &str, token: Option<&str>) -> Session {
+        let authorization = token.map(|t| format!("Bearer {t}"));
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .build()
@@ -71,10 +78,14 @@ impl Session {
         let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
             "protocolVersion": "2025-11-25", "capabilities": {},
             "clientInfo": {"name": "concord-bench", "version": "1"}}});
-        let response = client
+        let mut request = client
             .post(url)
             .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
+            .header("accept", "application/json, text/event-stream");
+        if let Some(authorization) = &authorization {
+            request = request.header("authorization", authorization);
+        }
+        let response = request
             .body(init.to_string())
             .send()
             .await
@@ -89,6 +100,7 @@ impl Session {
             url: url.to_string(),
             id,
             next_id: Arc::new(AtomicU64::new(1)),
+            authorization,
         };
         session
             .post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
@@ -105,6 +117,9 @@ impl Session {
             .header("mcp-protocol-version", "2025-11-25");
         if let Some(id) = &self.id {
             request = request.header("mcp-session-id", id);
+        }
+        if let Some(authorization) = &self.authorization {
+            request = request.header("authorization", authorization);
         }
         request
             .body(body.to_string())
@@ -233,6 +248,25 @@ async fn wait_ready(port: u16) {
     panic!("node on {port} did not become ready");
 }
 
+const BENCH_SECRET: &str = "bench-secret-bench-secret-bench-secret";
+
+/// An HS256 JWT for the governed node, valid for an hour.
+fn bench_token() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("bench".into());
+    jsonwebtoken::encode(
+        &header,
+        &json!({"sub": "bench-user", "roles": ["bench"], "iss": "https://idp.bench",
+                "aud": "concord", "exp": now + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(BENCH_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
 #[tokio::main]
 async fn main() {
     let seconds: u64 = std::env::var("BENCH_SECONDS")
@@ -324,6 +358,61 @@ async fn main() {
             report.push_str(&line);
         }
     }
+
+    // Governance overhead: the same node configuration with authentication (a JWT verified on
+    // every request), the policy engine (three rules) and the audit trail on, in front of the
+    // fast upstream where the gateway's own cost shows, against the node above (auth off).
+    let auth_dir = dir.path().join("auth");
+    std::fs::create_dir_all(&auth_dir).unwrap();
+    let auth_port = concord_testkit::free_port();
+    let auth_node = start_node(
+        &format!(
+            "[auth]\nenabled = true\nissuer = \"https://idp.bench\"\naudience = \"concord\"\n\
+             [[auth.keys]]\nkid = \"bench\"\nalgorithm = \"HS256\"\nsecret = \"{BENCH_SECRET}\"\n\
+             [policy]\n\
+             [[policy.rules]]\nname = \"no-secrets\"\neffect = \"deny\"\nwhen = 'has(arguments.path) && arguments.path.startsWith(\"/secrets\")'\n\
+             [[policy.rules]]\nname = \"bench-echo\"\neffect = \"allow\"\nwhen = '\"bench\" in principal.roles && tool == \"fixture__echo\"'\n\
+             [[policy.rules]]\nname = \"admins\"\neffect = \"allow\"\nwhen = '\"admin\" in principal.roles'\n\
+             [servers.fixture]\nurl = \"{fixture_url}\"\n"
+        ),
+        &auth_dir,
+        auth_port,
+    );
+    wait_ready(auth_port).await;
+    let auth_pid = auth_node.0.id();
+    let token = bench_token();
+    let plain = Session::open(&node_url).await;
+    let governed =
+        Session::open_as(&format!("http://127.0.0.1:{auth_port}/mcp"), Some(&token)).await;
+    report.push_str(
+        "\nGovernance overhead (auth + policy + audit on vs off), concord-fixture upstream:\n\n",
+    );
+    report.push_str("| c | auth off req/s | auth on req/s | on/off | off p50 / p99 ms | on p50 / p99 ms | added p50 ms | CPU ms/req off / on |\n");
+    report.push_str("|---|---|---|---|---|---|---|---|\n");
+    for concurrency in [1usize, 16, 64] {
+        let cpu_before = cpu_seconds(node_pid);
+        let off = measure(&plain, "fixture__echo", concurrency, duration).await;
+        let cpu_off = (cpu_seconds(node_pid) - cpu_before) * 1000.0 / off.requests as f64;
+        let cpu_before = cpu_seconds(auth_pid);
+        let on = measure(&governed, "fixture__echo", concurrency, duration).await;
+        let cpu_on = (cpu_seconds(auth_pid) - cpu_before) * 1000.0 / on.requests as f64;
+        let line = format!(
+            "| {concurrency} | {:.0} | {:.0} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} | {:+.3} | {:.3} / {:.3} |\n",
+            off.rps(),
+            on.rps(),
+            on.rps() / off.rps(),
+            off.p50_ms,
+            off.p99_ms,
+            on.p50_ms,
+            on.p99_ms,
+            on.p50_ms - off.p50_ms,
+            cpu_off,
+            cpu_on,
+        );
+        eprint!("{line}");
+        report.push_str(&line);
+    }
+    drop(auth_node);
     drop(node);
 
     // Idle RSS: a node with three stdio upstreams, after it settles.

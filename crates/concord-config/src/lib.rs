@@ -41,6 +41,8 @@ pub struct Config {
     pub state: StateSettings,
     pub auth: AuthSettings,
     pub policy: PolicySettings,
+    pub limits: LimitSettings,
+    pub audit: AuditSettings,
     /// Upstream servers, sorted by name.
     pub servers: Vec<ServerSpec>,
 }
@@ -97,6 +99,49 @@ pub struct StaticKey {
     pub secret: Option<String>,
     /// PEM public key (RS256, ES256, EdDSA).
     pub public_key_pem: Option<String>,
+}
+
+/// Rate limits (the `[limits]` table), enforced per principal with auth on.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LimitSettings {
+    /// Every principal's tool calls.
+    pub per_principal: Option<Rate>,
+    /// One tool's calls, per principal (keys: tool names as exposed).
+    pub per_tool: BTreeMap<String, Rate>,
+}
+
+/// A token bucket: `per_second` refill, at most `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// What the audit trail records (the `[audit]` table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditSettings {
+    /// Record tool-call arguments (after redaction). Off by default.
+    pub record_arguments: bool,
+    /// Argument keys whose values are replaced by `"***"` (case-insensitive substring match).
+    pub redact: Vec<String>,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            record_arguments: false,
+            redact: [
+                "password",
+                "secret",
+                "token",
+                "key",
+                "authorization",
+                "cookie",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
 }
 
 /// Authorization rules (the `[policy]` table and the file it names).

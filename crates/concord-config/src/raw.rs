@@ -8,9 +8,9 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::{
-    AuthSettings, Config, ConfigError, Effect, NAMESPACE_SEPARATOR, NodeSettings, PolicyRule,
-    PolicySettings, PrefixMode, RESERVED_SERVER_NAMES, ServerSpec, StateSettings, StaticKey,
-    TransportSpec, expand_vars, parse_duration,
+    AuditSettings, AuthSettings, Config, ConfigError, Effect, LimitSettings, NAMESPACE_SEPARATOR,
+    NodeSettings, PolicyRule, PolicySettings, PrefixMode, RESERVED_SERVER_NAMES, Rate, ServerSpec,
+    StateSettings, StaticKey, TransportSpec, expand_vars, parse_duration,
 };
 
 type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -27,7 +27,86 @@ pub(crate) struct TomlFile {
     #[serde(default)]
     policy: RawPolicy,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
     servers: BTreeMap<String, TomlServer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    per_principal: Option<RawRate>,
+    #[serde(default)]
+    tools: BTreeMap<String, RawRate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    per_second: f64,
+    burst: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    #[serde(default)]
+    record_arguments: bool,
+    redact: Option<Vec<String>>,
+}
+
+impl RawRate {
+    fn into_rate(self, file: &Path, key: &str) -> Result<Rate, ConfigError> {
+        if !(self.per_second > 0.0 && self.per_second.is_finite()) {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{key}.per_second"),
+                format!("expected a positive number, got {}", self.per_second),
+            ));
+        }
+        let burst = self.burst.unwrap_or(self.per_second.ceil().max(1.0) as u32);
+        if burst == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{key}.burst"),
+                "expected at least 1",
+            ));
+        }
+        Ok(Rate {
+            per_second: self.per_second,
+            burst,
+        })
+    }
+}
+
+impl RawLimits {
+    fn into_settings(self, file: &Path) -> Result<LimitSettings, ConfigError> {
+        let per_principal = self
+            .per_principal
+            .map(|r| r.into_rate(file, "limits.per_principal"))
+            .transpose()?;
+        let mut per_tool = BTreeMap::new();
+        for (tool, rate) in self.tools {
+            let key = format!("limits.tools.{tool}");
+            per_tool.insert(tool, rate.into_rate(file, &key)?);
+        }
+        Ok(LimitSettings {
+            per_principal,
+            per_tool,
+        })
+    }
+}
+
+impl RawAudit {
+    fn into_settings(self) -> AuditSettings {
+        let defaults = AuditSettings::default();
+        AuditSettings {
+            record_arguments: self.record_arguments,
+            redact: self.redact.unwrap_or(defaults.redact),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -495,6 +574,8 @@ impl TomlFile {
         let state = self.state.into_settings(file, lookup)?;
         let auth = self.auth.into_settings(file, base_dir, lookup)?;
         let policy = self.policy.into_settings(file, base_dir)?;
+        let limits = self.limits.into_settings(file)?;
+        let audit = self.audit.into_settings();
         let mut servers = Vec::new();
         for (name, raw) in self.servers {
             if !raw.enabled {
@@ -526,6 +607,8 @@ impl TomlFile {
             state,
             auth,
             policy,
+            limits,
+            audit,
             servers,
         })
     }
@@ -571,6 +654,8 @@ impl JsonFile {
             state: StateSettings::default(),
             auth: AuthSettings::default(),
             policy: PolicySettings::default(),
+            limits: LimitSettings::default(),
+            audit: AuditSettings::default(),
             servers,
         })
     }

@@ -250,3 +250,54 @@ fn state_table_with_policies_and_schemas() {
     let err = toml("[state]\nstor = \"x\"\n").unwrap_err();
     assert!(err.to_string().contains("unknown field `stor`"), "{err}");
 }
+
+#[test]
+fn auth_policy_limits_and_audit_tables() {
+    let config = toml(
+        r#"
+        [auth]
+        enabled = true
+        issuer = "https://idp"
+        audience = "concord"
+        leeway = "10s"
+        [[auth.keys]]
+        kid = "k"
+        algorithm = "HS256"
+        secret = "${HOME_DIR}"
+
+        [policy]
+        file = "policy.toml"
+        [[policy.rules]]
+        name = "all"
+        effect = "allow"
+
+        [limits]
+        per_principal = { per_second = 5, burst = 10 }
+        [limits.tools]
+        "fx__slow" = { per_second = 0.5 }
+
+        [audit]
+        record_arguments = true
+        "#,
+    )
+    .unwrap();
+    assert!(config.auth.enabled);
+    assert_eq!(config.auth.leeway, Duration::from_secs(10));
+    assert_eq!(config.auth.keys[0].secret.as_deref(), Some("/home/u"));
+    assert_eq!(config.policy.rules[0].when, "true");
+    assert_eq!(
+        config.policy.file.as_deref(),
+        Some(Path::new("/etc/concord/policy.toml"))
+    );
+    assert_eq!(config.limits.per_principal.unwrap().burst, 10);
+    assert_eq!(config.limits.per_tool["fx__slow"].burst, 1);
+    assert!(config.audit.record_arguments);
+    assert!(config.audit.redact.iter().any(|w| w == "token"));
+
+    let err = toml("[limits.per_principal]\nper_second = 0\n").unwrap_err();
+    assert_eq!(err.key(), Some("limits.per_principal.per_second"), "{err}");
+    let err = toml("[[policy.rules]]\nname = \"x\"\neffect = \"maybe\"\n").unwrap_err();
+    assert_eq!(err.key(), Some("policy.rules[0].effect"), "{err}");
+    let err = toml("[[auth.keys]]\nalgorithm = \"RS256\"\nsecret = \"s\"\n").unwrap_err();
+    assert_eq!(err.key(), Some("auth.keys[0].public_key"), "{err}");
+}

@@ -7,6 +7,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod identity;
 pub mod jwt;
+pub mod limits;
 pub mod policy;
 
 use std::time::{SystemTime, UNIX_EPOCH};

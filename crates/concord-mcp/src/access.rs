@@ -33,10 +33,42 @@ pub struct AccessRequest<'a> {
     pub listing: bool,
 }
 
+/// A permitted request that may not run now (a rate limit), with when to try again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Throttled {
+    pub message: String,
+    pub retry_after_ms: u64,
+}
+
+/// How a tool call went, for the audit trail.
+#[derive(Debug, Clone)]
+pub struct CallOutcome<'a> {
+    pub server: &'a str,
+    pub tool: &'a str,
+    /// `ok`, `tool_error` or `error`.
+    pub outcome: &'a str,
+    pub duration_ms: u64,
+    pub request_bytes: usize,
+    pub response_bytes: usize,
+    pub arguments: Option<&'a JsonObject>,
+}
+
 /// Decides whether `identity` may do `request`. Installed by the node when authentication is
 /// on; without it everything is allowed (auth off, loopback only).
 pub trait AccessControl: Send + Sync + 'static {
     fn allows(&self, identity: Option<&Identity>, request: &AccessRequest<'_>) -> bool;
+
+    /// Called for a permitted tool call before it runs: `Err` refuses it for now.
+    fn admit(
+        &self,
+        _identity: Option<&Identity>,
+        _request: &AccessRequest<'_>,
+    ) -> Result<(), Throttled> {
+        Ok(())
+    }
+
+    /// Called after every permitted tool call.
+    fn record(&self, _identity: Option<&Identity>, _outcome: &CallOutcome<'_>) {}
 }
 
 /// The identity the node attached to the HTTP request carrying this MCP request.

@@ -120,6 +120,8 @@ pub async fn run_stdio_bridge(url: &str, token: Option<&str>) -> Result<(), crat
         state: Default::default(),
         auth: Default::default(),
         policy: Default::default(),
+        limits: Default::default(),
+        audit: Default::default(),
         servers: vec![ServerSpec {
             name: "node".to_string(),
             transport: TransportSpec::StreamableHttp {

@@ -70,6 +70,8 @@ pub async fn run_client(scenario: &str, url: &str) -> Result<(), GatewayError> {
         state: Default::default(),
         auth: Default::default(),
         policy: Default::default(),
+        limits: Default::default(),
+        audit: Default::default(),
         servers: vec![ServerSpec {
             name: "server".to_string(),
             transport: TransportSpec::StreamableHttp {

@@ -15,6 +15,8 @@ pub mod codes {
     pub const UPSTREAM_TIMEOUT: i32 = -32011;
     /// The connection to the upstream broke while it was serving the request.
     pub const UPSTREAM_CONNECTION_LOST: i32 = -32012;
+    /// A rate limit refused the call for now; `data.retry_after_ms` says when to try again.
+    pub const RATE_LIMITED: i32 = -32029;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,7 @@ use rmcp::service::{
 };
 use tracing::Instrument;
 
-use crate::access::{AccessRequest, identity_of};
+use crate::access::{AccessRequest, CallOutcome, identity_of};
 use crate::builtin::{BUILTIN_NAMESPACE, BuiltinTools, Caller};
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
@@ -730,6 +730,27 @@ impl ServerHandler for GatewaySession {
             self.observe("tools/call", "", false);
             return Err(GatewayError::UnknownTool(params.name.to_string()).into());
         }
+        let identity = identity_of(&context);
+        let governed = self.shared.options.access.clone();
+        let mut audited_arguments = None;
+        if let Some(access) = &governed {
+            let request = AccessRequest {
+                method: "tools/call",
+                server: &route.server,
+                name: &params.name,
+                arguments: params.arguments.as_ref(),
+                listing: false,
+            };
+            if let Err(throttled) = access.admit(identity.as_ref(), &request) {
+                self.observe("tools/call", &route.server, false);
+                return Err(McpError::new(
+                    ErrorCode(crate::codes::RATE_LIMITED),
+                    throttled.message,
+                    Some(serde_json::json!({"retry_after_ms": throttled.retry_after_ms})),
+                ));
+            }
+            audited_arguments = params.arguments.clone();
+        }
         if let Some(builtins) = self.shared.builtins.clone()
             && route.server == self.shared.builtin_name
         {
@@ -804,6 +825,37 @@ impl ServerHandler for GatewaySession {
         span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
         if let Err(e) = &response {
             tracing::warn!(parent: &span, error = %e, "tool call failed");
+        }
+        if let Some(access) = &governed {
+            let response_bytes = match &response {
+                Ok(CallToolResponse::Complete(result)) => {
+                    serde_json::to_vec(result).map_or(0, |b| b.len())
+                }
+                Ok(CallToolResponse::InputRequired(input)) => {
+                    serde_json::to_vec(input).map_or(0, |b| b.len())
+                }
+                Ok(_) | Err(_) => 0,
+            };
+            let request_bytes = audited_arguments
+                .as_ref()
+                .and_then(|a| serde_json::to_vec(a).ok())
+                .map_or(0, |b| b.len());
+            access.record(
+                identity.as_ref(),
+                &CallOutcome {
+                    server: &route.server,
+                    tool: &route.name,
+                    outcome: match outcome {
+                        Outcome::Ok => "ok",
+                        Outcome::ToolError => "tool_error",
+                        Outcome::Error => "error",
+                    },
+                    duration_ms: elapsed.as_millis() as u64,
+                    request_bytes,
+                    response_bytes,
+                    arguments: audited_arguments.as_ref(),
+                },
+            );
         }
         self.shared
             .metrics

@@ -234,6 +234,8 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
         state: Default::default(),
         auth: Default::default(),
         policy: Default::default(),
+        limits: Default::default(),
+        audit: Default::default(),
         servers: vec![
             ServerSpec {
                 name: "legacy".into(),

@@ -11,10 +11,11 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use concord_config::Config;
+use concord_governance::limits::RateLimiter;
 use concord_governance::{
     Action, AuditLog, AuthError, Authenticator, PolicyEngine, Principal, Reload,
 };
-use concord_mcp::{AccessControl, AccessRequest, Identity};
+use concord_mcp::{AccessControl, AccessRequest, CallOutcome, Identity, Throttled};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +27,8 @@ pub(crate) struct Governance {
     pub policy: Arc<PolicyEngine>,
     pub audit: AuditLog,
     pub settings: concord_config::AuthSettings,
+    pub limits: RateLimiter,
+    pub audit_settings: concord_config::AuditSettings,
 }
 
 impl Governance {
@@ -45,6 +48,8 @@ impl Governance {
             policy: Arc::new(policy),
             audit,
             settings: config.auth.clone(),
+            limits: RateLimiter::new(config.limits.clone()),
+            audit_settings: config.audit.clone(),
         })
     }
 
@@ -136,6 +141,83 @@ impl AccessControl for PolicyAccess {
             );
         }
         decision.allowed()
+    }
+
+    fn admit(
+        &self,
+        identity: Option<&Identity>,
+        request: &AccessRequest<'_>,
+    ) -> Result<(), Throttled> {
+        let principal = identity.map_or("-", |i| i.principal.as_str());
+        self.0
+            .limits
+            .admit(principal, request.name)
+            .map_err(|limited| {
+                self.0.audit.record(
+                    "rate_limited",
+                    principal,
+                    json!({"tool": request.name, "scope": limited.scope, "retry_after_ms": limited.retry_after_ms}),
+                );
+                Throttled {
+                    message: format!(
+                        "rate limit exceeded ({}); retry after {} ms",
+                        limited.scope, limited.retry_after_ms
+                    ),
+                    retry_after_ms: limited.retry_after_ms,
+                }
+            })
+    }
+
+    fn record(&self, identity: Option<&Identity>, outcome: &CallOutcome<'_>) {
+        let mut data = json!({
+            "server": outcome.server,
+            "tool": outcome.tool,
+            "outcome": outcome.outcome,
+            "duration_ms": outcome.duration_ms,
+            "request_bytes": outcome.request_bytes,
+            "response_bytes": outcome.response_bytes,
+        });
+        if self.0.audit_settings.record_arguments
+            && let Some(arguments) = outcome.arguments
+        {
+            data["arguments"] = redact(
+                &serde_json::Value::Object(arguments.clone()),
+                &self.0.audit_settings.redact,
+            );
+        }
+        if let Some(identity) = identity {
+            data["chain"] = json!(identity.chain);
+        }
+        self.0.audit.record(
+            "tool_call",
+            identity.map_or("-", |i| i.principal.as_str()),
+            data,
+        );
+    }
+}
+
+/// Replaces the values of keys that look secret, at any depth.
+pub(crate) fn redact(value: &serde_json::Value, secret_words: &[String]) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => serde_json::Value::Object(
+            map.iter()
+                .map(|(key, v)| {
+                    let lower = key.to_ascii_lowercase();
+                    if secret_words
+                        .iter()
+                        .any(|w| lower.contains(&w.to_ascii_lowercase()))
+                    {
+                        (key.clone(), json!("***"))
+                    } else {
+                        (key.clone(), redact(v, secret_words))
+                    }
+                })
+                .collect(),
+        ),
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(|v| redact(v, secret_words)).collect())
+        }
+        other => other.clone(),
     }
 }
 

@@ -100,15 +100,7 @@ pub async fn put_key(
         }
     };
     let principal = principal.map(|axum::Extension(p)| p);
-    let operations = ops
-        .iter()
-        .map(|op| {
-            serde_json::to_value(op)
-                .ok()
-                .and_then(|v| v["op"].as_str().map(str::to_string))
-                .unwrap_or_default()
-        })
-        .collect();
+    let operations = crate::state_tools::op_names(&ops);
     if let Err(reason) = crate::state_tools::check_write(
         rest.governance.as_deref(),
         principal.as_ref(),

@@ -24,23 +24,23 @@ impl StateTools {
     }
 }
 
+/// The names of operations (`set`, `merge_patch`, …), as policy rules see them.
+pub(crate) fn op_names(ops: &[Op]) -> Vec<String> {
+    ops.iter()
+        .map(|op| {
+            serde_json::to_value(op)
+                .ok()
+                .and_then(|v| v["op"].as_str().map(str::to_string))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 /// The keys and operation names of a write, for the policy engine.
 fn write_targets(changes: &[Change]) -> Vec<(String, Vec<String>)> {
     changes
         .iter()
-        .map(|change| {
-            let ops = change
-                .ops
-                .iter()
-                .map(|op| {
-                    serde_json::to_value(op)
-                        .ok()
-                        .and_then(|v| v["op"].as_str().map(str::to_string))
-                        .unwrap_or_default()
-                })
-                .collect();
-            (change.key.clone(), ops)
-        })
+        .map(|change| (change.key.clone(), op_names(&change.ops)))
         .collect()
 }
 
@@ -63,6 +63,30 @@ pub(crate) fn check_write(
         }
     }
     Ok(())
+}
+
+/// With auth on, a commit and a conflict go on the audit trail.
+fn audit_write(
+    governance: Option<&Governance>,
+    principal: &str,
+    result: &Result<concord_state::CommitResult, StateError>,
+) {
+    let Some(governance) = governance else {
+        return;
+    };
+    match result {
+        Ok(committed) => governance.audit.record(
+            "state_commit",
+            principal,
+            json!({"seq": committed.seq, "versions": committed.versions, "proposal_id": committed.proposal_id, "replayed": committed.replayed}),
+        ),
+        Err(StateError::Conflict(conflicts)) => governance.audit.record(
+            "state_conflict",
+            principal,
+            json!({"keys": conflicts.iter().map(|c| json!({"key": c.key, "base_version": c.base_version, "current_version": c.current_version})).collect::<Vec<_>>()}),
+        ),
+        Err(_) => {}
+    }
 }
 
 fn forbidden(reason: String) -> BuiltinOutcome {
@@ -369,7 +393,9 @@ impl BuiltinTools for StateTools {
                     "state_commit" => {
                         let id: String = arg(&arguments, "proposal_id")?;
                         let idempotency = optional(&arguments, "idempotency_key")?;
-                        match state.commit(&id, idempotency, &author).await {
+                        let result = state.commit(&id, idempotency, &author).await;
+                        audit_write(governance.as_deref(), &author.principal, &result);
+                        match result {
                             Ok(result) => ok(serde_json::to_value(result).unwrap_or_default()),
                             Err(e) => refused(e),
                         }
@@ -380,7 +406,9 @@ impl BuiltinTools for StateTools {
                             return Ok(forbidden(reason));
                         }
                         let idempotency = optional(&arguments, "idempotency_key")?;
-                        match state.put(changes, idempotency, &author).await {
+                        let result = state.put(changes, idempotency, &author).await;
+                        audit_write(governance.as_deref(), &author.principal, &result);
+                        match result {
                             Ok(result) => ok(serde_json::to_value(result).unwrap_or_default()),
                             Err(e) => refused(e),
                         }
