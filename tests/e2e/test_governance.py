@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import anyio
 import pytest
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
@@ -123,7 +124,16 @@ secret = "{SECRET}"
 file = "policy.toml"
 
 [limits.tools]
-"fx__slow" = {{ per_second = 0.2, burst = 1 }}
+"fx__log" = {{ per_second = 0.2, burst = 1 }}
+
+[budgets]
+warn_at = 0.5
+[budgets.default]
+tool_calls = 1000
+[budgets.principals.budgeted]
+tool_calls = 5
+[budgets.principals.warned]
+tool_calls = 4
 
 [audit]
 record_arguments = true
@@ -283,11 +293,11 @@ async def test_a_broken_policy_file_keeps_the_old_policy(node: Any) -> None:
 
 async def test_a_tool_over_its_rate_limit_is_refused_with_a_retry_time(node: Any) -> None:
     async with as_principal(node.url, token_for("rate-tester", ["admin"])) as admin:
-        assert "done" in text_of(await admin.call_tool("fx__slow", {"steps": 1}))
+        assert text_of(await admin.call_tool("fx__log", {"message": "one"})) == "logged"
         with pytest.raises(MCPError) as limited:
-            await admin.call_tool("fx__slow", {"steps": 1})
+            await admin.call_tool("fx__log", {"message": "two"})
         assert limited.value.error.code == -32029
-        assert "rate limit exceeded (tool fx__slow for principal rate-tester)" in limited.value.error.message
+        assert "rate limit exceeded (tool fx__log for principal rate-tester)" in limited.value.error.message
         assert 0 < limited.value.error.data["retry_after_ms"] <= 5000
         # Other tools are not affected.
         assert text_of(await admin.call_tool("fx__echo", {"message": "x"})) == "Echo: x"
@@ -316,3 +326,82 @@ async def test_tool_calls_are_audited_with_redacted_arguments(node: Any) -> None
     assert "s3cr3t-value" not in exported.stdout
     assert commits and commits[0]["data"]["versions"] == {"notes/audited": 1}
     assert conflicts and conflicts[0]["data"]["keys"][0]["current_version"] == 1
+
+
+async def test_ten_concurrent_calls_against_a_budget_of_five(node: Any) -> None:
+    outcomes: list[tuple[str, Any]] = []
+    async with as_principal(node.url, token_for("budgeted", ["admin"])) as client:
+
+        async def one() -> None:
+            try:
+                result = await client.call_tool("fx__slow", {"steps": 3})
+                outcomes.append(("ok", text_of(result)))
+            except MCPError as refused:
+                outcomes.append(("refused", refused.error))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(10):
+                group.start_soon(one)
+    done = [o for o in outcomes if o[0] == "ok"]
+    refused = [o[1] for o in outcomes if o[0] == "refused"]
+    assert len(done) == 5 and len(refused) == 5, outcomes
+    for error in refused:
+        assert error.code == -32030
+        assert "tool_calls budget exhausted: the standing budget of budgeted" in error.message, error.message
+
+
+async def test_a_three_level_chain_cannot_overspend_its_root(node: Any) -> None:
+    async with as_principal(node.url, token_for("chain-user", ["admin"])) as client:
+        # The root call asks for an envelope of 3 tool calls for whatever runs on its behalf.
+        root = await client.call_tool("fx__echo", {"message": "root"}, meta={"concord/budget": {"tool_calls": 3}})
+        child_envelope = root.meta["received"]["concord/budget"]
+        assert child_envelope["depth"] == 1 and child_envelope["remaining"]["tool_calls"] == 3
+        # The child (an agent acting for the root call) asks its own sub-agent for more than
+        # the root allows: the envelope is carved from the root's remainder.
+        child = await client.call_tool(
+            "fx__echo", {"message": "child"}, meta={"concord/budget": {"parent": child_envelope["id"], "tool_calls": 10}}
+        )
+        grandchild_envelope = child.meta["received"]["concord/budget"]
+        assert grandchild_envelope["depth"] == 2
+        assert grandchild_envelope["remaining"]["tool_calls"] == 2, grandchild_envelope
+        # The grandchild spends until the root's envelope is gone.
+        spent = 0
+        refusal = None
+        for _ in range(6):
+            try:
+                await client.call_tool(
+                    "fx__echo", {"message": "leaf"}, meta={"concord/budget": {"parent": grandchild_envelope["id"]}}
+                )
+                spent += 1
+            except MCPError as error:
+                refusal = error
+                break
+        assert spent == 2, spent
+        assert refusal is not None and refusal.error.code == -32030
+        assert f"the budget of call {child_envelope['id']} allows 3 tool calls" in refusal.error.message
+
+
+async def test_a_deadline_that_passes_mid_call_cancels_the_upstream_call(node: Any) -> None:
+    async with as_principal(node.url, token_for("in-a-hurry", ["admin"])) as client:
+        started = time.monotonic()
+        with pytest.raises(MCPError) as expired:
+            await client.call_tool("fx__slow", {"steps": 50}, meta={"concord/budget": {"deadline_ms": 400}})
+        assert expired.value.error.code == -32030
+        assert "deadline passed" in expired.value.error.message
+        assert time.monotonic() - started < 4, "the call ended at its deadline, not after 5 s of work"
+        deadline = time.monotonic() + 10
+        while True:
+            stats = (await client.call_tool("fx__stats", {})).structured_content
+            if stats["cancelled"] or time.monotonic() > deadline:
+                break
+            await anyio.sleep(0.1)
+        assert stats["cancelled"], "the upstream call was cancelled"
+
+
+async def test_past_the_warning_threshold_the_result_says_so(node: Any) -> None:
+    async with as_principal(node.url, token_for("warned", ["admin"])) as client:
+        first = await client.call_tool("fx__echo", {"message": "1"})
+        report = first.meta["concord/budget"]
+        assert report["remaining"]["tool_calls"] == 3 and "warning" not in report, report
+        second = await client.call_tool("fx__echo", {"message": "2"})
+        assert "the standing budget of warned is 50% spent" in second.meta["concord/budget"]["warning"]

@@ -360,8 +360,9 @@ async fn main() {
     }
 
     // Governance overhead: the same node configuration with authentication (a JWT verified on
-    // every request), the policy engine (three rules) and the audit trail on, in front of the
-    // fast upstream where the gateway's own cost shows, against the node above (auth off).
+    // every request), the policy engine (three rules), a standing budget with a deadline (a
+    // reservation and settlement per call) and the audit trail on, in front of the fast
+    // upstream where the gateway's own cost shows, against the node above (auth off).
     let auth_dir = dir.path().join("auth");
     std::fs::create_dir_all(&auth_dir).unwrap();
     let auth_port = concord_testkit::free_port();
@@ -373,6 +374,7 @@ async fn main() {
              [[policy.rules]]\nname = \"no-secrets\"\neffect = \"deny\"\nwhen = 'has(arguments.path) && arguments.path.startsWith(\"/secrets\")'\n\
              [[policy.rules]]\nname = \"bench-echo\"\neffect = \"allow\"\nwhen = '\"bench\" in principal.roles && tool == \"fixture__echo\"'\n\
              [[policy.rules]]\nname = \"admins\"\neffect = \"allow\"\nwhen = '\"admin\" in principal.roles'\n\
+             [budgets.default]\ntool_calls = 100000000\ndeadline = \"1h\"\n\
              [servers.fixture]\nurl = \"{fixture_url}\"\n"
         ),
         &auth_dir,
@@ -385,7 +387,7 @@ async fn main() {
     let governed =
         Session::open_as(&format!("http://127.0.0.1:{auth_port}/mcp"), Some(&token)).await;
     report.push_str(
-        "\nGovernance overhead (auth + policy + audit on vs off), concord-fixture upstream:\n\n",
+        "\nGovernance overhead (auth + policy + budget + audit on vs off), concord-fixture upstream:\n\n",
     );
     report.push_str("| c | auth off req/s | auth on req/s | on/off | off p50 / p99 ms | on p50 / p99 ms | added p50 ms | CPU ms/req off / on |\n");
     report.push_str("|---|---|---|---|---|---|---|---|\n");

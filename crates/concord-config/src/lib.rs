@@ -43,6 +43,7 @@ pub struct Config {
     pub policy: PolicySettings,
     pub limits: LimitSettings,
     pub audit: AuditSettings,
+    pub budgets: BudgetSettings,
     /// Upstream servers, sorted by name.
     pub servers: Vec<ServerSpec>,
 }
@@ -115,6 +116,41 @@ pub struct LimitSettings {
 pub struct Rate {
     pub per_second: f64,
     pub burst: u32,
+}
+
+/// Budgets (the `[budgets]` table), enforced with auth on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetSettings {
+    /// Share of a budget after which results carry a warning in `_meta`.
+    pub warn_at: f64,
+    /// How deep a delegation chain may go.
+    pub max_depth: u32,
+    /// Every principal's standing budget, unless a principal or role has its own.
+    pub default: Option<BudgetLimits>,
+    pub roles: BTreeMap<String, BudgetLimits>,
+    pub principals: BTreeMap<String, BudgetLimits>,
+}
+
+impl Default for BudgetSettings {
+    fn default() -> Self {
+        Self {
+            warn_at: 0.8,
+            max_depth: 8,
+            default: None,
+            roles: BTreeMap::new(),
+            principals: BTreeMap::new(),
+        }
+    }
+}
+
+/// One standing budget: limits per `window` (none: forever), and a deadline for each call chain.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BudgetLimits {
+    pub tool_calls: Option<u64>,
+    pub tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub window: Option<Duration>,
+    pub deadline: Option<Duration>,
 }
 
 /// What the audit trail records (the `[audit]` table).

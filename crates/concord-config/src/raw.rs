@@ -8,9 +8,10 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::{
-    AuditSettings, AuthSettings, Config, ConfigError, Effect, LimitSettings, NAMESPACE_SEPARATOR,
-    NodeSettings, PolicyRule, PolicySettings, PrefixMode, RESERVED_SERVER_NAMES, Rate, ServerSpec,
-    StateSettings, StaticKey, TransportSpec, expand_vars, parse_duration,
+    AuditSettings, AuthSettings, BudgetLimits, BudgetSettings, Config, ConfigError, Effect,
+    LimitSettings, NAMESPACE_SEPARATOR, NodeSettings, PolicyRule, PolicySettings, PrefixMode,
+    RESERVED_SERVER_NAMES, Rate, ServerSpec, StateSettings, StaticKey, TransportSpec, expand_vars,
+    parse_duration,
 };
 
 type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -31,7 +32,91 @@ pub(crate) struct TomlFile {
     #[serde(default)]
     audit: RawAudit,
     #[serde(default)]
+    budgets: RawBudgets,
+    #[serde(default)]
     servers: BTreeMap<String, TomlServer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudgets {
+    warn_at: Option<f64>,
+    max_depth: Option<u32>,
+    default: Option<RawBudget>,
+    #[serde(default)]
+    roles: BTreeMap<String, RawBudget>,
+    #[serde(default)]
+    principals: BTreeMap<String, RawBudget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    tool_calls: Option<u64>,
+    tokens: Option<u64>,
+    cost_usd: Option<f64>,
+    window: Option<String>,
+    deadline: Option<String>,
+}
+
+impl RawBudget {
+    fn into_limits(self, file: &Path, key: &str) -> Result<BudgetLimits, ConfigError> {
+        let duration = |field: &str, text: Option<String>| {
+            text.map(|t| {
+                parse_duration(&t)
+                    .map_err(|m| ConfigError::invalid(file, format!("{key}.{field}"), m))
+            })
+            .transpose()
+        };
+        if self.cost_usd.is_some_and(|c| !(c >= 0.0 && c.is_finite())) {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{key}.cost_usd"),
+                "expected a non-negative number",
+            ));
+        }
+        Ok(BudgetLimits {
+            tool_calls: self.tool_calls,
+            tokens: self.tokens,
+            cost_usd: self.cost_usd,
+            window: duration("window", self.window)?,
+            deadline: duration("deadline", self.deadline)?,
+        })
+    }
+}
+
+impl RawBudgets {
+    fn into_settings(self, file: &Path) -> Result<BudgetSettings, ConfigError> {
+        let defaults = BudgetSettings::default();
+        let warn_at = self.warn_at.unwrap_or(defaults.warn_at);
+        if !(warn_at > 0.0 && warn_at <= 1.0) {
+            return Err(ConfigError::invalid(
+                file,
+                "budgets.warn_at",
+                format!("expected a share between 0 and 1, got {warn_at}"),
+            ));
+        }
+        let mut roles = BTreeMap::new();
+        for (role, raw) in self.roles {
+            let key = format!("budgets.roles.{role}");
+            roles.insert(role, raw.into_limits(file, &key)?);
+        }
+        let mut principals = BTreeMap::new();
+        for (principal, raw) in self.principals {
+            let key = format!("budgets.principals.{principal}");
+            principals.insert(principal, raw.into_limits(file, &key)?);
+        }
+        Ok(BudgetSettings {
+            warn_at,
+            max_depth: self.max_depth.unwrap_or(defaults.max_depth),
+            default: self
+                .default
+                .map(|d| d.into_limits(file, "budgets.default"))
+                .transpose()?,
+            roles,
+            principals,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -576,6 +661,7 @@ impl TomlFile {
         let policy = self.policy.into_settings(file, base_dir)?;
         let limits = self.limits.into_settings(file)?;
         let audit = self.audit.into_settings();
+        let budgets = self.budgets.into_settings(file)?;
         let mut servers = Vec::new();
         for (name, raw) in self.servers {
             if !raw.enabled {
@@ -609,6 +695,7 @@ impl TomlFile {
             policy,
             limits,
             audit,
+            budgets,
             servers,
         })
     }
@@ -656,6 +743,7 @@ impl JsonFile {
             policy: PolicySettings::default(),
             limits: LimitSettings::default(),
             audit: AuditSettings::default(),
+            budgets: BudgetSettings::default(),
             servers,
         })
     }

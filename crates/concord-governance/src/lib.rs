@@ -5,6 +5,7 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod budgets;
 pub mod identity;
 pub mod jwt;
 pub mod limits;

@@ -33,11 +33,23 @@ pub struct AccessRequest<'a> {
     pub listing: bool,
 }
 
-/// A permitted request that may not run now (a rate limit), with when to try again.
+/// A permitted request that may not run now: a rate limit (`code` -32029, with
+/// `retry_after_ms` in `data`) or an exhausted budget (-32030).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Throttled {
+    pub code: i32,
     pub message: String,
-    pub retry_after_ms: u64,
+    pub data: Option<serde_json::Value>,
+}
+
+/// What an admitted call carries: `_meta` entries for the upstream request (a child budget
+/// envelope), a deadline that caps the upstream timeout, and state the hook wants back in
+/// [`AccessControl::record`].
+#[derive(Default)]
+pub struct Admission {
+    pub upstream_meta: JsonObject,
+    pub time_left: Option<std::time::Duration>,
+    pub ticket: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// How a tool call went, for the audit trail.
@@ -58,17 +70,28 @@ pub struct CallOutcome<'a> {
 pub trait AccessControl: Send + Sync + 'static {
     fn allows(&self, identity: Option<&Identity>, request: &AccessRequest<'_>) -> bool;
 
-    /// Called for a permitted tool call before it runs: `Err` refuses it for now.
+    /// Called for a permitted tool call before it runs, with the request's `_meta`: `Err`
+    /// refuses it for now.
     fn admit(
         &self,
         _identity: Option<&Identity>,
         _request: &AccessRequest<'_>,
-    ) -> Result<(), Throttled> {
-        Ok(())
+        _meta: &JsonObject,
+    ) -> Result<Admission, Throttled> {
+        Ok(Admission::default())
     }
 
-    /// Called after every permitted tool call.
-    fn record(&self, _identity: Option<&Identity>, _outcome: &CallOutcome<'_>) {}
+    /// Called after every admitted tool call with its admission's ticket and the result's
+    /// `_meta`; returns entries to add to the result's `_meta` (say, what is left of a budget).
+    fn record(
+        &self,
+        _identity: Option<&Identity>,
+        _outcome: &CallOutcome<'_>,
+        _ticket: Option<Box<dyn std::any::Any + Send + Sync>>,
+        _result_meta: Option<&JsonObject>,
+    ) -> JsonObject {
+        JsonObject::new()
+    }
 }
 
 /// The identity the node attached to the HTTP request carrying this MCP request.

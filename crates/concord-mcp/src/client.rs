@@ -122,6 +122,7 @@ pub async fn run_stdio_bridge(url: &str, token: Option<&str>) -> Result<(), crat
         policy: Default::default(),
         limits: Default::default(),
         audit: Default::default(),
+        budgets: Default::default(),
         servers: vec![ServerSpec {
             name: "node".to_string(),
             transport: TransportSpec::StreamableHttp {

@@ -72,6 +72,7 @@ pub async fn run_client(scenario: &str, url: &str) -> Result<(), GatewayError> {
         policy: Default::default(),
         limits: Default::default(),
         audit: Default::default(),
+        budgets: Default::default(),
         servers: vec![ServerSpec {
             name: "server".to_string(),
             transport: TransportSpec::StreamableHttp {

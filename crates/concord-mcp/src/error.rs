@@ -17,12 +17,18 @@ pub mod codes {
     pub const UPSTREAM_CONNECTION_LOST: i32 = -32012;
     /// A rate limit refused the call for now; `data.retry_after_ms` says when to try again.
     pub const RATE_LIMITED: i32 = -32029;
+    /// A budget of the call chain (tool calls, tokens, cost, deadline, depth) is used up.
+    pub const BUDGET_EXHAUSTED: i32 = -32030;
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("unknown tool: {0}")]
     UnknownTool(String),
+    #[error(
+        "budget exhausted: the call chain's deadline passed while server '{server}' was working; the upstream call was cancelled"
+    )]
+    DeadlinePassed { server: String },
     #[error("unknown prompt: {0}")]
     UnknownPrompt(String),
     #[error("unknown resource: {0}")]
@@ -116,6 +122,11 @@ impl From<GatewayError> for McpError {
                 ErrorCode(codes::UPSTREAM_TIMEOUT),
                 message,
                 Some(json!({ "server": server, "timeoutMs": timeout.as_millis() as u64 })),
+            ),
+            GatewayError::DeadlinePassed { server } => McpError::new(
+                ErrorCode(codes::BUDGET_EXHAUSTED),
+                message,
+                Some(json!({ "server": server, "budget": "deadline" })),
             ),
             GatewayError::ConnectionLost { server, .. } => McpError::new(
                 ErrorCode(codes::UPSTREAM_CONNECTION_LOST),

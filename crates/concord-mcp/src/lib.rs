@@ -22,7 +22,7 @@ mod subscriptions;
 mod tap;
 mod upstream;
 
-pub use access::{AccessControl, AccessRequest, CallOutcome, Identity, Throttled};
+pub use access::{AccessControl, AccessRequest, Admission, CallOutcome, Identity, Throttled};
 pub use client::{ClientError, NodeClient, run_stdio_bridge};
 pub use error::{GatewayError, codes};
 pub use gateway::{Gateway, GatewayOptions, UpstreamStatus};

@@ -47,13 +47,32 @@ pub(crate) struct GatewaySession {
     pub id: SessionId,
 }
 
+/// What the access hook asked of the upstream request of the call being served: extra `_meta`
+/// (a child budget envelope) and a deadline that caps the upstream timeout.
+#[derive(Clone, Default)]
+struct CallShaping {
+    extra_meta: rmcp::model::JsonObject,
+    time_left: Option<std::time::Duration>,
+}
+
+tokio::task_local! {
+    static CALL_SHAPING: CallShaping;
+}
+
+/// The `_meta` key of a budget envelope: the caller's request, and the child the gateway sends
+/// upstream in its place.
+const BUDGET_META: &str = "concord/budget";
+
 /// `_meta` keys that describe one hop of the protocol (the client's own lifecycle data in the
 /// 2026-07-28 era, and the progress token rmcp re-issues per hop); every other key, such as
 /// `traceparent` or application keys, travels upstream unchanged.
 fn forwardable_meta(meta: &RequestMetaObject) -> RequestMetaObject {
     let mut forwarded = RequestMetaObject::new();
     for (key, value) in meta.0.0.iter() {
-        if key == "progressToken" || key.starts_with("io.modelcontextprotocol/") {
+        if key == "progressToken"
+            || key.starts_with("io.modelcontextprotocol/")
+            || key == BUDGET_META
+        {
             continue;
         }
         forwarded.0.0.insert(key.clone(), value.clone());
@@ -328,9 +347,17 @@ impl GatewaySession {
         request: ClientRequest,
         context: &RequestContext<RoleServer>,
     ) -> Result<InFlight, GatewayError> {
-        let (peer, timeout) = self.upstream_peer(server)?;
-        let options =
-            PeerRequestOptions::with_timeout(timeout).with_meta(forwardable_meta(&context.meta));
+        let (peer, mut timeout) = self.upstream_peer(server)?;
+        let mut meta = forwardable_meta(&context.meta);
+        if let Ok(shaping) = CALL_SHAPING.try_with(CallShaping::clone) {
+            for (key, value) in shaping.extra_meta {
+                meta.0.0.insert(key, value);
+            }
+            if let Some(left) = shaping.time_left {
+                timeout = timeout.min(left);
+            }
+        }
+        let options = PeerRequestOptions::with_timeout(timeout).with_meta(meta);
         let handle = peer
             .send_request_with_option(request, options)
             .await
@@ -733,6 +760,8 @@ impl ServerHandler for GatewaySession {
         let identity = identity_of(&context);
         let governed = self.shared.options.access.clone();
         let mut audited_arguments = None;
+        let mut ticket = None;
+        let mut shaping = CallShaping::default();
         if let Some(access) = &governed {
             let request = AccessRequest {
                 method: "tools/call",
@@ -741,16 +770,26 @@ impl ServerHandler for GatewaySession {
                 arguments: params.arguments.as_ref(),
                 listing: false,
             };
-            if let Err(throttled) = access.admit(identity.as_ref(), &request) {
-                self.observe("tools/call", &route.server, false);
-                return Err(McpError::new(
-                    ErrorCode(crate::codes::RATE_LIMITED),
-                    throttled.message,
-                    Some(serde_json::json!({"retry_after_ms": throttled.retry_after_ms})),
-                ));
+            match access.admit(identity.as_ref(), &request, &context.meta.0.0) {
+                Ok(admission) => {
+                    shaping = CallShaping {
+                        extra_meta: admission.upstream_meta,
+                        time_left: admission.time_left,
+                    };
+                    ticket = admission.ticket;
+                }
+                Err(throttled) => {
+                    self.observe("tools/call", &route.server, false);
+                    return Err(McpError::new(
+                        ErrorCode(throttled.code),
+                        throttled.message,
+                        throttled.data,
+                    ));
+                }
             }
             audited_arguments = params.arguments.clone();
         }
+        let deadline = shaping.time_left;
         if let Some(builtins) = self.shared.builtins.clone()
             && route.server == self.shared.builtin_name
         {
@@ -773,34 +812,47 @@ impl ServerHandler for GatewaySession {
         );
         // A retry carrying a `requestState` this gateway issued resumes the upstream call it
         // parked; any other state belongs to a 2026-07-28 upstream and goes back to it.
-        let result = match params.request_state.as_deref() {
-            Some(state) if state.starts_with(PARKED_STATE_PREFIX) => {
-                self.resume(state, params.input_responses, &context)
-                    .instrument(span.clone())
-                    .await
-            }
-            _ => {
-                let mut upstream_params = CallToolRequestParams::new(route.name.clone());
-                upstream_params.arguments = params.arguments.clone();
-                upstream_params.request_state = params.request_state;
-                upstream_params.input_responses = params.input_responses;
-                let request = ClientRequest::CallToolRequest(CallToolRequest::new(upstream_params));
-                let first = self
-                    .forward(&route.server, "tools/call", request, &context)
-                    .instrument(span.clone())
-                    .await;
-                match first {
-                    Ok(ServerResult::InputRequiredResult(input)) if !is_modern(&context) => {
-                        self.answer_input_rounds(&route, params.arguments, input, &context)
-                            .instrument(span.clone())
-                            .await
+        let call = async {
+            match params.request_state.as_deref() {
+                Some(state) if state.starts_with(PARKED_STATE_PREFIX) => {
+                    self.resume(state, params.input_responses, &context)
+                        .instrument(span.clone())
+                        .await
+                }
+                _ => {
+                    let mut upstream_params = CallToolRequestParams::new(route.name.clone());
+                    upstream_params.arguments = params.arguments.clone();
+                    upstream_params.request_state = params.request_state;
+                    upstream_params.input_responses = params.input_responses;
+                    let request =
+                        ClientRequest::CallToolRequest(CallToolRequest::new(upstream_params));
+                    let first = self
+                        .forward(&route.server, "tools/call", request, &context)
+                        .instrument(span.clone())
+                        .await;
+                    match first {
+                        Ok(ServerResult::InputRequiredResult(input)) if !is_modern(&context) => {
+                            self.answer_input_rounds(&route, params.arguments, input, &context)
+                                .instrument(span.clone())
+                                .await
+                        }
+                        other => other,
                     }
-                    other => other,
                 }
             }
         };
+        let mut result = CALL_SHAPING.scope(shaping, call).await;
+        if let (Some(left), Err(GatewayError::Timeout { timeout, .. })) = (deadline, &result)
+            && *timeout >= left
+        {
+            // The chain's deadline, not the server's own timeout, ended the call (and rmcp
+            // cancelled it upstream).
+            result = Err(GatewayError::DeadlinePassed {
+                server: route.server.to_string(),
+            });
+        }
         let elapsed = started.elapsed();
-        let (response, outcome) = match result {
+        let (mut response, outcome) = match result {
             Ok(ServerResult::CallToolResult(r)) => {
                 let outcome = if r.is_error == Some(true) {
                     Outcome::ToolError
@@ -840,7 +892,11 @@ impl ServerHandler for GatewaySession {
                 .as_ref()
                 .and_then(|a| serde_json::to_vec(a).ok())
                 .map_or(0, |b| b.len());
-            access.record(
+            let result_meta = match &response {
+                Ok(CallToolResponse::Complete(result)) => result.meta.as_ref().map(|m| m.0.clone()),
+                _ => None,
+            };
+            let extra = access.record(
                 identity.as_ref(),
                 &CallOutcome {
                     server: &route.server,
@@ -855,7 +911,17 @@ impl ServerHandler for GatewaySession {
                     response_bytes,
                     arguments: audited_arguments.as_ref(),
                 },
+                ticket,
+                result_meta.as_ref(),
             );
+            if !extra.is_empty()
+                && let Ok(CallToolResponse::Complete(result)) = &mut response
+            {
+                let meta = result.meta.get_or_insert_with(Default::default);
+                for (key, value) in extra {
+                    meta.0.insert(key, value);
+                }
+            }
         }
         self.shared
             .metrics

@@ -236,6 +236,7 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
         policy: Default::default(),
         limits: Default::default(),
         audit: Default::default(),
+        budgets: Default::default(),
         servers: vec![
             ServerSpec {
                 name: "legacy".into(),

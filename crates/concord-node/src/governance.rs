@@ -11,15 +11,21 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use concord_config::Config;
+use concord_governance::budgets::{Ledger, Limits, Ticket};
 use concord_governance::limits::RateLimiter;
 use concord_governance::{
     Action, AuditLog, AuthError, Authenticator, PolicyEngine, Principal, Reload,
 };
-use concord_mcp::{AccessControl, AccessRequest, CallOutcome, Identity, Throttled};
+use concord_mcp::{AccessControl, AccessRequest, Admission, CallOutcome, Identity, Throttled};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) const METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
+/// The `_meta` key of budget envelopes and reports.
+const BUDGET_META: &str = "concord/budget";
+
+/// A principal's standing budget: (key, limits, window, chain deadline).
+type StandingBudget = (String, Limits, Option<Duration>, Option<Duration>);
 
 /// Everything governance needs at run time; present only when auth is on.
 pub(crate) struct Governance {
@@ -29,6 +35,8 @@ pub(crate) struct Governance {
     pub settings: concord_config::AuthSettings,
     pub limits: RateLimiter,
     pub audit_settings: concord_config::AuditSettings,
+    pub budgets: concord_config::BudgetSettings,
+    pub ledger: Ledger,
 }
 
 impl Governance {
@@ -50,7 +58,35 @@ impl Governance {
             settings: config.auth.clone(),
             limits: RateLimiter::new(config.limits.clone()),
             audit_settings: config.audit.clone(),
+            budgets: config.budgets.clone(),
+            ledger: Ledger::new(config.budgets.warn_at, config.budgets.max_depth),
         })
+    }
+
+    /// The standing budget that applies to `identity`: its own, else its first role's that has
+    /// one, else the default. Keyed by principal, so each principal spends its own.
+    fn standing_budget(&self, identity: &Identity) -> Option<StandingBudget> {
+        let configured = self
+            .budgets
+            .principals
+            .get(&identity.principal)
+            .or_else(|| {
+                identity
+                    .roles
+                    .iter()
+                    .find_map(|role| self.budgets.roles.get(role))
+            })
+            .or(self.budgets.default.as_ref())?;
+        Some((
+            identity.principal.clone(),
+            Limits {
+                tool_calls: configured.tool_calls,
+                tokens: configured.tokens,
+                cost_usd: configured.cost_usd,
+            },
+            configured.window,
+            configured.deadline,
+        ))
     }
 
     /// Decides (and audits) whether `principal` may write `key` with `operations`.
@@ -147,28 +183,72 @@ impl AccessControl for PolicyAccess {
         &self,
         identity: Option<&Identity>,
         request: &AccessRequest<'_>,
-    ) -> Result<(), Throttled> {
+        meta: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Admission, Throttled> {
         let principal = identity.map_or("-", |i| i.principal.as_str());
-        self.0
-            .limits
-            .admit(principal, request.name)
-            .map_err(|limited| {
+        if let Err(limited) = self.0.limits.admit(principal, request.name) {
+            self.0.audit.record(
+                "rate_limited",
+                principal,
+                json!({"tool": request.name, "scope": limited.scope, "retry_after_ms": limited.retry_after_ms}),
+            );
+            return Err(Throttled {
+                code: concord_mcp::codes::RATE_LIMITED,
+                message: format!(
+                    "rate limit exceeded ({}); retry after {} ms",
+                    limited.scope, limited.retry_after_ms
+                ),
+                data: Some(json!({"retry_after_ms": limited.retry_after_ms})),
+            });
+        }
+        let envelope = meta.get(BUDGET_META);
+        let standing = identity.and_then(|i| self.0.standing_budget(i));
+        if envelope.is_none() && standing.is_none() {
+            return Ok(Admission::default());
+        }
+        let reserve_tokens = envelope
+            .and_then(|e| e.get("reserve_tokens"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        let standing_ref = standing
+            .as_ref()
+            .map(|(key, limits, window, deadline)| (key.as_str(), *limits, *window, *deadline));
+        match self
+            .0
+            .ledger
+            .begin(principal, standing_ref, envelope, reserve_tokens)
+        {
+            Ok(ticket) => {
+                let mut upstream_meta = serde_json::Map::new();
+                upstream_meta.insert(BUDGET_META.into(), ticket.upstream_envelope.clone());
+                Ok(Admission {
+                    upstream_meta,
+                    time_left: ticket.time_left,
+                    ticket: Some(Box::new(ticket)),
+                })
+            }
+            Err(exhausted) => {
                 self.0.audit.record(
-                    "rate_limited",
+                    "budget_exhausted",
                     principal,
-                    json!({"tool": request.name, "scope": limited.scope, "retry_after_ms": limited.retry_after_ms}),
+                    json!({"tool": request.name, "reason": exhausted.message}),
                 );
-                Throttled {
-                    message: format!(
-                        "rate limit exceeded ({}); retry after {} ms",
-                        limited.scope, limited.retry_after_ms
-                    ),
-                    retry_after_ms: limited.retry_after_ms,
-                }
-            })
+                Err(Throttled {
+                    code: concord_mcp::codes::BUDGET_EXHAUSTED,
+                    message: format!("budget exhausted: {}", exhausted.message),
+                    data: Some(json!({"reason": exhausted.message})),
+                })
+            }
+        }
     }
 
-    fn record(&self, identity: Option<&Identity>, outcome: &CallOutcome<'_>) {
+    fn record(
+        &self,
+        identity: Option<&Identity>,
+        outcome: &CallOutcome<'_>,
+        ticket: Option<Box<dyn std::any::Any + Send + Sync>>,
+        result_meta: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> serde_json::Map<String, serde_json::Value> {
         let mut data = json!({
             "server": outcome.server,
             "tool": outcome.tool,
@@ -188,11 +268,22 @@ impl AccessControl for PolicyAccess {
         if let Some(identity) = identity {
             data["chain"] = json!(identity.chain);
         }
-        self.0.audit.record(
-            "tool_call",
-            identity.map_or("-", |i| i.principal.as_str()),
-            data,
-        );
+        let principal = identity.map_or("-", |i| i.principal.as_str());
+        self.0.audit.record("tool_call", principal, data);
+        let mut extra = serde_json::Map::new();
+        if let Some(ticket) = ticket.and_then(|t| t.downcast::<Ticket>().ok()) {
+            let usage = result_meta.and_then(|m| m.get("concord/usage"));
+            let report = self.0.ledger.finish(&ticket, usage);
+            if let Some(warning) = report.get("warning") {
+                self.0.audit.record(
+                    "budget_warning",
+                    principal,
+                    json!({"tool": outcome.tool, "warning": warning}),
+                );
+            }
+            extra.insert(BUDGET_META.into(), report);
+        }
+        extra
     }
 }
 

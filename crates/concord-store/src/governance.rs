@@ -157,20 +157,29 @@ impl Store {
                         .fetch_optional(&mut *tx)
                         .await?;
                 let rows = chain(drafts, last, &link);
-                for row in &rows {
-                    sqlx::query(
-                        "INSERT INTO audit_log (seq, at_ms, kind, principal, data, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(row.seq as i64)
-                    .bind(row.at_ms as i64)
-                    .bind(&row.kind)
-                    .bind(&row.principal)
-                    .bind(&row.data)
-                    .bind(&row.prev_hash)
-                    .bind(&row.hash)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                // One statement for the whole batch (its rows as a JSON array).
+                let batch: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!([
+                            r.seq,
+                            r.at_ms,
+                            r.kind,
+                            r.principal,
+                            r.data,
+                            r.prev_hash,
+                            r.hash
+                        ])
+                    })
+                    .collect();
+                sqlx::query(
+                    "INSERT INTO audit_log (seq, at_ms, kind, principal, data, prev_hash, hash) \
+                     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6 \
+                     FROM json_each(?)",
+                )
+                .bind(serde_json::Value::Array(batch).to_string())
+                .execute(&mut *tx)
+                .await?;
                 tx.commit().await?;
                 Ok(rows)
             }
@@ -185,20 +194,19 @@ impl Store {
                         .fetch_optional(&mut *tx)
                         .await?;
                 let rows = chain(drafts, last, &link);
-                for row in &rows {
-                    sqlx::query(
-                        "INSERT INTO audit_log (seq, at_ms, kind, principal, data, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    )
-                    .bind(row.seq as i64)
-                    .bind(row.at_ms as i64)
-                    .bind(&row.kind)
-                    .bind(&row.principal)
-                    .bind(&row.data)
-                    .bind(&row.prev_hash)
-                    .bind(&row.hash)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                sqlx::query(
+                    "INSERT INTO audit_log (seq, at_ms, kind, principal, data, prev_hash, hash) \
+                     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])",
+                )
+                .bind(rows.iter().map(|r| r.seq as i64).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.at_ms as i64).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.principal.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.data.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.prev_hash.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.hash.as_str()).collect::<Vec<_>>())
+                .execute(&mut *tx)
+                .await?;
                 tx.commit().await?;
                 Ok(rows)
             }
