@@ -29,6 +29,7 @@ from conftest import CONCORD_BIN, NodeFactory, fixture_server, text_of, tool_nam
 pytestmark = pytest.mark.anyio
 
 SECRET = "e2e-secret-e2e-secret-e2e-secret-e2e"
+RSA_PUBLIC = Path(__file__).resolve().parents[2] / "crates" / "concord-governance" / "testdata" / "rsa1.pub.pem"
 ISSUER = "https://idp.e2e.test"
 AUDIENCE = "concord-e2e"
 
@@ -64,8 +65,8 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def jwt(claims: dict[str, Any], secret: str = SECRET, alg: str = "HS256") -> str:
-    header = b64url(json.dumps({"alg": alg, "typ": "JWT", "kid": "e2e"}).encode())
+def jwt(claims: dict[str, Any], secret: str = SECRET, alg: str = "HS256", kid: str = "e2e") -> str:
+    header = b64url(json.dumps({"alg": alg, "typ": "JWT", "kid": kid}).encode())
     body = b64url(json.dumps(claims).encode())
     signature = hmac.new(secret.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
     return f"{header}.{body}.{b64url(signature)}"
@@ -119,6 +120,10 @@ leeway = "5s"
 kid = "e2e"
 algorithm = "HS256"
 secret = "{SECRET}"
+[[auth.keys]]
+kid = "rsa"
+algorithm = "RS256"
+public_key_file = "{RSA_PUBLIC}"
 
 [policy]
 file = "policy.toml"
@@ -183,6 +188,16 @@ async def test_no_token_is_401_with_the_resource_metadata_and_the_metadata_names
         ("expired", token_for("alice", ["analyst"], exp=int(time.time()) - 600)),
         ("wrong audience", token_for("alice", ["analyst"], aud="someone-else")),
         ("wrong issuer", token_for("alice", ["analyst"], iss="https://evil.test")),
+        ("not yet valid", token_for("alice", ["analyst"], nbf=int(time.time()) + 600)),
+        (
+            # HS256 "signed" with the RSA public key as the HMAC secret, naming the RSA key.
+            "algorithm confusion",
+            jwt(
+                {"sub": "alice", "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 600},
+                secret=RSA_PUBLIC.read_text(),
+                kid="rsa",
+            ),
+        ),
         ("forged", jwt({"sub": "alice", "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 600}, secret="x" * 40)),
         ("alg none", b64url(b'{"alg":"none"}') + "." + b64url(b'{"sub":"alice"}') + "."),
         ("garbage", "not-a-token"),
@@ -348,6 +363,27 @@ async def test_ten_concurrent_calls_against_a_budget_of_five(node: Any) -> None:
     for error in refused:
         assert error.code == -32030
         assert "tool_calls budget exhausted: the standing budget of budgeted" in error.message, error.message
+    # Every refusal is on the audit trail.
+    deadline = time.monotonic() + 10
+    while True:
+        queried = cli(node, "audit", "query", "--kind", "budget_exhausted", "--principal", "budgeted")
+        assert queried.returncode == 0, queried.stderr
+        if len(queried.stdout.splitlines()) >= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(queried.stdout.splitlines()) == 5, queried.stdout
+
+
+async def test_a_client_cannot_speak_for_the_gateway_in_meta(node: Any) -> None:
+    async with as_principal(node.url, token_for("honest", ["admin"])) as client:
+        result = await client.call_tool(
+            "fx__echo",
+            {"message": "x"},
+            meta={"concord/caller": {"principal": "mallory"}, "concord/budget": {"id": "forged"}},
+        )
+    received = result.meta["received"]
+    assert received["concord/caller"]["principal"] == "honest"
+    assert received["concord/budget"]["id"] != "forged"
 
 
 async def test_a_three_level_chain_cannot_overspend_its_root(node: Any) -> None:
@@ -356,6 +392,8 @@ async def test_a_three_level_chain_cannot_overspend_its_root(node: Any) -> None:
         root = await client.call_tool("fx__echo", {"message": "root"}, meta={"concord/budget": {"tool_calls": 3}})
         child_envelope = root.meta["received"]["concord/budget"]
         assert child_envelope["depth"] == 1 and child_envelope["remaining"]["tool_calls"] == 3
+        # The upstream also learns who the call is for.
+        assert root.meta["received"]["concord/caller"]["principal"] == "chain-user"
         # The child (an agent acting for the root call) asks its own sub-agent for more than
         # the root allows: the envelope is carved from the root's remainder.
         child = await client.call_tool(

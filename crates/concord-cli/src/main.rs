@@ -135,6 +135,23 @@ enum AuditCommand {
         #[command(flatten)]
         store: StoreTarget,
     },
+    /// Entries matching every filter given, as JSON lines.
+    Query {
+        /// Entry kind: auth_failure, policy_decision, tool_call, state_commit, state_conflict,
+        /// rate_limited, budget_exhausted, budget_warning, policy_reload, policy_reload_failed.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        principal: Option<String>,
+        /// Only entries at most this old (`90s`, `15m`, `24h`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only entries whose data contains this text.
+        #[arg(long)]
+        contains: Option<String>,
+        #[command(flatten)]
+        store: StoreTarget,
+    },
 }
 
 #[derive(Subcommand)]
@@ -394,29 +411,64 @@ async fn audit_command(command: AuditCommand) -> Result<std::process::ExitCode> 
             Ok(std::process::ExitCode::SUCCESS)
         }
         AuditCommand::Export { store } => {
-            let store = open_store(&store).await?;
-            let mut after = 0;
-            loop {
-                let page = store.audit_rows(after, 1000).await?;
-                let Some(last) = page.last() else { break };
-                after = last.seq;
-                for row in page {
-                    let data: serde_json::Value =
-                        serde_json::from_str(&row.data).unwrap_or(serde_json::Value::Null);
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "seq": row.seq, "at_ms": row.at_ms, "kind": row.kind,
-                            "principal": row.principal, "data": data,
-                            "prev_hash": row.prev_hash, "hash": row.hash,
-                        })
-                    );
-                }
-            }
-            store.close().await;
+            print_audit(&store, |_| true).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        AuditCommand::Query {
+            kind,
+            principal,
+            since,
+            contains,
+            store,
+        } => {
+            let oldest = match since {
+                Some(text) => now_ms().saturating_sub(
+                    concord_config::parse_duration(&text)
+                        .map_err(|m| anyhow::anyhow!("--since: {m}"))?
+                        .as_millis() as u64,
+                ),
+                None => 0,
+            };
+            print_audit(&store, |row| {
+                kind.as_ref().is_none_or(|k| &row.kind == k)
+                    && principal.as_ref().is_none_or(|p| &row.principal == p)
+                    && row.at_ms >= oldest
+                    && contains
+                        .as_ref()
+                        .is_none_or(|c| row.data.contains(c.as_str()))
+            })
+            .await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }
+}
+
+/// Prints the audit entries `keep` selects as JSON lines, oldest first.
+async fn print_audit(
+    target: &StoreTarget,
+    keep: impl Fn(&concord_store::AuditRow) -> bool,
+) -> Result<()> {
+    let store = open_store(target).await?;
+    let mut after = 0;
+    loop {
+        let page = store.audit_rows(after, 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for row in page.iter().filter(|row| keep(row)) {
+            let data: serde_json::Value =
+                serde_json::from_str(&row.data).unwrap_or(serde_json::Value::Null);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "seq": row.seq, "at_ms": row.at_ms, "kind": row.kind,
+                    "principal": row.principal, "data": data,
+                    "prev_hash": row.prev_hash, "hash": row.hash,
+                })
+            );
+        }
+    }
+    store.close().await;
+    Ok(())
 }
 
 async fn up(args: UpArgs) -> Result<std::process::ExitCode> {

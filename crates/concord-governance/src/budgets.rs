@@ -10,7 +10,7 @@
 //! cannot overshoot. A refusal names the budget that ran out. Past the warning threshold, a
 //! result carries a warning in its `_meta`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -95,8 +95,10 @@ pub struct Exhausted {
 /// A started call: what to tell the upstream, how long it may take, and what to settle.
 #[derive(Debug, Clone)]
 pub struct Ticket {
-    /// Budgets the call reserved on, innermost first (its own envelope, if any, comes first).
+    /// Budgets the call reserved on, from its parent up to the root.
     chain: Vec<String>,
+    /// The envelope issued for the call's own sub-calls; closed when the call ends.
+    child: String,
     reserved_tokens: u64,
     /// The envelope to put in the upstream request's `_meta["concord/budget"]`.
     pub upstream_envelope: Value,
@@ -110,12 +112,21 @@ pub type Report = Value;
 pub struct Ledger {
     warn_at: f64,
     max_depth: u32,
-    budgets: Mutex<HashMap<String, Budget>>,
+    budgets: Mutex<Books>,
     next: Mutex<u64>,
+}
+
+#[derive(Default)]
+struct Books {
+    map: HashMap<String, Budget>,
+    /// Envelopes of finished calls, in the order they close.
+    closing: VecDeque<(Instant, String)>,
 }
 
 /// How long an envelope stays valid for sub-calls after it was issued, without a deadline.
 const ENVELOPE_LIFETIME: Duration = Duration::from_secs(3600);
+/// How long an envelope stays usable after its call has finished.
+const ENVELOPE_GRACE: Duration = Duration::from_secs(60);
 
 fn number(value: Option<&Value>) -> Option<u64> {
     value.and_then(Value::as_u64)
@@ -126,7 +137,7 @@ impl Ledger {
         Self {
             warn_at,
             max_depth,
-            budgets: Mutex::new(HashMap::new()),
+            budgets: Mutex::new(Books::default()),
             next: Mutex::new(0),
         }
     }
@@ -147,8 +158,17 @@ impl Ledger {
         reserve_tokens: u64,
     ) -> Result<Ticket, Exhausted> {
         let now = Instant::now();
-        let mut budgets = self.budgets.lock();
+        let mut books = self.budgets.lock();
+        while let Some((at, _)) = books.closing.front()
+            && *at <= now
+        {
+            if let Some((_, id)) = books.closing.pop_front() {
+                books.map.remove(&id);
+            }
+        }
+        let budgets = &mut books.map;
         if budgets.len() > 100_000 {
+            // Envelopes of calls that never finished (their tickets were dropped).
             budgets.retain(|_, b| b.expires_at > now || b.window.is_some());
         }
         // The parent of this call: an envelope the gateway issued earlier, else the standing
@@ -329,6 +349,7 @@ impl Ledger {
         budgets.insert(child_id.clone(), child);
         Ok(Ticket {
             chain,
+            child: child_id,
             reserved_tokens: reserve_tokens,
             upstream_envelope,
             time_left: deadline.map(|d| d.saturating_duration_since(now)),
@@ -348,7 +369,15 @@ impl Ledger {
             .and_then(|u| u.get("cost_usd"))
             .and_then(Value::as_f64)
             .unwrap_or(0.0);
-        let mut budgets = self.budgets.lock();
+        let mut books = self.budgets.lock();
+        // The call is over: its envelope stays usable for a short grace (sub-calls that race
+        // the end of the call), then it is closed.
+        let closes_at = Instant::now() + ENVELOPE_GRACE;
+        if let Some(envelope) = books.map.get_mut(&ticket.child) {
+            envelope.expires_at = envelope.expires_at.min(closes_at);
+            books.closing.push_back((closes_at, ticket.child.clone()));
+        }
+        let budgets = &mut books.map;
         let mut warnings = Vec::new();
         let mut remaining = Map::new();
         for id in &ticket.chain {

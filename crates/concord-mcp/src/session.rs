@@ -59,9 +59,8 @@ tokio::task_local! {
     static CALL_SHAPING: CallShaping;
 }
 
-/// The `_meta` key of a budget envelope: the caller's request, and the child the gateway sends
-/// upstream in its place.
-const BUDGET_META: &str = "concord/budget";
+/// The `_meta` namespace the gateway owns (budget envelopes, the authenticated caller).
+const GATEWAY_META_PREFIX: &str = "concord/";
 
 /// `_meta` keys that describe one hop of the protocol (the client's own lifecycle data in the
 /// 2026-07-28 era, and the progress token rmcp re-issues per hop); every other key, such as
@@ -69,9 +68,11 @@ const BUDGET_META: &str = "concord/budget";
 fn forwardable_meta(meta: &RequestMetaObject) -> RequestMetaObject {
     let mut forwarded = RequestMetaObject::new();
     for (key, value) in meta.0.0.iter() {
+        // `concord/…` keys are the gateway's own (budget envelopes, the caller): what a client
+        // sends under them is never passed on as if the gateway had said it.
         if key == "progressToken"
             || key.starts_with("io.modelcontextprotocol/")
-            || key == BUDGET_META
+            || key.starts_with(GATEWAY_META_PREFIX)
         {
             continue;
         }

@@ -201,10 +201,22 @@ impl AccessControl for PolicyAccess {
                 data: Some(json!({"retry_after_ms": limited.retry_after_ms})),
             });
         }
+        // The upstream learns who the call is for (for its own decisions and for calls it
+        // makes back on the caller's behalf); clients cannot set this key themselves.
+        let mut upstream_meta = serde_json::Map::new();
+        if let Some(identity) = identity {
+            upstream_meta.insert(
+                "concord/caller".into(),
+                json!({"principal": identity.principal, "kind": identity.kind, "chain": identity.chain}),
+            );
+        }
         let envelope = meta.get(BUDGET_META);
         let standing = identity.and_then(|i| self.0.standing_budget(i));
         if envelope.is_none() && standing.is_none() {
-            return Ok(Admission::default());
+            return Ok(Admission {
+                upstream_meta,
+                ..Admission::default()
+            });
         }
         let reserve_tokens = envelope
             .and_then(|e| e.get("reserve_tokens"))
@@ -219,7 +231,6 @@ impl AccessControl for PolicyAccess {
             .begin(principal, standing_ref, envelope, reserve_tokens)
         {
             Ok(ticket) => {
-                let mut upstream_meta = serde_json::Map::new();
                 upstream_meta.insert(BUDGET_META.into(), ticket.upstream_envelope.clone());
                 Ok(Admission {
                     upstream_meta,
