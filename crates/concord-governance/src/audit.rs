@@ -131,8 +131,15 @@ impl AuditLog {
     }
 }
 
+/// How long the writer lets entries gather after the first one: one transaction (one flush) for
+/// all of them, instead of one per request under load. Requests never wait for it.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
 async fn write_loop(store: Store, mut messages: mpsc::UnboundedReceiver<Message>) {
     while let Some(first) = messages.recv().await {
+        if matches!(first, Message::Record(_)) {
+            tokio::time::sleep(LINGER).await;
+        }
         let mut drafts = Vec::new();
         let mut waiting = Vec::new();
         let mut next = Some(first);
