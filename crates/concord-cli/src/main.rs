@@ -50,6 +50,9 @@ enum Command {
     /// Read and verify the audit trail (in the node's store).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The mesh registry of a running node.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
     /// Run one client scenario of the official MCP conformance suite (its client mode runs
     /// this with the test server's URL; the scenario comes from MCP_CONFORMANCE_SCENARIO).
     #[command(hide = true)]
@@ -155,7 +158,32 @@ enum AuditCommand {
 }
 
 #[derive(Subcommand)]
+enum AgentsCommand {
+    /// Every registered entity: name, status, uptime, version, endpoint, tags, dependencies.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
 enum ToolsCommand {
+    /// Rank the registered entities for a selector, with the reasons for each (and for every
+    /// rejected one): `--capability search --tags prod,+gpu,-staging --version '^1.4'`.
+    Resolve {
+        #[arg(long)]
+        capability: String,
+        /// Comma-separated: `t` required, `+t` preferred, `-t` excluded.
+        #[arg(long, allow_hyphen_values = true, default_value = "")]
+        tags: String,
+        /// A semver requirement: `^1.4`, `>=2,<3`.
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// List every tool, namespaced as the node exposes it.
     List {
         #[command(flatten)]
@@ -273,6 +301,14 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::State(command) => state_command(command).await,
         Command::Keys(command) => keys_command(command).await,
         Command::Audit(command) => audit_command(command).await,
+        Command::Agents(AgentsCommand::List { target }) => agents_list(target).await,
+        Command::Tools(ToolsCommand::Resolve {
+            capability,
+            tags,
+            version,
+            namespace,
+            target,
+        }) => tools_resolve(&capability, &tags, version, namespace, target).await,
         Command::ConformanceClient { url, scenario } => {
             concord_mcp::conformance::run_client(&scenario, &url).await?;
             Ok(std::process::ExitCode::SUCCESS)
@@ -749,6 +785,130 @@ fn encode(value: &str) -> String {
             other => format!("%{other:02X}"),
         })
         .collect()
+}
+
+/// GET a node's REST API (`/api/v1/…`, beside its `/mcp`), with the token if one is given.
+async fn rest_get(target: &Target, path_and_query: &str) -> Result<serde_json::Value> {
+    let base = target.url.strip_suffix("/mcp").unwrap_or(&target.url);
+    let mut request = reqwest::Client::new().get(format!("{base}{path_and_query}"));
+    if let Some(token) = &target.token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!(
+            "{status}: {}",
+            body["error"].as_str().unwrap_or(&body.to_string())
+        );
+    }
+    Ok(body)
+}
+
+async fn tools_resolve(
+    capability: &str,
+    tags: &str,
+    version: Option<String>,
+    namespace: Option<String>,
+    target: Target,
+) -> Result<std::process::ExitCode> {
+    let mut query = format!(
+        "/api/v1/registry/resolve?capability={}&tags={}",
+        encode(capability),
+        encode(tags)
+    );
+    if let Some(version) = version {
+        query.push_str(&format!("&version={}", encode(&version)));
+    }
+    if let Some(namespace) = namespace {
+        query.push_str(&format!("&namespace={}", encode(&namespace)));
+    }
+    let resolution = rest_get(&target, &query).await?;
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&resolution)?);
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let empty = Vec::new();
+    let candidates = resolution["candidates"].as_array().unwrap_or(&empty);
+    for (rank, c) in candidates.iter().enumerate() {
+        println!(
+            "{}. {} {} (score {}, {}) — {}",
+            rank + 1,
+            c["name"].as_str().unwrap_or_default(),
+            c["version"].as_str().unwrap_or_default(),
+            c["score"],
+            c["status"].as_str().unwrap_or_default(),
+            join_reasons(&c["reasons"]),
+        );
+    }
+    for r in resolution["rejected"].as_array().unwrap_or(&empty) {
+        println!(
+            "   rejected {} {} — {}",
+            r["name"].as_str().unwrap_or_default(),
+            r["version"].as_str().unwrap_or_default(),
+            join_reasons(&r["reasons"]),
+        );
+    }
+    Ok(if candidates.is_empty() {
+        eprintln!("nothing satisfies the selector");
+        std::process::ExitCode::from(1)
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
+}
+
+fn join_reasons(reasons: &serde_json::Value) -> String {
+    reasons
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default()
+}
+
+async fn agents_list(target: Target) -> Result<std::process::ExitCode> {
+    let listed = rest_get(&target, "/api/v1/registry").await?;
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&listed)?);
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    println!("NAME\tVERSION\tKIND\tSTATUS\tUPTIME\tENDPOINT\tTAGS\tDEPENDENCIES");
+    for e in listed["entities"].as_array().cloned().unwrap_or_default() {
+        let endpoint = e["endpoint"]["url"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| e["endpoint"]["command"].to_string());
+        let dependencies: Vec<String> = e["dependencies"]
+            .as_object()
+            .map(|d| d.keys().cloned().collect())
+            .unwrap_or_default();
+        println!(
+            "{}\t{}\t{}\t{}\t{}s\t{}\t{}\t{}",
+            e["name"].as_str().unwrap_or_default(),
+            e["version"].as_str().unwrap_or_default(),
+            e["kind"].as_str().unwrap_or_default(),
+            e["status"].as_str().unwrap_or_default(),
+            e["uptime_seconds"],
+            endpoint,
+            e["tags"]
+                .as_array()
+                .map(|t| t
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","))
+                .unwrap_or_default(),
+            dependencies.join(","),
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Follows `/api/v1/state/changes` (Server-Sent Events, one per commit), printing one JSON line

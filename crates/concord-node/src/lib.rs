@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 mod edge;
 mod governance;
+mod registry;
 mod rest;
 mod state_tools;
 mod validator;
@@ -320,6 +321,22 @@ fn router(
     shared_state: Arc<concord_state::StateService>,
     governance: Option<Arc<governance::Governance>>,
 ) -> Router {
+    let store = shared_state.store().clone();
+    let registry_api = Router::new()
+        .route(
+            "/api/v1/registry",
+            get(registry::list).post(registry::register),
+        )
+        .route("/api/v1/registry/resolve", get(registry::resolve_selector))
+        .route(
+            "/api/v1/registry/{id}/heartbeat",
+            axum::routing::post(registry::heartbeat),
+        )
+        .route(
+            "/api/v1/registry/{id}",
+            axum::routing::delete(registry::deregister),
+        )
+        .with_state(store);
     let mut state_api = Router::new()
         .route("/api/v1/state/changes", get(rest::feed))
         .route(
@@ -329,7 +346,8 @@ fn router(
         .with_state(rest::RestState {
             state: shared_state,
             governance: governance.clone(),
-        });
+        })
+        .merge(registry_api);
     let mut mcp =
         state
             .gateway

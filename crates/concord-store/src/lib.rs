@@ -11,6 +11,7 @@
 mod governance;
 mod group_commit;
 mod postgres_batch;
+mod registry;
 mod sqlite_batch;
 mod value_cache;
 
@@ -29,6 +30,7 @@ use sqlx::{Connection, Row};
 pub use governance::{ApiKeyRecord, AuditDraft, AuditRow, GENESIS_HASH};
 use group_commit::{Decide, GroupCommitter};
 use postgres_batch::PostgresWriter;
+pub use registry::RegistryRow;
 use sqlite_batch::SqliteWriter;
 use std::sync::Arc;
 use value_cache::ValueCache;
@@ -911,11 +913,13 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_state.sql"),
     include_str!("../migrations/sqlite/0002_leases.sql"),
     include_str!("../migrations/sqlite/0003_governance.sql"),
+    include_str!("../migrations/sqlite/0004_registry.sql"),
 ];
 const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0001_state.sql"),
     include_str!("../migrations/postgres/0002_leases.sql"),
     include_str!("../migrations/postgres/0003_governance.sql"),
+    include_str!("../migrations/postgres/0004_registry.sql"),
 ];
 
 async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {

@@ -1,0 +1,383 @@
+//! The mesh registry's model: entities (MCP servers, agents, LLM providers) with a name, a semver
+//! version, capabilities, tags, an endpoint and a namespace; their health from heartbeats; and
+//! resolution — a selector (capability, required / preferred / excluded tags, a version
+//! requirement, a namespace) turned into an ordered candidate list with the score and the
+//! reasons for every candidate, and the reasons every other entity was rejected. Pure: storage
+//! and transport are the node's.
+
+use std::collections::BTreeMap;
+
+use semver::{Version, VersionReq};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum MeshError {
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> MeshError {
+    MeshError::Invalid {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Server,
+    Agent,
+    Llm,
+}
+
+/// Where an entity is reached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+}
+
+/// What an entity reports about itself in a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    #[default]
+    Healthy,
+    Degraded,
+    Unhealthy,
+}
+
+/// A registration as sent to `/api/v1/registry` (or written in config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    pub name: String,
+    pub version: String,
+    pub kind: Kind,
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub endpoint: Endpoint,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Seconds without a heartbeat after which the entity expires.
+    #[serde(default = "default_ttl")]
+    pub ttl_seconds: u64,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, Value>,
+    /// Other entities this one needs, as selectors.
+    #[serde(default)]
+    pub dependencies: BTreeMap<String, Selector>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+fn default_ttl() -> u64 {
+    30
+}
+
+fn valid_word(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 128
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'))
+}
+
+impl Registration {
+    /// Checks every field; the first problem is the error.
+    pub fn validate(&self) -> Result<Version, MeshError> {
+        if !valid_word(&self.name) {
+            return Err(invalid(
+                "name",
+                "1 to 128 letters, digits, '-', '_', '.', ':' or '/'",
+            ));
+        }
+        let version = Version::parse(&self.version).map_err(|e| {
+            invalid(
+                "version",
+                format!(
+                    "{:?} is not a semantic version (like 1.4.2): {e}",
+                    self.version
+                ),
+            )
+        })?;
+        if self.capabilities.is_empty() {
+            return Err(invalid("capabilities", "at least one capability"));
+        }
+        for capability in &self.capabilities {
+            if !valid_word(capability) {
+                return Err(invalid(
+                    "capabilities",
+                    format!("{capability:?} is not a valid name"),
+                ));
+            }
+        }
+        for tag in &self.tags {
+            if !valid_word(tag) || tag.starts_with(['+', '-']) {
+                return Err(invalid("tags", format!("{tag:?} is not a valid tag")));
+            }
+        }
+        if !valid_word(&self.namespace) {
+            return Err(invalid(
+                "namespace",
+                "1 to 128 letters, digits, '-', '_', '.'",
+            ));
+        }
+        match (&self.endpoint.url, self.endpoint.command.is_empty()) {
+            (Some(url), true) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(invalid(
+                        "endpoint.url",
+                        format!("expected an http:// or https:// URL, got {url:?}"),
+                    ));
+                }
+            }
+            (None, false) => {}
+            _ => {
+                return Err(invalid(
+                    "endpoint",
+                    "give exactly one of `url` and `command`",
+                ));
+            }
+        }
+        if self.ttl_seconds == 0 || self.ttl_seconds > 86_400 {
+            return Err(invalid("ttl_seconds", "between 1 and 86400"));
+        }
+        Ok(version)
+    }
+}
+
+/// A registered entity as the registry holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entity {
+    pub id: String,
+    pub registration: Registration,
+    pub health: Health,
+    pub registered_at_ms: u64,
+    pub last_heartbeat_ms: u64,
+}
+
+/// An entity's state now: its reported health, or `expired` when its heartbeats stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Healthy,
+    Degraded,
+    Unhealthy,
+    Expired,
+}
+
+impl Entity {
+    pub fn status(&self, now_ms: u64) -> Status {
+        let ttl_ms = self.registration.ttl_seconds * 1000;
+        if now_ms > self.last_heartbeat_ms + ttl_ms {
+            return Status::Expired;
+        }
+        match self.health {
+            Health::Healthy => Status::Healthy,
+            Health::Degraded => Status::Degraded,
+            Health::Unhealthy => Status::Unhealthy,
+        }
+    }
+}
+
+/// What a caller needs: a capability, tags (`t` required, `+t` preferred, `-t` excluded), a
+/// version requirement and a namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    pub capability: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+struct ParsedSelector {
+    required: Vec<String>,
+    preferred: Vec<String>,
+    excluded: Vec<String>,
+    version: Option<VersionReq>,
+}
+
+impl Selector {
+    fn parse(&self) -> Result<ParsedSelector, MeshError> {
+        let mut parsed = ParsedSelector {
+            required: Vec::new(),
+            preferred: Vec::new(),
+            excluded: Vec::new(),
+            version: None,
+        };
+        for tag in &self.tags {
+            let tag = tag.trim();
+            if let Some(t) = tag.strip_prefix('+') {
+                parsed.preferred.push(t.to_string());
+            } else if let Some(t) = tag.strip_prefix('-') {
+                parsed.excluded.push(t.to_string());
+            } else if !tag.is_empty() {
+                parsed.required.push(tag.to_string());
+            }
+        }
+        if let Some(text) = &self.version {
+            parsed.version = Some(VersionReq::parse(text).map_err(|e| {
+                invalid(
+                    "version",
+                    format!("{text:?} is not a version requirement (like ^1.4 or >=2,<3): {e}"),
+                )
+            })?);
+        }
+        Ok(parsed)
+    }
+}
+
+/// An entity that satisfies the selector, with why it ranks where it does.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Candidate {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub status: Status,
+    pub score: i64,
+    pub reasons: Vec<String>,
+}
+
+/// An entity that does not, with why not.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rejected {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Resolution {
+    pub candidates: Vec<Candidate>,
+    pub rejected: Vec<Rejected>,
+}
+
+const PREFERRED_TAG: i64 = 10;
+const DEGRADED: i64 = -30;
+
+/// Ranks `entities` for `selector`: candidates by score (then newest version, then name), each
+/// with its reasons; every other entity with the reasons it was rejected.
+pub fn resolve(
+    selector: &Selector,
+    entities: &[Entity],
+    now_ms: u64,
+) -> Result<Resolution, MeshError> {
+    let wanted = selector.parse()?;
+    let namespace = selector.namespace.as_deref().unwrap_or("default");
+    let mut candidates: Vec<(Candidate, Version)> = Vec::new();
+    let mut rejected = Vec::new();
+    for entity in entities {
+        let registration = &entity.registration;
+        let version = Version::parse(&registration.version).unwrap_or(Version::new(0, 0, 0));
+        let mut reasons = Vec::new();
+        let mut refusals = Vec::new();
+        if registration.namespace != namespace {
+            refusals.push(format!(
+                "namespace {} is not {namespace}",
+                registration.namespace
+            ));
+        }
+        if registration
+            .capabilities
+            .iter()
+            .any(|c| c == &selector.capability)
+        {
+            reasons.push(format!("has capability {}", selector.capability));
+        } else {
+            refusals.push(format!(
+                "lacks capability {} (has {})",
+                selector.capability,
+                registration.capabilities.join(", ")
+            ));
+        }
+        for tag in &wanted.required {
+            if registration.tags.contains(tag) {
+                reasons.push(format!("has required tag {tag}"));
+            } else {
+                refusals.push(format!("lacks required tag {tag}"));
+            }
+        }
+        for tag in &wanted.excluded {
+            if registration.tags.contains(tag) {
+                refusals.push(format!("has excluded tag {tag}"));
+            }
+        }
+        if let Some(requirement) = &wanted.version {
+            if requirement.matches(&version) {
+                reasons.push(format!("version {version} satisfies {requirement}"));
+            } else {
+                refusals.push(format!("version {version} does not satisfy {requirement}"));
+            }
+        }
+        let status = entity.status(now_ms);
+        match status {
+            Status::Expired => refusals.push(format!(
+                "expired: no heartbeat for more than {} s",
+                registration.ttl_seconds
+            )),
+            Status::Unhealthy => refusals.push("reports itself unhealthy".into()),
+            Status::Degraded | Status::Healthy => {}
+        }
+        if !refusals.is_empty() {
+            rejected.push(Rejected {
+                id: entity.id.clone(),
+                name: registration.name.clone(),
+                version: registration.version.clone(),
+                reasons: refusals,
+            });
+            continue;
+        }
+        let mut score = 100;
+        for tag in &wanted.preferred {
+            if registration.tags.contains(tag) {
+                score += PREFERRED_TAG;
+                reasons.push(format!("has preferred tag {tag} (+{PREFERRED_TAG})"));
+            } else {
+                reasons.push(format!("lacks preferred tag {tag}"));
+            }
+        }
+        if status == Status::Degraded {
+            score += DEGRADED;
+            reasons.push(format!("degraded ({DEGRADED})"));
+        }
+        candidates.push((
+            Candidate {
+                id: entity.id.clone(),
+                name: registration.name.clone(),
+                version: registration.version.clone(),
+                status,
+                score,
+                reasons,
+            },
+            version,
+        ));
+    }
+    candidates.sort_by(|(a, av), (b, bv)| {
+        b.score
+            .cmp(&a.score)
+            .then_with(|| bv.cmp(av))
+            .then_with(|| a.name.cmp(&b.name))
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    Ok(Resolution {
+        candidates: candidates.into_iter().map(|(c, _)| c).collect(),
+        rejected,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,243 @@
+//! `/api/v1/registry`: entities register with one HTTP call (any language), heartbeat, and
+//! deregister; anyone can list them and resolve a selector to ranked candidates with reasons.
+//! Registrations live in the store, so a restart keeps them and nodes sharing a PostgreSQL see
+//! one catalog.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use concord_mesh::{Entity, Health, Kind, Registration, Selector, resolve};
+use concord_store::{RegistryRow, Store};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// How long a registration waits for its endpoint to answer MCP `initialize`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+fn store_error(e: concord_store::StoreError) -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("registry store: {e}"),
+    )
+}
+
+/// A stable id for one replica: the same name, version and endpoint re-register in place.
+fn entity_id(registration: &Registration) -> String {
+    // FNV-1a: short, stable across processes, and not a security boundary.
+    let endpoint = serde_json::to_string(&registration.endpoint).unwrap_or_default();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in endpoint.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!(
+        "{}.{}.{}.{:08x}",
+        registration.namespace, registration.name, registration.version, hash as u32
+    )
+}
+
+fn health_name(health: Health) -> &'static str {
+    match health {
+        Health::Healthy => "healthy",
+        Health::Degraded => "degraded",
+        Health::Unhealthy => "unhealthy",
+    }
+}
+
+fn entity_of(row: &RegistryRow) -> Option<Entity> {
+    let registration: Registration = serde_json::from_str(&row.body).ok()?;
+    let health = match row.health.as_str() {
+        "degraded" => Health::Degraded,
+        "unhealthy" => Health::Unhealthy,
+        _ => Health::Healthy,
+    };
+    Some(Entity {
+        id: row.id.clone(),
+        registration,
+        health,
+        registered_at_ms: row.registered_at_ms,
+        last_heartbeat_ms: row.last_heartbeat_ms,
+    })
+}
+
+pub async fn entities(store: &Store) -> Result<Vec<Entity>, concord_store::StoreError> {
+    Ok(store
+        .registry()
+        .await?
+        .iter()
+        .filter_map(entity_of)
+        .collect())
+}
+
+/// Checks that an MCP endpoint answers `initialize` before it joins the catalog.
+async fn probe(registration: &Registration) -> Result<(), String> {
+    let Some(url) = &registration.endpoint.url else {
+        return Ok(());
+    };
+    if registration.kind == Kind::Llm {
+        return Ok(());
+    }
+    match tokio::time::timeout(PROBE_TIMEOUT, concord_mcp::NodeClient::connect(url)).await {
+        Ok(Ok(client)) => {
+            client.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
+    }
+}
+
+pub async fn register(
+    State(store): State<Store>,
+    body: Result<Json<Registration>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(registration) = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    if let Err(e) = registration.validate() {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    if let Err(reason) = probe(&registration).await {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "endpoint {} does not speak MCP: {reason}",
+                registration.endpoint.url.as_deref().unwrap_or("?")
+            ),
+        );
+    }
+    let id = entity_id(&registration);
+    let now = now_ms();
+    let row = RegistryRow {
+        id: id.clone(),
+        namespace: registration.namespace.clone(),
+        name: registration.name.clone(),
+        body: serde_json::to_string(&registration).unwrap_or_default(),
+        health: "healthy".into(),
+        registered_at_ms: now,
+        last_heartbeat_ms: now,
+    };
+    match store.register(&row).await {
+        Ok(()) => (
+            StatusCode::CREATED,
+            Json(json!({"id": id, "status": "healthy", "ttl_seconds": registration.ttl_seconds})),
+        )
+            .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    #[serde(default)]
+    health: Health,
+}
+
+pub async fn heartbeat(
+    State(store): State<Store>,
+    Path(id): Path<String>,
+    body: Option<Json<Heartbeat>>,
+) -> Response {
+    let health = body.map(|Json(b)| b.health).unwrap_or_default();
+    match store.heartbeat(&id, health_name(health), now_ms()).await {
+        Ok(true) => Json(json!({"id": id, "status": health_name(health)})).into_response(),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("no entity {id}: register it again (it may have been deregistered)"),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+pub async fn deregister(State(store): State<Store>, Path(id): Path<String>) -> Response {
+    match store.deregister(&id).await {
+        Ok(true) => Json(json!({"id": id, "deregistered": true})).into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no entity {id}")),
+        Err(e) => store_error(e),
+    }
+}
+
+pub async fn list(State(store): State<Store>) -> Response {
+    let now = now_ms();
+    match entities(&store).await {
+        Ok(entities) => {
+            let listed: Vec<Value> = entities
+                .iter()
+                .map(|e| {
+                    let r = &e.registration;
+                    json!({
+                        "id": e.id, "name": r.name, "version": r.version, "kind": r.kind,
+                        "namespace": r.namespace, "status": e.status(now),
+                        "capabilities": r.capabilities, "tags": r.tags, "endpoint": r.endpoint,
+                        "uptime_seconds": now.saturating_sub(e.registered_at_ms) / 1000,
+                        "last_heartbeat_ms": e.last_heartbeat_ms,
+                        "dependencies": r.dependencies, "metadata": r.metadata,
+                    })
+                })
+                .collect();
+            Json(json!({"entities": listed})).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveQuery {
+    capability: String,
+    /// Comma-separated: `t` required, `+t` preferred, `-t` excluded.
+    #[serde(default)]
+    tags: Option<String>,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+pub async fn resolve_selector(
+    State(store): State<Store>,
+    query: Result<Query<ResolveQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    let selector = Selector {
+        capability: query.capability,
+        tags: query
+            .tags
+            .map(|t| {
+                t.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        version: query.version,
+        namespace: query.namespace,
+    };
+    let entities = match entities(&store).await {
+        Ok(entities) => entities,
+        Err(e) => return store_error(e),
+    };
+    match resolve(&selector, &entities, now_ms()) {
+        Ok(resolution) => Json(resolution).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}

@@ -1,0 +1,158 @@
+"""The mesh registry over plain HTTP, as any language would use it: registering real MCP servers
+(the endpoint is probed with an MCP handshake), heartbeats, expiry, deregistration, resolution
+with ranked candidates and reasons (REST and `concord tools resolve`), bad registrations refused
+with the catalog unchanged, and registrations that survive a node restart."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Iterator
+
+import pytest
+
+from conftest import CONCORD_BIN, FIXTURE_BIN, NodeFactory, PeerServer, _LIVE_LOGS, free_port, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+def request(method: str, url: str, body: Any | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=20) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        text = error.read()
+        try:
+            return error.code, json.loads(text)
+        except json.JSONDecodeError:
+            return error.code, text.decode()
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[PeerServer]]:
+    """Two concord-fixture MCP servers over streamable HTTP."""
+    servers = []
+    for index in range(2):
+        port = free_port()
+        log_path = tmp_path_factory.mktemp(f"replica-{index}") / "server.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [str(FIXTURE_BIN), "--name", f"search{index}", "--http", f"127.0.0.1:{port}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        server = PeerServer(f"replica {index}", proc, port, log_path)
+        _LIVE_LOGS[server.label] = log_path
+
+        def accepting(port: int = port) -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+
+        wait_until(accepting, timeout=30, what=f"replica {index}")
+        servers.append(server)
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def registration(name: str, version: str, port: int, tags: list[str], **extra: Any) -> dict[str, Any]:
+    body = {
+        "name": name,
+        "version": version,
+        "kind": "server",
+        "capabilities": ["search"],
+        "tags": tags,
+        "endpoint": {"url": f"http://127.0.0.1:{port}/mcp"},
+    }
+    body.update(extra)
+    return body
+
+
+def api(node: Any) -> str:
+    return node.url.removesuffix("/mcp") + "/api/v1/registry"
+
+
+def test_register_heartbeat_resolve_expire_and_deregister(concord: NodeFactory, replicas: list[PeerServer]) -> None:
+    directory = concord.new_dir("registry")
+    node = concord.start("registry", {}, directory=directory)
+    try:
+        status, first = request("POST", api(node), registration("search", "1.4.2", replicas[0].port, ["prod"]))
+        assert status == 201, first
+        status, second = request(
+            "POST", api(node), registration("search", "1.6.0", replicas[1].port, ["prod", "gpu"], ttl_seconds=1)
+        )
+        assert status == 201, second
+
+        # Bad registrations: clear errors, nothing stored.
+        status, body = request("POST", api(node), registration("search", "one point two", replicas[0].port, []))
+        assert status == 400 and body["error"].startswith("version:"), body
+        status, body = request("POST", api(node), {**registration("x", "1.0.0", replicas[0].port, []), "colour": "red"})
+        assert status == 400 and "unknown field `colour`" in str(body), body
+        dead = free_port()
+        status, body = request("POST", api(node), registration("ghost", "1.0.0", dead, []))
+        assert status == 422 and "does not speak MCP" in body["error"], body
+        status, body = request(
+            "POST", api(node), {**registration("web", "1.0.0", 0, []), "endpoint": {"url": node.url.removesuffix("/mcp") + "/healthz"}}
+        )
+        assert status == 422, body
+        status, listed = request("GET", api(node))
+        assert sorted(e["version"] for e in listed["entities"]) == ["1.4.2", "1.6.0"]
+
+        # Resolution over REST: ranked, with reasons.
+        status, resolution = request("GET", api(node) + "/resolve?capability=search&tags=prod,%2Bgpu&version=%5E1.4")
+        assert status == 200, resolution
+        assert [c["version"] for c in resolution["candidates"]] == ["1.6.0", "1.4.2"]
+        assert "has preferred tag gpu (+10)" in resolution["candidates"][0]["reasons"]
+        status, body = request("GET", api(node) + "/resolve?capability=search&version=not-a-range")
+        assert status == 400 and body["error"].startswith("version:"), body
+
+        # The same through the CLI.
+        cli = subprocess.run(
+            [str(CONCORD_BIN), "tools", "resolve", "--capability", "search", "--tags", "prod,+gpu,-staging", "--url", node.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert cli.returncode == 0, cli.stderr
+        lines = cli.stdout.splitlines()
+        assert lines[0].startswith("1. search 1.6.0 (score 110, healthy)"), cli.stdout
+        agents = subprocess.run(
+            [str(CONCORD_BIN), "agents", "list", "--url", node.url], capture_output=True, text=True, timeout=30
+        )
+        assert agents.returncode == 0 and agents.stdout.count("search\t") == 2, agents.stdout + agents.stderr
+
+        # Heartbeats keep an entity alive; without them it expires and resolution says why.
+        status, beat = request("POST", f"{api(node)}/{first['id']}/heartbeat", {"health": "degraded"})
+        assert status == 200 and beat["status"] == "degraded", beat
+        status, body = request("POST", f"{api(node)}/no-such-id/heartbeat", {})
+        assert status == 404, body
+        time.sleep(2.2)
+        status, resolution = request("GET", api(node) + "/resolve?capability=search")
+        assert [c["version"] for c in resolution["candidates"]] == ["1.4.2"]
+        assert resolution["candidates"][0]["status"] == "degraded"
+        expired = [r for r in resolution["rejected"] if r["version"] == "1.6.0"][0]
+        assert "expired: no heartbeat for more than 1 s" in expired["reasons"], expired
+
+        # A restart keeps the catalog.
+        node.stop()
+        node = concord.start("registry-again", {}, directory=directory)
+        status, listed = request("GET", api(node))
+        assert sorted(e["version"] for e in listed["entities"]) == ["1.4.2", "1.6.0"], listed
+
+        status, gone = request("DELETE", f"{api(node)}/{first['id']}")
+        assert status == 200 and gone["deregistered"] is True
+        status, body = request("DELETE", f"{api(node)}/{first['id']}")
+        assert status == 404
+        status, listed = request("GET", api(node))
+        assert [e["version"] for e in listed["entities"]] == ["1.6.0"]
+    finally:
+        node.stop()
