@@ -853,6 +853,9 @@ async fn tools_resolve(
             join_reasons(&r["reasons"]),
         );
     }
+    for line in resolution["not_considered"].as_array().unwrap_or(&empty) {
+        println!("   not considered: {}", line.as_str().unwrap_or_default());
+    }
     Ok(if candidates.is_empty() {
         eprintln!("nothing satisfies the selector");
         std::process::ExitCode::from(1)

@@ -5,7 +5,7 @@
 //! reasons for every candidate, and the reasons every other entity was rejected. Pure: storage
 //! and transport are the node's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use semver::{Version, VersionReq};
 use serde::{Deserialize, Serialize};
@@ -251,7 +251,8 @@ pub struct Candidate {
     pub reasons: Vec<String>,
 }
 
-/// An entity that does not, with why not.
+/// An entity that offers the capability in the namespace but does not satisfy the rest of the
+/// selector, with why not.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Rejected {
     pub id: String,
@@ -264,119 +265,168 @@ pub struct Rejected {
 pub struct Resolution {
     pub candidates: Vec<Candidate>,
     pub rejected: Vec<Rejected>,
+    /// The entities that were not considered at all, counted by reason (like "9960 entities
+    /// lack capability search"), so a registry of any size is explained in a few lines.
+    pub not_considered: Vec<String>,
 }
 
 const PREFERRED_TAG: i64 = 10;
 const DEGRADED: i64 = -30;
 
-/// Ranks `entities` for `selector`: candidates by score (then newest version, then name), each
-/// with its reasons; every other entity with the reasons it was rejected.
+/// Entities indexed for resolution: by (namespace, capability), versions parsed once. Build it
+/// when the registry changes, resolve against it many times.
+pub struct Catalog {
+    entities: Vec<Entity>,
+    versions: Vec<Version>,
+    by_offer: HashMap<(String, String), Vec<usize>>,
+    per_namespace: HashMap<String, usize>,
+}
+
+impl Catalog {
+    pub fn new(entities: Vec<Entity>) -> Self {
+        let mut by_offer: HashMap<(String, String), Vec<usize>> = HashMap::new();
+        let mut per_namespace: HashMap<String, usize> = HashMap::new();
+        let mut versions = Vec::with_capacity(entities.len());
+        for (index, entity) in entities.iter().enumerate() {
+            let registration = &entity.registration;
+            versions.push(Version::parse(&registration.version).unwrap_or(Version::new(0, 0, 0)));
+            *per_namespace
+                .entry(registration.namespace.clone())
+                .or_default() += 1;
+            for capability in &registration.capabilities {
+                by_offer
+                    .entry((registration.namespace.clone(), capability.clone()))
+                    .or_default()
+                    .push(index);
+            }
+        }
+        Self {
+            entities,
+            versions,
+            by_offer,
+            per_namespace,
+        }
+    }
+
+    pub fn entities(&self) -> &[Entity] {
+        &self.entities
+    }
+
+    /// Ranks the entities for `selector`: candidates by score (then newest version, then name),
+    /// each with its reasons; entities that offer the capability but fail the rest, with
+    /// theirs; the others counted.
+    pub fn resolve(&self, selector: &Selector, now_ms: u64) -> Result<Resolution, MeshError> {
+        let wanted = selector.parse()?;
+        let namespace = selector.namespace.as_deref().unwrap_or("default");
+        let offering: &[usize] = self
+            .by_offer
+            .get(&(namespace.to_string(), selector.capability.clone()))
+            .map_or(&[], Vec::as_slice);
+        let mut candidates: Vec<(Candidate, &Version)> = Vec::new();
+        let mut rejected = Vec::new();
+        for &index in offering {
+            let entity = &self.entities[index];
+            let version = &self.versions[index];
+            let registration = &entity.registration;
+            let mut reasons = vec![format!("has capability {}", selector.capability)];
+            let mut refusals = Vec::new();
+            for tag in &wanted.required {
+                if registration.tags.contains(tag) {
+                    reasons.push(format!("has required tag {tag}"));
+                } else {
+                    refusals.push(format!("lacks required tag {tag}"));
+                }
+            }
+            for tag in &wanted.excluded {
+                if registration.tags.contains(tag) {
+                    refusals.push(format!("has excluded tag {tag}"));
+                }
+            }
+            if let Some(requirement) = &wanted.version {
+                if requirement.matches(version) {
+                    reasons.push(format!("version {version} satisfies {requirement}"));
+                } else {
+                    refusals.push(format!("version {version} does not satisfy {requirement}"));
+                }
+            }
+            let status = entity.status(now_ms);
+            match status {
+                Status::Expired => refusals.push(format!(
+                    "expired: no heartbeat for more than {} s",
+                    registration.ttl_seconds
+                )),
+                Status::Unhealthy => refusals.push("reports itself unhealthy".into()),
+                Status::Degraded | Status::Healthy => {}
+            }
+            if !refusals.is_empty() {
+                rejected.push(Rejected {
+                    id: entity.id.clone(),
+                    name: registration.name.clone(),
+                    version: registration.version.clone(),
+                    reasons: refusals,
+                });
+                continue;
+            }
+            let mut score = 100;
+            for tag in &wanted.preferred {
+                if registration.tags.contains(tag) {
+                    score += PREFERRED_TAG;
+                    reasons.push(format!("has preferred tag {tag} (+{PREFERRED_TAG})"));
+                } else {
+                    reasons.push(format!("lacks preferred tag {tag}"));
+                }
+            }
+            if status == Status::Degraded {
+                score += DEGRADED;
+                reasons.push(format!("degraded ({DEGRADED})"));
+            }
+            candidates.push((
+                Candidate {
+                    id: entity.id.clone(),
+                    name: registration.name.clone(),
+                    version: registration.version.clone(),
+                    status,
+                    score,
+                    reasons,
+                },
+                version,
+            ));
+        }
+        candidates.sort_by(|(a, av), (b, bv)| {
+            b.score
+                .cmp(&a.score)
+                .then_with(|| bv.cmp(av))
+                .then_with(|| a.name.cmp(&b.name))
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        let in_namespace = self.per_namespace.get(namespace).copied().unwrap_or(0);
+        let elsewhere = self.entities.len() - in_namespace;
+        let lacking = in_namespace - offering.len();
+        let mut not_considered = Vec::new();
+        if lacking > 0 {
+            not_considered.push(format!(
+                "{lacking} entities in namespace {namespace} lack capability {}",
+                selector.capability
+            ));
+        }
+        if elsewhere > 0 {
+            not_considered.push(format!("{elsewhere} entities are in other namespaces"));
+        }
+        Ok(Resolution {
+            candidates: candidates.into_iter().map(|(c, _)| c).collect(),
+            rejected,
+            not_considered,
+        })
+    }
+}
+
+/// Resolves against `entities` once (build a [`Catalog`] to resolve many times).
 pub fn resolve(
     selector: &Selector,
     entities: &[Entity],
     now_ms: u64,
 ) -> Result<Resolution, MeshError> {
-    let wanted = selector.parse()?;
-    let namespace = selector.namespace.as_deref().unwrap_or("default");
-    let mut candidates: Vec<(Candidate, Version)> = Vec::new();
-    let mut rejected = Vec::new();
-    for entity in entities {
-        let registration = &entity.registration;
-        let version = Version::parse(&registration.version).unwrap_or(Version::new(0, 0, 0));
-        let mut reasons = Vec::new();
-        let mut refusals = Vec::new();
-        if registration.namespace != namespace {
-            refusals.push(format!(
-                "namespace {} is not {namespace}",
-                registration.namespace
-            ));
-        }
-        if registration
-            .capabilities
-            .iter()
-            .any(|c| c == &selector.capability)
-        {
-            reasons.push(format!("has capability {}", selector.capability));
-        } else {
-            refusals.push(format!(
-                "lacks capability {} (has {})",
-                selector.capability,
-                registration.capabilities.join(", ")
-            ));
-        }
-        for tag in &wanted.required {
-            if registration.tags.contains(tag) {
-                reasons.push(format!("has required tag {tag}"));
-            } else {
-                refusals.push(format!("lacks required tag {tag}"));
-            }
-        }
-        for tag in &wanted.excluded {
-            if registration.tags.contains(tag) {
-                refusals.push(format!("has excluded tag {tag}"));
-            }
-        }
-        if let Some(requirement) = &wanted.version {
-            if requirement.matches(&version) {
-                reasons.push(format!("version {version} satisfies {requirement}"));
-            } else {
-                refusals.push(format!("version {version} does not satisfy {requirement}"));
-            }
-        }
-        let status = entity.status(now_ms);
-        match status {
-            Status::Expired => refusals.push(format!(
-                "expired: no heartbeat for more than {} s",
-                registration.ttl_seconds
-            )),
-            Status::Unhealthy => refusals.push("reports itself unhealthy".into()),
-            Status::Degraded | Status::Healthy => {}
-        }
-        if !refusals.is_empty() {
-            rejected.push(Rejected {
-                id: entity.id.clone(),
-                name: registration.name.clone(),
-                version: registration.version.clone(),
-                reasons: refusals,
-            });
-            continue;
-        }
-        let mut score = 100;
-        for tag in &wanted.preferred {
-            if registration.tags.contains(tag) {
-                score += PREFERRED_TAG;
-                reasons.push(format!("has preferred tag {tag} (+{PREFERRED_TAG})"));
-            } else {
-                reasons.push(format!("lacks preferred tag {tag}"));
-            }
-        }
-        if status == Status::Degraded {
-            score += DEGRADED;
-            reasons.push(format!("degraded ({DEGRADED})"));
-        }
-        candidates.push((
-            Candidate {
-                id: entity.id.clone(),
-                name: registration.name.clone(),
-                version: registration.version.clone(),
-                status,
-                score,
-                reasons,
-            },
-            version,
-        ));
-    }
-    candidates.sort_by(|(a, av), (b, bv)| {
-        b.score
-            .cmp(&a.score)
-            .then_with(|| bv.cmp(av))
-            .then_with(|| a.name.cmp(&b.name))
-            .then_with(|| a.id.cmp(&b.id))
-    });
-    Ok(Resolution {
-        candidates: candidates.into_iter().map(|(c, _)| c).collect(),
-        rejected,
-    })
+    Catalog::new(entities.to_vec()).resolve(selector, now_ms)
 }
 
 #[cfg(test)]
