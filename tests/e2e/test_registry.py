@@ -156,3 +156,39 @@ def test_register_heartbeat_resolve_expire_and_deregister(concord: NodeFactory, 
         assert [e["version"] for e in listed["entities"]] == ["1.6.0"]
     finally:
         node.stop()
+
+
+async def test_a_registered_server_joins_the_namespace_and_leaves_when_it_expires(
+    concord: NodeFactory, replicas: list[PeerServer]
+) -> None:
+    from mcp.types import ToolListChangedNotification
+
+    from conftest import connect, eventually, text_of, tool_names
+
+    node = concord.start("registry-routing", {})
+    try:
+        notifications: list[Any] = []
+
+        async def on_message(message: Any) -> None:
+            notifications.append(message)
+
+        async with connect(node.url, message_handler=on_message) as client:
+            assert "finder__echo" not in await tool_names(client)
+            status, entity = request(
+                "POST", api(node), registration("finder", "2.0.0", replicas[0].port, ["prod"], ttl_seconds=2)
+            )
+            assert status == 201, entity
+
+            async def announced() -> bool:
+                return any(isinstance(m, ToolListChangedNotification) for m in notifications)
+
+            await eventually(announced, timeout=10, what="list_changed after the registration")
+            assert "finder__echo" in await tool_names(client)
+            assert text_of(await client.call_tool("finder__echo", {"message": "via the mesh"})) == "Echo: via the mesh"
+
+            # It stops heartbeating: once its TTL passes it leaves, and the client hears of it.
+            notifications.clear()
+            await eventually(announced, timeout=15, what="list_changed after the expiry")
+            assert "finder__echo" not in await tool_names(client)
+    finally:
+        node.stop()

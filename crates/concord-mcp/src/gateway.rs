@@ -73,9 +73,15 @@ pub struct UpstreamStatus {
     pub uptime_seconds: Option<u64>,
 }
 
+/// The upstreams, in the order they were added (configuration first, then registrations).
+#[derive(Default)]
+pub(crate) struct UpstreamSet {
+    list: Vec<Arc<Upstream>>,
+    by_name: HashMap<Arc<str>, Arc<Upstream>>,
+}
+
 pub(crate) struct Shared {
-    pub upstreams: Vec<Arc<Upstream>>,
-    by_name: HashMap<Arc<str>, usize>,
+    upstreams: RwLock<UpstreamSet>,
     catalog: RwLock<Arc<Catalog>>,
     /// Serialises catalog rebuilds so an older build never replaces a newer one.
     rebuild_lock: Mutex<()>,
@@ -106,8 +112,13 @@ impl Shared {
         self.catalog.read().clone()
     }
 
-    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
-        self.by_name.get(name).map(|&i| &self.upstreams[i])
+    pub fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
+        self.upstreams.read().by_name.get(name).cloned()
+    }
+
+    /// A snapshot of every upstream, in order.
+    pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        self.upstreams.read().list.clone()
     }
 
     pub fn upstream_settled(&self) {
@@ -115,7 +126,7 @@ impl Shared {
     }
 
     fn all_settled(&self) -> bool {
-        self.upstreams
+        self.upstreams()
             .iter()
             .all(|u| u.state.read().first_attempt_done)
     }
@@ -124,8 +135,8 @@ impl Shared {
     /// changed.
     pub fn rebuild_catalog(&self) {
         let _guard = self.rebuild_lock.lock();
-        let snapshots: Vec<_> = self
-            .upstreams
+        let upstreams = self.upstreams();
+        let snapshots: Vec<_> = upstreams
             .iter()
             .filter_map(|u| {
                 let state = u.state.read();
@@ -172,7 +183,7 @@ impl Shared {
     /// Explains why `name` (a tool or prompt) is not in the catalog when it belongs to an
     /// upstream that is down, so callers fail fast with a reason rather than "unknown".
     pub fn unavailable_owner(&self, exposed: &str, kind: NameKind) -> Option<GatewayError> {
-        for upstream in &self.upstreams {
+        for upstream in &self.upstreams() {
             let state = upstream.state.read();
             let reason = match &state.health {
                 Health::Healthy => continue,
@@ -609,20 +620,18 @@ impl Gateway {
                 .unwrap_or_default(),
             ..UpstreamLists::default()
         });
-        let upstreams: Vec<Arc<Upstream>> = config
-            .servers
-            .iter()
-            .map(|spec| Arc::new(Upstream::new(spec.clone())))
-            .collect();
-        let by_name = upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (u.name.clone(), i))
-            .collect();
+        let shutdown = CancellationToken::new();
+        let mut upstreams = UpstreamSet::default();
+        for spec in &config.servers {
+            let upstream = Arc::new(Upstream::new(spec.clone(), shutdown.child_token()));
+            upstreams
+                .by_name
+                .insert(upstream.name.clone(), upstream.clone());
+            upstreams.list.push(upstream);
+        }
         Gateway {
             shared: Arc::new(Shared {
-                upstreams,
-                by_name,
+                upstreams: RwLock::new(upstreams),
                 catalog: RwLock::default(),
                 rebuild_lock: Mutex::new(()),
                 downstream: Downstream::default(),
@@ -632,7 +641,7 @@ impl Gateway {
                 next_session: AtomicU64::new(1),
                 metrics,
                 options,
-                shutdown: CancellationToken::new(),
+                shutdown,
                 settled: Notify::new(),
                 builtins,
                 builtin_lists,
@@ -651,9 +660,59 @@ impl Gateway {
         // Built-in tools are there before any upstream connects (and with no upstreams at all).
         self.shared.rebuild_catalog();
         let mut tasks = self.tasks.lock();
-        for index in 0..self.shared.upstreams.len() {
-            tasks.push(tokio::spawn(supervise(self.shared.clone(), index)));
+        for upstream in self.shared.upstreams() {
+            tasks.push(tokio::spawn(supervise(self.shared.clone(), upstream)));
         }
+    }
+
+    /// Adds an upstream while the gateway runs (a server registered in the mesh); its tools
+    /// join the catalog once it connects. Refused if the name is taken.
+    pub fn add_upstream(&self, spec: concord_config::ServerSpec) -> Result<(), GatewayError> {
+        let upstream = {
+            let mut set = self.shared.upstreams.write();
+            if set.by_name.contains_key(spec.name.as_str()) {
+                return Err(GatewayError::Startup(format!(
+                    "an upstream named {} already exists",
+                    spec.name
+                )));
+            }
+            let upstream = Arc::new(Upstream::new(spec, self.shared.shutdown.child_token()));
+            set.by_name.insert(upstream.name.clone(), upstream.clone());
+            set.list.push(upstream.clone());
+            upstream
+        };
+        tracing::info!(server = %upstream.name, "upstream added");
+        self.tasks
+            .lock()
+            .push(tokio::spawn(supervise(self.shared.clone(), upstream)));
+        Ok(())
+    }
+
+    /// Removes an upstream added at run time (or from config): its supervisor stops, its child
+    /// process (if any) is stopped, and its tools leave the catalog at once.
+    pub fn remove_upstream(&self, name: &str) -> bool {
+        let removed = {
+            let mut set = self.shared.upstreams.write();
+            let removed = set.by_name.remove(name);
+            set.list.retain(|u| &*u.name != name);
+            removed
+        };
+        let Some(upstream) = removed else {
+            return false;
+        };
+        upstream.stop.cancel();
+        tracing::info!(server = %upstream.name, "upstream removed");
+        self.shared.rebuild_catalog();
+        true
+    }
+
+    /// Names of every upstream, in order.
+    pub fn upstream_names(&self) -> Vec<String> {
+        self.shared
+            .upstreams()
+            .iter()
+            .map(|u| u.name.to_string())
+            .collect()
     }
 
     /// Waits until every upstream has finished its first connection attempt (or `limit`
@@ -683,7 +742,7 @@ impl Gateway {
 
     pub fn status(&self) -> Vec<UpstreamStatus> {
         self.shared
-            .upstreams
+            .upstreams()
             .iter()
             .map(|u| {
                 let state = u.state.read();

@@ -1335,7 +1335,7 @@ impl ServerHandler for GatewaySession {
         // the others.
         let servers: Vec<Arc<str>> = self
             .shared
-            .upstreams
+            .upstreams()
             .iter()
             .filter(|u| {
                 u.is_healthy()

@@ -62,12 +62,15 @@ pub(crate) struct Upstream {
     pub name: Arc<str>,
     pub spec: ServerSpec,
     pub state: RwLock<UpstreamState>,
+    /// Cancelled when the gateway shuts down or this upstream is removed.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 impl Upstream {
-    pub fn new(spec: ServerSpec) -> Self {
+    pub fn new(spec: ServerSpec, stop: tokio_util::sync::CancellationToken) -> Self {
         Self {
             name: spec.name.as_str().into(),
+            stop,
             spec,
             state: RwLock::new(UpstreamState {
                 health: Health::Starting,
@@ -549,13 +552,12 @@ pub(crate) async fn hold_subscription(
 }
 
 /// Keeps one upstream connected until the gateway shuts down.
-pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
-    let upstream = shared.upstreams[index].clone();
+pub(crate) async fn supervise(shared: Arc<Shared>, upstream: Arc<Upstream>) {
     let span = tracing::info_span!("upstream", server = %upstream.name, transport = upstream.spec.transport.kind());
     async move {
         let mut backoff = FIRST_BACKOFF;
         loop {
-            if shared.shutdown.is_cancelled() {
+            if upstream.stop.is_cancelled() {
                 return;
             }
             let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -567,7 +569,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
             };
             let connected = tokio::select! {
                 result = connect(&upstream.spec, handler, shared.router.clone()) => result,
-                _ = shared.shutdown.cancelled() => return,
+                _ = upstream.stop.cancelled() => return,
             };
             let failure = match connected {
                 Err(reason) => reason,
@@ -588,7 +590,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, index: usize) {
             mark_unhealthy(&shared, &upstream, failure);
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = shared.shutdown.cancelled() => return,
+                _ = upstream.stop.cancelled() => return,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -665,7 +667,7 @@ async fn serve_connection(
     let mut next_ping = tokio::time::Instant::now() + health_interval;
     let end = loop {
         tokio::select! {
-            _ = shared.shutdown.cancelled() => break ConnectionEnd::Shutdown,
+            _ = upstream.stop.cancelled() => break ConnectionEnd::Shutdown,
             exit = async {
                 match &connection.child {
                     Some(child) => child.exited().await,

@@ -94,10 +94,21 @@ fn valid_word(text: &str) -> bool {
 impl Registration {
     /// Checks every field; the first problem is the error.
     pub fn validate(&self) -> Result<Version, MeshError> {
-        if !valid_word(&self.name) {
+        // The name becomes the tool prefix (`NAME__tool`) when the entity is routed.
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && !self.name.contains("__")
+            && !self.name.starts_with('_')
+            && !self.name.ends_with('_')
+            && self.name != "concord";
+        if !name_ok {
             return Err(invalid(
                 "name",
-                "1 to 128 letters, digits, '-', '_', '.', ':' or '/'",
+                "1 to 64 letters, digits, '-' or '_' (no \"__\", not starting or ending with '_', not \"concord\"): it prefixes the entity's tools",
             ));
         }
         let version = Version::parse(&self.version).map_err(|e| {

@@ -219,6 +219,13 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
             shutdown.clone(),
         ));
     }
+    tokio::spawn(registry::sync_upstreams(
+        state_for_watch.store().clone(),
+        gateway.clone(),
+        config.servers.iter().map(|s| s.name.clone()).collect(),
+        config.node.request_timeout,
+        shutdown.clone(),
+    ));
     tokio::spawn(watch_state(
         state_for_watch,
         gateway.clone(),

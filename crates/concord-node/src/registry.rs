@@ -241,3 +241,85 @@ pub async fn resolve_selector(
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
+
+/// How often the gateway's upstreams are reconciled with the registry: a registration, an
+/// expiry or a deregistration reaches connected clients as `list_changed` within this (plus the
+/// time to connect).
+const SYNC_EVERY: Duration = Duration::from_millis(250);
+
+/// Keeps the gateway's upstreams in step with the registry: every live server or agent with a
+/// URL endpoint is an upstream named after it (its tools as `NAME__tool`); one that expires,
+/// reports itself unhealthy or is deregistered leaves. Names taken by configured servers stay
+/// theirs. Of several live replicas with one name, the first (by id) is used for now.
+pub async fn sync_upstreams(
+    store: Store,
+    gateway: concord_mcp::Gateway,
+    configured: Vec<String>,
+    request_timeout: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut routed: std::collections::BTreeMap<String, (String, String)> = Default::default();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(SYNC_EVERY) => {}
+        }
+        let entities = match entities(&store).await {
+            Ok(entities) => entities,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the registry failed");
+                continue;
+            }
+        };
+        let now = now_ms();
+        let mut desired: std::collections::BTreeMap<String, (String, String)> = Default::default();
+        for entity in &entities {
+            let registration = &entity.registration;
+            let live = matches!(
+                entity.status(now),
+                concord_mesh::Status::Healthy | concord_mesh::Status::Degraded
+            );
+            let Some(url) = &registration.endpoint.url else {
+                continue;
+            };
+            if !live || registration.kind == Kind::Llm || configured.contains(&registration.name) {
+                continue;
+            }
+            desired
+                .entry(registration.name.clone())
+                .or_insert_with(|| (entity.id.clone(), url.clone()));
+        }
+        let stale: Vec<String> = routed
+            .iter()
+            .filter(|(name, target)| desired.get(*name) != Some(*target))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            gateway.remove_upstream(&name);
+            routed.remove(&name);
+        }
+        for (name, (id, url)) in desired {
+            if routed.contains_key(&name) {
+                continue;
+            }
+            let spec = concord_config::ServerSpec {
+                name: name.clone(),
+                transport: concord_config::TransportSpec::StreamableHttp {
+                    url: url.clone(),
+                    headers: Default::default(),
+                },
+                prefix: concord_config::PrefixMode::Always,
+                request_timeout,
+                forward_roots: false,
+            };
+            match gateway.add_upstream(spec) {
+                Ok(()) => {
+                    routed.insert(name, (id, url));
+                }
+                Err(e) => {
+                    tracing::warn!(entity = %id, error = %e, "a registered server cannot be routed")
+                }
+            }
+        }
+    }
+}
