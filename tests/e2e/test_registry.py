@@ -142,6 +142,25 @@ def test_register_heartbeat_resolve_expire_and_deregister(concord: NodeFactory, 
         expired = [r for r in resolution["rejected"] if r["version"] == "1.6.0"][0]
         assert "expired: no heartbeat for more than 1 s" in expired["reasons"], expired
 
+        # Declared dependencies, resolved now.
+        planner = registration(
+            "planner",
+            "0.3.0",
+            replicas[1].port,
+            [],
+            dependencies={"search": {"capability": "search", "tags": ["prod"]}, "llm": {"capability": "llm"}},
+        )
+        status, body = request("POST", api(node), planner)
+        assert status == 201, body
+        deps = subprocess.run(
+            [str(CONCORD_BIN), "deps", "show", "planner", "--url", node.url], capture_output=True, text=True, timeout=30
+        )
+        assert deps.returncode == 1, deps.stdout + deps.stderr
+        assert "search: search 1.4.2 (score 70, degraded)" in deps.stdout, deps.stdout
+        assert "llm: nothing resolves" in deps.stdout and "lack capability llm" in deps.stdout, deps.stdout
+        status, _ = request("DELETE", f"{api(node)}/{body['id']}")
+        assert status == 200
+
         # A restart keeps the catalog.
         node.stop()
         node = concord.start("registry-again", {}, directory=directory)

@@ -53,6 +53,9 @@ enum Command {
     /// The mesh registry of a running node.
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// What a registered entity's declared dependencies resolve to now.
+    #[command(subcommand)]
+    Deps(DepsCommand),
     /// Run one client scenario of the official MCP conformance suite (its client mode runs
     /// this with the test server's URL; the scenario comes from MCP_CONFORMANCE_SCENARIO).
     #[command(hide = true)]
@@ -154,6 +157,16 @@ enum AuditCommand {
         contains: Option<String>,
         #[command(flatten)]
         store: StoreTarget,
+    },
+}
+
+#[derive(Subcommand)]
+enum DepsCommand {
+    /// Each dependency NAME declared, and its best candidate now (or why there is none).
+    Show {
+        name: String,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -302,6 +315,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Keys(command) => keys_command(command).await,
         Command::Audit(command) => audit_command(command).await,
         Command::Agents(AgentsCommand::List { target }) => agents_list(target).await,
+        Command::Deps(DepsCommand::Show { name, target }) => deps_show(&name, target).await,
         Command::Tools(ToolsCommand::Resolve {
             capability,
             tags,
@@ -874,6 +888,90 @@ fn join_reasons(reasons: &serde_json::Value) -> String {
                 .join("; ")
         })
         .unwrap_or_default()
+}
+
+async fn deps_show(name: &str, target: Target) -> Result<std::process::ExitCode> {
+    let listed = rest_get(&target, "/api/v1/registry").await?;
+    let entity = listed["entities"]
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["name"] == name))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no registered entity named {name}"))?;
+    let dependencies = entity["dependencies"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    if dependencies.is_empty() {
+        println!("{name} declares no dependencies");
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let mut unresolved = false;
+    for (dependency, selector) in dependencies {
+        let tags: Vec<String> = selector["tags"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut query = format!(
+            "/api/v1/registry/resolve?capability={}&tags={}",
+            encode(selector["capability"].as_str().unwrap_or_default()),
+            encode(&tags.join(","))
+        );
+        if let Some(version) = selector["version"].as_str() {
+            query.push_str(&format!("&version={}", encode(version)));
+        }
+        if let Some(namespace) = selector["namespace"].as_str() {
+            query.push_str(&format!("&namespace={}", encode(namespace)));
+        }
+        let resolution = rest_get(&target, &query).await?;
+        match resolution["candidates"].as_array().and_then(|c| c.first()) {
+            Some(best) => println!(
+                "{dependency}: {} {} (score {}, {}) — {}",
+                best["name"].as_str().unwrap_or_default(),
+                best["version"].as_str().unwrap_or_default(),
+                best["score"],
+                best["status"].as_str().unwrap_or_default(),
+                join_reasons(&best["reasons"]),
+            ),
+            None => {
+                unresolved = true;
+                let mut why: Vec<String> = resolution["rejected"]
+                    .as_array()
+                    .map(|r| {
+                        r.iter()
+                            .map(|x| {
+                                format!(
+                                    "{} {}: {}",
+                                    x["name"].as_str().unwrap_or_default(),
+                                    x["version"].as_str().unwrap_or_default(),
+                                    join_reasons(&x["reasons"])
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                why.extend(
+                    resolution["not_considered"]
+                        .as_array()
+                        .map(|n| {
+                            n.iter()
+                                .filter_map(|v| v.as_str().map(str::to_string))
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default(),
+                );
+                println!("{dependency}: nothing resolves — {}", why.join("; "));
+            }
+        }
+    }
+    Ok(if unresolved {
+        std::process::ExitCode::from(1)
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
 }
 
 async fn agents_list(target: Target) -> Result<std::process::ExitCode> {
