@@ -168,6 +168,10 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
     }
     let state = Arc::new(state_service);
     let state_for_watch = state.clone();
+    let registry_state = registry::RegistryState {
+        store: state.store().clone(),
+        beats: Arc::default(),
+    };
     let metrics = Arc::new(Metrics::new());
     let gateway = Gateway::with_builtins(
         config,
@@ -201,6 +205,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         shutdown.clone(),
         state,
         governance.clone(),
+        registry_state.clone(),
     );
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
@@ -220,7 +225,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         ));
     }
     tokio::spawn(registry::sync_upstreams(
-        state_for_watch.store().clone(),
+        registry_state,
         gateway.clone(),
         config.servers.iter().map(|s| s.name.clone()).collect(),
         config.node.request_timeout,
@@ -327,8 +332,8 @@ fn router(
     shutdown: CancellationToken,
     shared_state: Arc<concord_state::StateService>,
     governance: Option<Arc<governance::Governance>>,
+    registry_state: registry::RegistryState,
 ) -> Router {
-    let store = shared_state.store().clone();
     let registry_api = Router::new()
         .route(
             "/api/v1/registry",
@@ -343,7 +348,7 @@ fn router(
             "/api/v1/registry/{id}",
             axum::routing::delete(registry::deregister),
         )
-        .with_state(store);
+        .with_state(registry_state);
     let mut state_api = Router::new()
         .route("/api/v1/state/changes", get(rest::feed))
         .route(

@@ -74,6 +74,35 @@ fn entity_of(row: &RegistryRow) -> Option<Entity> {
     })
 }
 
+/// Heartbeats are the registry's hottest write and need no fsync each: they are kept here and
+/// written in one transaction per sync tick (every 250 ms). An entity's TTL is seconds, so the
+/// lag never decides an expiry.
+#[derive(Default)]
+pub struct Heartbeats {
+    pending: parking_lot::Mutex<std::collections::HashMap<String, (Health, u64)>>,
+    /// Ids known to exist (refreshed every tick), so a heartbeat for one is taken in memory.
+    known: parking_lot::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Heartbeats {
+    async fn flush(&self, store: &Store) -> Result<(), concord_store::StoreError> {
+        let drained: Vec<(String, String, u64)> = self
+            .pending
+            .lock()
+            .drain()
+            .map(|(id, (health, at))| (id, health_name(health).to_string(), at))
+            .collect();
+        store.heartbeats(&drained).await
+    }
+}
+
+/// What the registry handlers share.
+#[derive(Clone)]
+pub struct RegistryState {
+    pub store: Store,
+    pub beats: std::sync::Arc<Heartbeats>,
+}
+
 pub async fn entities(store: &Store) -> Result<Vec<Entity>, concord_store::StoreError> {
     Ok(store
         .registry()
@@ -102,7 +131,7 @@ async fn probe(registration: &Registration) -> Result<(), String> {
 }
 
 pub async fn register(
-    State(store): State<Store>,
+    State(registry): State<RegistryState>,
     body: Result<Json<Registration>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(registration) = match body {
@@ -132,12 +161,17 @@ pub async fn register(
         registered_at_ms: now,
         last_heartbeat_ms: now,
     };
-    match store.register(&row).await {
-        Ok(()) => (
-            StatusCode::CREATED,
-            Json(json!({"id": id, "status": "healthy", "ttl_seconds": registration.ttl_seconds})),
-        )
-            .into_response(),
+    match registry.store.register(&row).await {
+        Ok(()) => {
+            registry.beats.known.lock().insert(id.clone());
+            (
+                StatusCode::CREATED,
+                Json(
+                    json!({"id": id, "status": "healthy", "ttl_seconds": registration.ttl_seconds}),
+                ),
+            )
+                .into_response()
+        }
         Err(e) => store_error(e),
     }
 }
@@ -150,12 +184,24 @@ pub struct Heartbeat {
 }
 
 pub async fn heartbeat(
-    State(store): State<Store>,
+    State(registry): State<RegistryState>,
     Path(id): Path<String>,
     body: Option<Json<Heartbeat>>,
 ) -> Response {
     let health = body.map(|Json(b)| b.health).unwrap_or_default();
-    match store.heartbeat(&id, health_name(health), now_ms()).await {
+    if registry.beats.known.lock().contains(&id) {
+        registry
+            .beats
+            .pending
+            .lock()
+            .insert(id.clone(), (health, now_ms()));
+        return Json(json!({"id": id, "status": health_name(health)})).into_response();
+    }
+    match registry
+        .store
+        .heartbeat(&id, health_name(health), now_ms())
+        .await
+    {
         Ok(true) => Json(json!({"id": id, "status": health_name(health)})).into_response(),
         Ok(false) => error(
             StatusCode::NOT_FOUND,
@@ -165,17 +211,19 @@ pub async fn heartbeat(
     }
 }
 
-pub async fn deregister(State(store): State<Store>, Path(id): Path<String>) -> Response {
-    match store.deregister(&id).await {
+pub async fn deregister(State(registry): State<RegistryState>, Path(id): Path<String>) -> Response {
+    registry.beats.known.lock().remove(&id);
+    registry.beats.pending.lock().remove(&id);
+    match registry.store.deregister(&id).await {
         Ok(true) => Json(json!({"id": id, "deregistered": true})).into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no entity {id}")),
         Err(e) => store_error(e),
     }
 }
 
-pub async fn list(State(store): State<Store>) -> Response {
+pub async fn list(State(registry): State<RegistryState>) -> Response {
     let now = now_ms();
-    match entities(&store).await {
+    match entities(&registry.store).await {
         Ok(entities) => {
             let listed: Vec<Value> = entities
                 .iter()
@@ -211,7 +259,7 @@ pub struct ResolveQuery {
 }
 
 pub async fn resolve_selector(
-    State(store): State<Store>,
+    State(registry): State<RegistryState>,
     query: Result<Query<ResolveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Query(query) = match query {
@@ -232,7 +280,7 @@ pub async fn resolve_selector(
         version: query.version,
         namespace: query.namespace,
     };
-    let entities = match entities(&store).await {
+    let entities = match entities(&registry.store).await {
         Ok(entities) => entities,
         Err(e) => return store_error(e),
     };
@@ -252,7 +300,7 @@ const SYNC_EVERY: Duration = Duration::from_millis(250);
 /// reports itself unhealthy or is deregistered leaves. Names taken by configured servers stay
 /// theirs. Of several live replicas with one name, the first (by id) is used for now.
 pub async fn sync_upstreams(
-    store: Store,
+    registry: RegistryState,
     gateway: concord_mcp::Gateway,
     configured: Vec<String>,
     request_timeout: Duration,
@@ -264,13 +312,17 @@ pub async fn sync_upstreams(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(SYNC_EVERY) => {}
         }
-        let entities = match entities(&store).await {
+        if let Err(e) = registry.beats.flush(&registry.store).await {
+            tracing::warn!(error = %e, "writing heartbeats failed");
+        }
+        let entities = match entities(&registry.store).await {
             Ok(entities) => entities,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the registry failed");
                 continue;
             }
         };
+        *registry.beats.known.lock() = entities.iter().map(|e| e.id.clone()).collect();
         let now = now_ms();
         let mut desired: std::collections::BTreeMap<String, (String, String)> = Default::default();
         for entity in &entities {

@@ -91,6 +91,43 @@ impl Store {
         Ok(done == 1)
     }
 
+    /// Records many heartbeats in one transaction: `(id, health, at_ms)`. Ids that no longer
+    /// exist are skipped.
+    pub async fn heartbeats(&self, beats: &[(String, String, u64)]) -> Result<(), StoreError> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Sqlite(pool) => {
+                let rows: Vec<serde_json::Value> = beats
+                    .iter()
+                    .map(|(id, health, at)| serde_json::json!([id, health, at]))
+                    .collect();
+                sqlx::query(
+                    "UPDATE registry SET health = b.value ->> 1, last_heartbeat_ms = b.value ->> 2 \
+                     FROM json_each(?) b WHERE registry.id = b.value ->> 0 \
+                     AND registry.last_heartbeat_ms < b.value ->> 2",
+                )
+                .bind(serde_json::Value::Array(rows).to_string())
+                .execute(pool)
+                .await?;
+            }
+            Backend::Postgres(pool) => {
+                sqlx::query(
+                    "UPDATE registry r SET health = b.health, last_heartbeat_ms = b.at \
+                     FROM unnest($1::text[], $2::text[], $3::bigint[]) AS b(id, health, at) \
+                     WHERE r.id = b.id AND r.last_heartbeat_ms < b.at",
+                )
+                .bind(beats.iter().map(|b| b.0.as_str()).collect::<Vec<_>>())
+                .bind(beats.iter().map(|b| b.1.as_str()).collect::<Vec<_>>())
+                .bind(beats.iter().map(|b| b.2 as i64).collect::<Vec<_>>())
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes an entity; false when there was none.
     pub async fn deregister(&self, id: &str) -> Result<bool, StoreError> {
         let done = match &self.backend {
