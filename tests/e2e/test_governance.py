@@ -259,7 +259,11 @@ async def test_state_writes_follow_the_policy_and_everything_lands_in_a_verifiab
         assert exported.returncode == 0, exported.stderr
         entries = [json.loads(line) for line in exported.stdout.splitlines()]
         decisions = [e for e in entries if e["kind"] == "policy_decision" and e["data"].get("key") == "plans/q3"]
-        if decisions or time.monotonic() > deadline:
+        locked_decisions = [
+            e for e in entries if e["kind"] == "policy_decision" and e["data"].get("rule") == "nobody-writes-audit-ns"
+        ]
+        # Entries are written in batches in the background: wait for all of them.
+        if (decisions and locked_decisions) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert decisions and decisions[0]["data"]["allowed"] is False and decisions[0]["principal"] == "alice"

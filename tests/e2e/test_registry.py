@@ -211,3 +211,34 @@ async def test_a_registered_server_joins_the_namespace_and_leaves_when_it_expire
             assert "finder__echo" not in await tool_names(client)
     finally:
         node.stop()
+
+
+async def test_entities_declared_in_the_config_are_registered_and_kept_alive(
+    concord: NodeFactory, replicas: list[PeerServer]
+) -> None:
+    from conftest import connect, eventually, tool_names
+
+    extra = f"""
+[registry.configured]
+version = "3.0.0"
+kind = "server"
+capabilities = ["search"]
+tags = ["static"]
+ttl_seconds = 1
+endpoint = {{ url = "http://127.0.0.1:{replicas[1].port}/mcp" }}
+"""
+    node = concord.start("registry-config", {}, extra_config=extra)
+    try:
+        async with connect(node.url) as client:
+
+            async def routed() -> bool:
+                return "configured__echo" in await tool_names(client)
+
+            await eventually(routed, timeout=10, what="the configured entity's tools")
+            # Its TTL is 1 s, but the node keeps it alive itself.
+            time.sleep(2.5)
+            status, listed = request("GET", api(node))
+            assert [(e["name"], e["status"]) for e in listed["entities"]] == [("configured", "healthy")], listed
+            assert await routed()
+    finally:
+        node.stop()

@@ -44,6 +44,9 @@ pub struct Config {
     pub limits: LimitSettings,
     pub audit: AuditSettings,
     pub budgets: BudgetSettings,
+    /// Entities declared in the config (`[registry.NAME]`): registered at start and kept alive
+    /// by the node itself, beside those that register over HTTP.
+    pub registry: Vec<concord_mesh::Registration>,
     /// Upstream servers, sorted by name.
     pub servers: Vec<ServerSpec>,
 }

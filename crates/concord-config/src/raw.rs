@@ -33,8 +33,44 @@ pub(crate) struct TomlFile {
     audit: RawAudit,
     #[serde(default)]
     budgets: RawBudgets,
+    /// `[registry.NAME]`: a registration without its name (the key is the name).
+    #[serde(default)]
+    registry: BTreeMap<String, toml::Table>,
     #[serde(default)]
     servers: BTreeMap<String, TomlServer>,
+}
+
+fn registrations(
+    raw: BTreeMap<String, toml::Table>,
+    file: &Path,
+) -> Result<Vec<concord_mesh::Registration>, ConfigError> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (name, mut table) in raw {
+        let key = format!("registry.{name}");
+        table.insert("name".into(), toml::Value::String(name.clone()));
+        let value = serde_json::to_value(&table)
+            .map_err(|e| ConfigError::invalid(file, key.clone(), e.to_string()))?;
+        let registration: concord_mesh::Registration = serde_path_to_error::deserialize(value)
+            .map_err(|e| {
+                let at = e.path().to_string();
+                ConfigError::invalid(
+                    file,
+                    if at == "." {
+                        key.clone()
+                    } else {
+                        format!("{key}.{at}")
+                    },
+                    e.into_inner().to_string(),
+                )
+            })?;
+        registration.validate().map_err(|e| match e {
+            concord_mesh::MeshError::Invalid { field, message } => {
+                ConfigError::invalid(file, format!("{key}.{field}"), message)
+            }
+        })?;
+        out.push(registration);
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -662,6 +698,7 @@ impl TomlFile {
         let limits = self.limits.into_settings(file)?;
         let audit = self.audit.into_settings();
         let budgets = self.budgets.into_settings(file)?;
+        let registry = registrations(self.registry, file)?;
         let mut servers = Vec::new();
         for (name, raw) in self.servers {
             if !raw.enabled {
@@ -696,6 +733,7 @@ impl TomlFile {
             limits,
             audit,
             budgets,
+            registry,
             servers,
         })
     }
@@ -744,6 +782,7 @@ impl JsonFile {
             limits: LimitSettings::default(),
             audit: AuditSettings::default(),
             budgets: BudgetSettings::default(),
+            registry: Vec::new(),
             servers,
         })
     }

@@ -301,3 +301,32 @@ fn auth_policy_limits_and_audit_tables() {
     let err = toml("[[auth.keys]]\nalgorithm = \"RS256\"\nsecret = \"s\"\n").unwrap_err();
     assert_eq!(err.key(), Some("auth.keys[0].public_key"), "{err}");
 }
+
+#[test]
+fn registry_entities_in_the_config() {
+    let config = toml(
+        r#"
+        [registry.search]
+        version = "1.6.0"
+        kind = "server"
+        capabilities = ["search"]
+        tags = ["prod"]
+        endpoint = { url = "http://127.0.0.1:9000/mcp" }
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.registry.len(), 1);
+    assert_eq!(config.registry[0].name, "search");
+    assert_eq!(config.registry[0].namespace, "default");
+
+    let err = toml(
+        "[registry.search]\nversion = \"one\"\nkind = \"server\"\ncapabilities = [\"s\"]\nendpoint = { url = \"http://x\" }\n",
+    )
+    .unwrap_err();
+    assert_eq!(err.key(), Some("registry.search.version"), "{err}");
+    let err = toml(
+        "[registry.search]\nversion = \"1.0.0\"\nkind = \"robot\"\ncapabilities = [\"s\"]\nendpoint = { url = \"http://x\" }\n",
+    )
+    .unwrap_err();
+    assert_eq!(err.key(), Some("registry.search.kind"), "{err}");
+}

@@ -123,6 +123,7 @@ pub async fn run_stdio_bridge(url: &str, token: Option<&str>) -> Result<(), crat
         limits: Default::default(),
         audit: Default::default(),
         budgets: Default::default(),
+        registry: Default::default(),
         servers: vec![ServerSpec {
             name: "node".to_string(),
             transport: TransportSpec::StreamableHttp {

@@ -73,6 +73,7 @@ pub async fn run_client(scenario: &str, url: &str) -> Result<(), GatewayError> {
         limits: Default::default(),
         audit: Default::default(),
         budgets: Default::default(),
+        registry: Default::default(),
         servers: vec![ServerSpec {
             name: "server".to_string(),
             transport: TransportSpec::StreamableHttp {

@@ -237,6 +237,7 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
         limits: Default::default(),
         audit: Default::default(),
         budgets: Default::default(),
+        registry: Default::default(),
         servers: vec![
             ServerSpec {
                 name: "legacy".into(),

@@ -224,9 +224,14 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
             shutdown.clone(),
         ));
     }
+    let configured_entities =
+        registry::register_configured(state_for_watch.store(), &config.registry)
+            .await
+            .map_err(NodeError::Store)?;
     tokio::spawn(registry::sync_upstreams(
         registry_state,
         gateway.clone(),
+        configured_entities,
         config.servers.iter().map(|s| s.name.clone()).collect(),
         config.node.request_timeout,
         shutdown.clone(),

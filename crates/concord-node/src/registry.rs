@@ -130,6 +130,32 @@ async fn probe(registration: &Registration) -> Result<(), String> {
     }
 }
 
+/// Registers the entities declared in the config (no handshake probe: they may start after the
+/// node) and returns their ids, which the sync loop keeps alive.
+pub async fn register_configured(
+    store: &Store,
+    registrations: &[Registration],
+) -> Result<Vec<String>, concord_store::StoreError> {
+    let now = now_ms();
+    let mut ids = Vec::with_capacity(registrations.len());
+    for registration in registrations {
+        let id = entity_id(registration);
+        store
+            .register(&RegistryRow {
+                id: id.clone(),
+                namespace: registration.namespace.clone(),
+                name: registration.name.clone(),
+                body: serde_json::to_string(registration).unwrap_or_default(),
+                health: "healthy".into(),
+                registered_at_ms: now,
+                last_heartbeat_ms: now,
+            })
+            .await?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 pub async fn register(
     State(registry): State<RegistryState>,
     body: Result<Json<Registration>, axum::extract::rejection::JsonRejection>,
@@ -302,6 +328,7 @@ const SYNC_EVERY: Duration = Duration::from_millis(250);
 pub async fn sync_upstreams(
     registry: RegistryState,
     gateway: concord_mcp::Gateway,
+    configured_entities: Vec<String>,
     configured: Vec<String>,
     request_timeout: Duration,
     stop: tokio_util::sync::CancellationToken,
@@ -311,6 +338,14 @@ pub async fn sync_upstreams(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(SYNC_EVERY) => {}
+        }
+        // Entities declared in the config live as long as the node does.
+        {
+            let now = now_ms();
+            let mut pending = registry.beats.pending.lock();
+            for id in &configured_entities {
+                pending.insert(id.clone(), (Health::Healthy, now));
+            }
         }
         if let Err(e) = registry.beats.flush(&registry.store).await {
             tracing::warn!(error = %e, "writing heartbeats failed");
