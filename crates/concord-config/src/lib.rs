@@ -266,6 +266,9 @@ pub struct ServerSpec {
     /// the roots of the client whose call it is serving. Off by default: one upstream connection
     /// serves every client, and a request made outside any call has no client to answer it.
     pub forward_roots: bool,
+    /// Cache the results of this server's read-only tools (`readOnlyHint`) for this long, per
+    /// caller; `None`: no caching.
+    pub cache_ttl: Option<Duration>,
 }
 
 /// How to reach an upstream server.

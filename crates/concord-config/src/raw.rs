@@ -559,6 +559,7 @@ struct TomlServer {
     enabled: bool,
     #[serde(default)]
     forward_roots: bool,
+    cache_ttl: Option<String>,
 }
 
 fn yes() -> bool {
@@ -682,6 +683,7 @@ struct CommonServer {
     prefix: Option<PrefixMode>,
     timeout: Option<std::time::Duration>,
     forward_roots: bool,
+    cache_ttl: Option<std::time::Duration>,
 }
 
 impl TomlFile {
@@ -721,6 +723,12 @@ impl TomlFile {
                 prefix: raw.prefix,
                 timeout,
                 forward_roots: raw.forward_roots,
+                cache_ttl: match &raw.cache_ttl {
+                    Some(text) => Some(parse_duration(text).map_err(|m| {
+                        ConfigError::invalid(file, format!("servers.{name}.cache_ttl"), m)
+                    })?),
+                    None => None,
+                },
             };
             servers.push(common.into_spec(&name, "servers", file, base_dir, &node, lookup)?);
         }
@@ -770,6 +778,7 @@ impl JsonFile {
                 prefix: None,
                 timeout: raw.timeout.map(std::time::Duration::from_millis),
                 forward_roots: false,
+                cache_ttl: None,
             };
             servers.push(common.into_spec(&name, "mcpServers", file, base_dir, &node, lookup)?);
         }
@@ -970,6 +979,7 @@ impl CommonServer {
             prefix: self.prefix.unwrap_or_default(),
             request_timeout: self.timeout.unwrap_or(node.request_timeout),
             forward_roots: self.forward_roots,
+            cache_ttl: self.cache_ttl,
         })
     }
 }

@@ -133,6 +133,7 @@ pub async fn run_stdio_bridge(url: &str, token: Option<&str>) -> Result<(), crat
             prefix: PrefixMode::Never,
             request_timeout: Duration::from_secs(600),
             forward_roots: false,
+            cache_ttl: None,
         }],
     };
     let gateway = Gateway::new(&config, GatewayOptions::default(), Default::default());

@@ -83,6 +83,7 @@ pub async fn run_client(scenario: &str, url: &str) -> Result<(), GatewayError> {
             prefix: PrefixMode::Never,
             request_timeout: Duration::from_secs(30),
             forward_roots: false,
+            cache_ttl: None,
         }],
     };
     let gateway = Gateway::new(&config, GatewayOptions::default(), Default::default());

@@ -82,6 +82,7 @@ pub(crate) struct UpstreamSet {
 
 pub(crate) struct Shared {
     upstreams: RwLock<UpstreamSet>,
+    pub results: crate::result_cache::ResultCache,
     catalog: RwLock<Arc<Catalog>>,
     /// Serialises catalog rebuilds so an older build never replaces a newer one.
     rebuild_lock: Mutex<()>,
@@ -632,6 +633,7 @@ impl Gateway {
         Gateway {
             shared: Arc::new(Shared {
                 upstreams: RwLock::new(upstreams),
+                results: Default::default(),
                 catalog: RwLock::default(),
                 rebuild_lock: Mutex::new(()),
                 downstream: Downstream::default(),

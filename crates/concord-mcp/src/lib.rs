@@ -16,6 +16,7 @@ mod error;
 mod gateway;
 mod http_client;
 mod http_server;
+mod result_cache;
 mod session;
 mod sse_client;
 mod subscriptions;

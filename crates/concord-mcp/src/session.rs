@@ -630,6 +630,23 @@ impl GatewaySession {
         );
     }
 
+    /// The cache TTL for `tool` of `server`: set only when the server has a `cache_ttl` and the
+    /// tool says it is read-only.
+    fn cacheable(&self, server: &str, tool: &str) -> Option<std::time::Duration> {
+        let upstream = self.shared.upstream(server)?;
+        let ttl = upstream.spec.cache_ttl?;
+        let state = upstream.state.read();
+        let read_only = state
+            .lists
+            .tools
+            .iter()
+            .find(|t| &*t.name == tool)
+            .and_then(|t| t.annotations.as_ref())
+            .and_then(|a| a.read_only_hint)
+            == Some(true);
+        read_only.then_some(ttl)
+    }
+
     /// Whether the caller of `context` may use `name` of `server` (always, with auth off).
     fn permits(
         &self,
@@ -791,6 +808,41 @@ impl ServerHandler for GatewaySession {
             audited_arguments = params.arguments.clone();
         }
         let deadline = shaping.time_left;
+        // Read-only tools of servers with a cache TTL may be answered from the result cache.
+        let cache = self.cacheable(&route.server, &route.name).map(|ttl| {
+            let partition = identity
+                .as_ref()
+                .map_or("-".to_string(), |i| i.principal.clone());
+            (
+                ttl,
+                crate::result_cache::key(
+                    &route.server,
+                    &route.name,
+                    &partition,
+                    params.arguments.as_ref(),
+                ),
+            )
+        });
+        let bypass = context
+            .meta
+            .0
+            .0
+            .get("concord/cache")
+            .and_then(serde_json::Value::as_str)
+            == Some("bypass");
+        if let Some((_, key)) = &cache
+            && !bypass
+            && params.request_state.is_none()
+        {
+            if let Some(mut hit) = self.shared.results.get(key) {
+                self.shared.metrics.count_cache(&route.server, true);
+                let meta = hit.meta.get_or_insert_with(Default::default);
+                meta.0.insert("concord/cache".into(), "hit".into());
+                self.observe("tools/call", &route.server, true);
+                return Ok(CallToolResponse::Complete(hit));
+            }
+            self.shared.metrics.count_cache(&route.server, false);
+        }
         if let Some(builtins) = self.shared.builtins.clone()
             && route.server == self.shared.builtin_name
         {
@@ -851,6 +903,11 @@ impl ServerHandler for GatewaySession {
             result = Err(GatewayError::DeadlinePassed {
                 server: route.server.to_string(),
             });
+        }
+        if let (Some((ttl, key)), Ok(ServerResult::CallToolResult(answer))) = (&cache, &result)
+            && answer.is_error != Some(true)
+        {
+            self.shared.results.put(key.clone(), answer.clone(), *ttl);
         }
         let elapsed = started.elapsed();
         let (mut response, outcome) = match result {

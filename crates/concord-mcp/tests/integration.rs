@@ -250,6 +250,7 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
                 prefix: PrefixMode::Always,
                 request_timeout: Duration::from_secs(20),
                 forward_roots: false,
+                cache_ttl: None,
             },
             ServerSpec {
                 name: "modern".into(),
@@ -260,6 +261,7 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
                 prefix: PrefixMode::Always,
                 request_timeout: Duration::from_secs(20),
                 forward_roots: false,
+                cache_ttl: None,
             },
         ],
     };

@@ -398,6 +398,7 @@ pub async fn sync_upstreams(
                 prefix: concord_config::PrefixMode::Always,
                 request_timeout,
                 forward_roots: false,
+                cache_ttl: None,
             };
             match gateway.add_upstream(spec) {
                 Ok(()) => {

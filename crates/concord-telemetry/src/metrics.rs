@@ -59,6 +59,8 @@ struct Inner {
     /// server -> 1 when healthy.
     upstream_up: BTreeMap<String, bool>,
     upstream_restarts: BTreeMap<String, u64>,
+    /// (server, hit) → count.
+    cache_lookups: BTreeMap<(String, bool), u64>,
 }
 
 /// The node's metrics registry. Cheap to update from many tasks; rendered on demand.
@@ -105,6 +107,16 @@ impl Metrics {
             .lock()
             .upstream_restarts
             .entry(server.to_string())
+            .or_default() += 1;
+    }
+
+    /// One result-cache lookup for a tool of `server`.
+    pub fn count_cache(&self, server: &str, hit: bool) {
+        *self
+            .inner
+            .lock()
+            .cache_lookups
+            .entry((server.to_string(), hit))
             .or_default() += 1;
     }
 
@@ -183,6 +195,16 @@ impl Metrics {
                 out,
                 "concord_upstream_restarts_total{{server=\"{}\"}} {n}",
                 escape(server)
+            );
+        }
+        out.push_str("# HELP concord_result_cache_lookups_total Result-cache lookups by server and outcome.\n");
+        out.push_str("# TYPE concord_result_cache_lookups_total counter\n");
+        for ((server, hit), n) in &inner.cache_lookups {
+            let _ = writeln!(
+                out,
+                "concord_result_cache_lookups_total{{server=\"{}\",outcome=\"{}\"}} {n}",
+                escape(server),
+                if *hit { "hit" } else { "miss" }
             );
         }
         out
