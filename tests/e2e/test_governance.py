@@ -236,6 +236,8 @@ async def test_two_principals_see_only_their_tools_and_a_hidden_tool_looks_unkno
 
 
 async def test_state_writes_follow_the_policy_and_everything_lands_in_a_verifiable_audit_trail(node: Any) -> None:
+    # An authentication failure of this test's own, so the trail has one whatever ran before.
+    assert http_post(node.url, "not-a-token")[0] == 401
     async with as_principal(node.url, token_for("alice", ["analyst"])) as analyst:
         ok = await analyst.call_tool("concord__state_put", {"key": "notes/today", "base_version": 0, "value": {"text": "hello"}})
         assert not ok.is_error, text_of(ok)
@@ -262,8 +264,9 @@ async def test_state_writes_follow_the_policy_and_everything_lands_in_a_verifiab
         locked_decisions = [
             e for e in entries if e["kind"] == "policy_decision" and e["data"].get("rule") == "nobody-writes-audit-ns"
         ]
+        failures = [e for e in entries if e["kind"] == "auth_failure"]
         # Entries are written in batches in the background: wait for all of them.
-        if (decisions and locked_decisions) or time.monotonic() > deadline:
+        if (decisions and locked_decisions and failures) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert decisions and decisions[0]["data"]["allowed"] is False and decisions[0]["principal"] == "alice"
