@@ -33,7 +33,7 @@ pub const RESERVED_SERVER_NAMES: &[&str] = &["concord", "agents"];
 pub const NAMESPACE_SEPARATOR: &str = "__";
 
 /// A validated configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
     /// The file it was read from, if any (errors and relative paths refer to it).
     pub source: Option<PathBuf>,

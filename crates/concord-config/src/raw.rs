@@ -782,17 +782,11 @@ impl JsonFile {
             };
             servers.push(common.into_spec(&name, "mcpServers", file, base_dir, &node, lookup)?);
         }
+        // The mcpServers format has servers only; everything else keeps its defaults.
         Ok(Config {
-            source: None,
             node,
-            state: StateSettings::default(),
-            auth: AuthSettings::default(),
-            policy: PolicySettings::default(),
-            limits: LimitSettings::default(),
-            audit: AuditSettings::default(),
-            budgets: BudgetSettings::default(),
-            registry: Vec::new(),
             servers,
+            ..Config::default()
         })
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use concord_config::{Config, NodeSettings, PrefixMode, ServerSpec, TransportSpec};
+use concord_config::{Config, PrefixMode, ServerSpec, TransportSpec};
 use rmcp::ServiceExt;
 use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation};
 use rmcp::service::{RoleClient, RunningService, ServiceError};
@@ -115,15 +115,6 @@ fn bearer_header(token: Option<&str>) -> BTreeMap<String, String> {
 
 pub async fn run_stdio_bridge(url: &str, token: Option<&str>) -> Result<(), crate::GatewayError> {
     let config = Config {
-        source: None,
-        node: NodeSettings::default(),
-        state: Default::default(),
-        auth: Default::default(),
-        policy: Default::default(),
-        limits: Default::default(),
-        audit: Default::default(),
-        budgets: Default::default(),
-        registry: Default::default(),
         servers: vec![ServerSpec {
             name: "node".to_string(),
             transport: TransportSpec::StreamableHttp {
@@ -135,6 +126,7 @@ pub async fn run_stdio_bridge(url: &str, token: Option<&str>) -> Result<(), crat
             forward_roots: false,
             cache_ttl: None,
         }],
+        ..Config::default()
     };
     let gateway = Gateway::new(&config, GatewayOptions::default(), Default::default());
     gateway.start();

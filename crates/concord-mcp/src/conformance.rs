@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use concord_config::{Config, NodeSettings, PrefixMode, ServerSpec, TransportSpec};
+use concord_config::{Config, PrefixMode, ServerSpec, TransportSpec};
 use rmcp::model::{
     CallToolRequestParams, ClientCapabilities, ClientConfig, ElicitRequestParams, ElicitResult,
     ElicitationAction, Implementation,
@@ -65,15 +65,6 @@ pub(crate) fn schema_defaults(schema: &Value) -> Value {
 /// Runs one client scenario against the test server at `url`.
 pub async fn run_client(scenario: &str, url: &str) -> Result<(), GatewayError> {
     let config = Config {
-        source: None,
-        node: NodeSettings::default(),
-        state: Default::default(),
-        auth: Default::default(),
-        policy: Default::default(),
-        limits: Default::default(),
-        audit: Default::default(),
-        budgets: Default::default(),
-        registry: Default::default(),
         servers: vec![ServerSpec {
             name: "server".to_string(),
             transport: TransportSpec::StreamableHttp {
@@ -85,6 +76,7 @@ pub async fn run_client(scenario: &str, url: &str) -> Result<(), GatewayError> {
             forward_roots: false,
             cache_ttl: None,
         }],
+        ..Config::default()
     };
     let gateway = Gateway::new(&config, GatewayOptions::default(), Default::default());
     gateway.start();

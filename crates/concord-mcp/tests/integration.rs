@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use concord_config::{Config, NodeSettings, PrefixMode, ServerSpec, TransportSpec};
+use concord_config::{Config, PrefixMode, ServerSpec, TransportSpec};
 use concord_mcp::{EdgeOptions, Gateway, GatewayOptions};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
@@ -229,15 +229,6 @@ async fn serve_modern_upstream(stop: CancellationToken) -> String {
 async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, String) {
     let fixture = concord_testkit::workspace_bin("concord-fixture");
     let config = Config {
-        source: None,
-        node: NodeSettings::default(),
-        state: Default::default(),
-        auth: Default::default(),
-        policy: Default::default(),
-        limits: Default::default(),
-        audit: Default::default(),
-        budgets: Default::default(),
-        registry: Default::default(),
         servers: vec![
             ServerSpec {
                 name: "legacy".into(),
@@ -264,6 +255,7 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
                 cache_ttl: None,
             },
         ],
+        ..Config::default()
     };
     let gateway = Gateway::new(&config, GatewayOptions::default(), Default::default());
     gateway.start();
