@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks (release build), each against its baseline measured in the same run:
 #   ./scripts/bench.sh gateway   - tools/call through a node vs direct upstream (bench-results/gateway.md)
+#   ./scripts/bench.sh routing   - only the mesh-routing part: three registered replicas vs direct
+#                                  (bench-results/gateway-routing.md)
 #   ./scripts/bench.sh state     - state commits vs Redis WATCH/MULTI/EXEC and bare SQL CAS (bench-results/state.md)
 #   ./scripts/bench.sh           - both
 # BENCH_SECONDS sets the time per point. The state benchmark needs PostgreSQL
@@ -13,6 +15,9 @@ which="${1:-all}"
 cargo build --release --workspace --bins --locked
 if [ "$which" = gateway ] || [ "$which" = all ]; then
     cargo bench -p concord-cli --bench gateway --locked
+fi
+if [ "$which" = routing ]; then
+    BENCH_ONLY=routing cargo bench -p concord-cli --bench gateway --locked
 fi
 if [ "$which" = state ] || [ "$which" = all ]; then
     cargo bench -p concord-state --bench state --locked

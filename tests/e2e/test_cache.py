@@ -61,3 +61,112 @@ async def test_a_tool_that_is_not_read_only_is_never_cached(node: Any) -> None:
             result = await client.call_tool("fx__touch", {"uri": "fixture://fx/info"})
             assert not cached(result)
         assert await upstream_calls(client) - before == 3
+
+
+TOOL_SETTINGS = """
+[servers.fx.tools.touch]
+cache_ttl = "30s"
+[servers.fx.tools.log]
+cache_ttl = "0s"
+"""
+
+
+async def test_per_tool_settings_make_a_tool_cacheable_or_not(concord: NodeFactory) -> None:
+    """`[servers.NAME.tools.TOOL] cache_ttl` vouches for a tool without readOnlyHint (cached)
+    and turns caching off for a read-only one (`0s`)."""
+    node = concord.start("cache-tools", {"fx": fixture_server("fx", cache_ttl="30s")}, extra_config=TOOL_SETTINGS)
+    try:
+        async with connect(node.url) as client:
+            before = await upstream_calls(client)
+            first = await client.call_tool("fx__touch", {"uri": "fixture://fx/info"})
+            second = await client.call_tool("fx__touch", {"uri": "fixture://fx/info"})
+            assert not cached(first) and cached(second)
+            for _ in range(2):
+                logged = await client.call_tool("fx__log", {"message": "never cached"})
+                assert not cached(logged)
+            # touch once + log twice reached the upstream, plus the stats call itself.
+            assert await upstream_calls(client) - before == 4
+    finally:
+        node.stop()
+
+
+async def test_two_principals_never_share_an_entry(concord: NodeFactory) -> None:
+    from test_governance import AUDIENCE, ISSUER, SECRET, as_principal, token_for
+
+    extra = f"""
+[auth]
+enabled = true
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+[[auth.keys]]
+kid = "e2e"
+algorithm = "HS256"
+secret = "{SECRET}"
+[policy]
+[[policy.rules]]
+name = "everyone"
+effect = "allow"
+when = 'true'
+"""
+    node = concord.start("cache-auth", {"fx": fixture_server("fx", cache_ttl="30s")}, extra_config=extra)
+    try:
+        alice, bob = token_for("alice", ["user"]), token_for("bob", ["user"])
+        async with as_principal(node.url, alice) as as_alice, as_principal(node.url, bob) as as_bob:
+            before = await upstream_calls(as_alice)
+            a1 = await as_alice.call_tool("fx__echo", {"message": "same question"})
+            a2 = await as_alice.call_tool("fx__echo", {"message": "same question"})
+            b1 = await as_bob.call_tool("fx__echo", {"message": "same question"})
+            b2 = await as_bob.call_tool("fx__echo", {"message": "same question"})
+            assert not cached(a1) and cached(a2), "alice's own repeat is a hit"
+            assert not cached(b1), "bob was served alice's entry"
+            assert cached(b2)
+            # alice's first call and bob's first call reached the upstream.
+            assert await upstream_calls(as_bob) - before == 3
+    finally:
+        node.stop()
+
+
+async def test_long_results_are_cut_to_the_callers_token_limit_and_readable_in_pages(concord: NodeFactory) -> None:
+    node = concord.start(
+        "result-budget", {"fx": fixture_server("fx")}, extra_config="[routing]\nmax_result_tokens = 400\n"
+    )
+    try:
+        words = " ".join(f"w{i}" for i in range(3000))
+        async with connect(node.url) as client:
+            short = await client.call_tool("fx__echo", {"message": "short"})
+            assert text_of(short) == "Echo: short" and not (short.meta or {}).get("concord/truncated")
+
+            # The caller asks for fewer tokens than the node's default.
+            result = await client.call_tool(
+                "fx__echo", {"message": words}, meta={"concord/max_result_tokens": 50}
+            )
+            texts = [block.text for block in result.content]
+            assert len(texts) == 2, texts
+            head, marker = texts
+            assert ("Echo: " + words).startswith(head) and len(head) < len(words) // 10, head
+            assert "result truncated to fit 50 tokens" in marker and "concord__result_page" in marker, marker
+            truncated = result.meta["concord/truncated"]
+            assert truncated["keptTokens"] <= 50 < truncated["totalTokens"], truncated
+            # echo declares an output schema, so its structured content must stay whole.
+            assert result.structured_content == {"echo": words}
+
+            # The rest, page by page, joins up to the whole answer.
+            read = head
+            for _ in range(100):
+                page = await client.call_tool(
+                    "concord__result_page", {"handle": truncated["handle"], "max_tokens": 2000}
+                )
+                assert not page.is_error, text_of(page)
+                parts = [block.text for block in page.content]
+                read += parts[0]
+                if len(parts) == 1:
+                    break
+            assert read == "Echo: " + words
+
+            # The node's default applies when the caller says nothing; a spent handle is refused.
+            default = await client.call_tool("fx__echo", {"message": words})
+            assert default.meta["concord/truncated"]["keptTokens"] <= 400
+            spent = await client.call_tool("concord__result_page", {"handle": truncated["handle"]})
+            assert spent.is_error and "unknown or expired handle" in text_of(spent)
+    finally:
+        node.stop()

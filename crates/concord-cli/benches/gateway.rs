@@ -314,9 +314,18 @@ async fn main() {
     let node_pid = node.0.id();
     let node_url = format!("http://127.0.0.1:{node_port}/mcp");
 
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let mut report = String::new();
+    if only.is_empty() || only == "routing" {
+        report.push_str(&routing_section(dir.path(), &fixture_url, &node_url, duration).await);
+    }
+    if only == "routing" {
+        drop(node);
+        write_report(&report, "gateway-routing.md");
+        return;
+    }
     report.push_str(&format!(
-        "tools/call echo, closed-loop, {seconds} s per point, one session per target, unique ids\n\n"
+        "\ntools/call echo, closed-loop, {seconds} s per point, one session per target, unique ids\n\n"
     ));
     report.push_str("| upstream | c | direct req/s | gateway req/s | gateway/direct | direct p50 / p99 ms | gateway p50 / p99 ms | added p50 ms | gateway CPU ms/req |\n");
     report.push_str("|---|---|---|---|---|---|---|---|---|\n");
@@ -441,8 +450,113 @@ async fn main() {
     report.push_str(&line);
     drop(idle);
 
+    write_report(&report, "gateway.md");
+}
+
+fn write_report(report: &str, file: &str) {
     let out = concord_testkit::workspace_root().join("bench-results");
     std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("gateway.md"), &report).unwrap();
+    std::fs::write(out.join(file), report).unwrap();
     println!("{report}");
+}
+
+/// Mesh routing overhead: a logical server of three concord-fixture replicas registered over
+/// REST (power-of-two-choices balancing, a breaker per replica, failover) against the same
+/// fixture called directly and through a node with it as one configured upstream.
+async fn routing_section(
+    dir: &std::path::Path,
+    direct_url: &str,
+    single_node_url: &str,
+    duration: Duration,
+) -> String {
+    let replicas: Vec<(Proc, String)> = (0..3)
+        .map(|_| {
+            let port = concord_testkit::free_port();
+            let proc = Proc(
+                Command::new(bin("concord-fixture"))
+                    .args(["--http", &format!("127.0.0.1:{port}")])
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            (proc, format!("http://127.0.0.1:{port}/mcp"))
+        })
+        .collect();
+    for (_, url) in &replicas {
+        wait_http(url).await;
+    }
+    let mesh_dir = dir.join("mesh");
+    std::fs::create_dir_all(&mesh_dir).unwrap();
+    let port = concord_testkit::free_port();
+    let node = start_node("", &mesh_dir, port);
+    wait_ready(port).await;
+    let client = reqwest::Client::new();
+    for (_, url) in &replicas {
+        let response = client
+            .post(format!("http://127.0.0.1:{port}/api/v1/registry"))
+            .json(
+                &json!({"name": "replicated", "version": "1.0.0", "kind": "server",
+                "capabilities": ["echo"], "ttl_seconds": 3600, "endpoint": {"url": url}}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "{:?}", response.text().await);
+    }
+    for _ in 0..600 {
+        let body: Value = client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let healthy = body["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["server"] == "replicated" && s["state"] == "healthy")
+            .count();
+        if healthy == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let node_pid = node.0.id();
+    let mesh_url = format!("http://127.0.0.1:{port}/mcp");
+    let direct = Session::open(direct_url).await;
+    let single = Session::open(single_node_url).await;
+    let mesh = Session::open(&mesh_url).await;
+    let mut report = String::from(
+        "Routing over three registered replicas vs one direct upstream (concord-fixture, tools/call echo):\n\n",
+    );
+    report.push_str("| c | direct req/s | one upstream req/s | 3 replicas req/s | 3 replicas/direct | 3 replicas/one upstream | direct p50 / p99 ms | one upstream p50 / p99 ms | 3 replicas p50 / p99 ms | 3 replicas CPU ms/req |\n");
+    report.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    for concurrency in [1usize, 16, 64] {
+        let d = measure(&direct, "echo", concurrency, duration).await;
+        let one = measure(&single, "fixture__echo", concurrency, duration).await;
+        let cpu_before = cpu_seconds(node_pid);
+        let three = measure(&mesh, "replicated__echo", concurrency, duration).await;
+        let cpu = (cpu_seconds(node_pid) - cpu_before) * 1000.0 / three.requests as f64;
+        let line = format!(
+            "| {concurrency} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} | {cpu:.3} |\n",
+            d.rps(),
+            one.rps(),
+            three.rps(),
+            three.rps() / d.rps(),
+            three.rps() / one.rps(),
+            d.p50_ms,
+            d.p99_ms,
+            one.p50_ms,
+            one.p99_ms,
+            three.p50_ms,
+            three.p99_ms,
+        );
+        eprint!("{line}");
+        report.push_str(&line);
+    }
+    drop(node);
+    drop(replicas);
+    report
 }

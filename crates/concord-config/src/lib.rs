@@ -44,6 +44,7 @@ pub struct Config {
     pub limits: LimitSettings,
     pub audit: AuditSettings,
     pub budgets: BudgetSettings,
+    pub routing: RoutingSettings,
     /// Entities declared in the config (`[registry.NAME]`): registered at start and kept alive
     /// by the node itself, beside those that register over HTTP.
     pub registry: Vec<concord_mesh::Registration>,
@@ -103,6 +104,54 @@ pub struct StaticKey {
     pub secret: Option<String>,
     /// PEM public key (RS256, ES256, EdDSA).
     pub public_key_pem: Option<String>,
+}
+
+/// How calls are spread over the replicas of one server, and when they are retried (the
+/// `[routing]` table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingSettings {
+    /// Consecutive failures of one replica that open its circuit breaker.
+    pub breaker_failures: u32,
+    /// Share of failed calls among the last `breaker_window` that opens the breaker too.
+    pub breaker_failure_ratio: f64,
+    pub breaker_window: u32,
+    /// How long an open breaker waits before letting one probe call through.
+    pub breaker_cooldown: Duration,
+    /// Attempts of one call in all (the first included), for calls that are safe to retry.
+    pub retry_attempts: u32,
+    /// The first backoff between attempts; it doubles each time, with jitter.
+    pub retry_backoff: Duration,
+    /// Entries the result cache holds at most (least recently used go first).
+    pub cache_entries: usize,
+    /// Tokens a tool result may have before it is truncated (a caller may ask for fewer with
+    /// `_meta["concord/max_result_tokens"]`); `None`: no limit unless the caller sets one.
+    pub max_result_tokens: Option<u64>,
+}
+
+impl Default for RoutingSettings {
+    fn default() -> Self {
+        Self {
+            breaker_failures: 5,
+            breaker_failure_ratio: 0.5,
+            breaker_window: 20,
+            breaker_cooldown: Duration::from_secs(5),
+            retry_attempts: 3,
+            retry_backoff: Duration::from_millis(50),
+            cache_entries: 1024,
+            max_result_tokens: None,
+        }
+    }
+}
+
+/// Settings of one tool of a server (`[servers.NAME.tools.TOOL]`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ToolSettings {
+    /// Cache this tool's results for this long, even without `readOnlyHint` (the operator
+    /// vouches that it has no side effects); `Some(0)` turns caching off for it.
+    pub cache_ttl: Option<Duration>,
+    /// Retry or replay this tool on another replica after a failure, even without
+    /// `readOnlyHint`/`idempotentHint`.
+    pub retryable: bool,
 }
 
 /// Rate limits (the `[limits]` table), enforced per principal with auth on.
@@ -269,6 +318,8 @@ pub struct ServerSpec {
     /// Cache the results of this server's read-only tools (`readOnlyHint`) for this long, per
     /// caller; `None`: no caching.
     pub cache_ttl: Option<Duration>,
+    /// Per-tool settings, by the tool's own (unprefixed) name.
+    pub tools: BTreeMap<String, ToolSettings>,
 }
 
 /// How to reach an upstream server.

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use crate::{
     AuditSettings, AuthSettings, BudgetLimits, BudgetSettings, Config, ConfigError, Effect,
     LimitSettings, NAMESPACE_SEPARATOR, NodeSettings, PolicyRule, PolicySettings, PrefixMode,
-    RESERVED_SERVER_NAMES, Rate, ServerSpec, StateSettings, StaticKey, TransportSpec, expand_vars,
-    parse_duration,
+    RESERVED_SERVER_NAMES, Rate, RoutingSettings, ServerSpec, StateSettings, StaticKey,
+    ToolSettings, TransportSpec, expand_vars, parse_duration,
 };
 
 type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -33,6 +33,8 @@ pub(crate) struct TomlFile {
     audit: RawAudit,
     #[serde(default)]
     budgets: RawBudgets,
+    #[serde(default)]
+    routing: RawRouting,
     /// `[registry.NAME]`: a registration without its name (the key is the name).
     #[serde(default)]
     registry: BTreeMap<String, toml::Table>,
@@ -168,6 +170,95 @@ struct RawLimits {
 struct RawRate {
     per_second: f64,
     burst: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    breaker_failures: Option<u32>,
+    breaker_failure_ratio: Option<f64>,
+    breaker_window: Option<u32>,
+    breaker_cooldown: Option<String>,
+    retry_attempts: Option<u32>,
+    retry_backoff: Option<String>,
+    cache_entries: Option<usize>,
+    max_result_tokens: Option<u64>,
+}
+
+impl RawRouting {
+    fn into_settings(self, file: &Path) -> Result<RoutingSettings, ConfigError> {
+        let mut settings = RoutingSettings::default();
+        if let Some(n) = self.breaker_failures {
+            if n == 0 {
+                return Err(ConfigError::invalid(
+                    file,
+                    "routing.breaker_failures",
+                    "must be at least 1",
+                ));
+            }
+            settings.breaker_failures = n;
+        }
+        if let Some(ratio) = self.breaker_failure_ratio {
+            if !(ratio > 0.0 && ratio <= 1.0) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "routing.breaker_failure_ratio",
+                    "must be above 0 and at most 1",
+                ));
+            }
+            settings.breaker_failure_ratio = ratio;
+        }
+        if let Some(window) = self.breaker_window {
+            if window == 0 {
+                return Err(ConfigError::invalid(
+                    file,
+                    "routing.breaker_window",
+                    "must be at least 1",
+                ));
+            }
+            settings.breaker_window = window;
+        }
+        if let Some(text) = self.breaker_cooldown {
+            settings.breaker_cooldown = parse_duration(&text)
+                .map_err(|m| ConfigError::invalid(file, "routing.breaker_cooldown", m))?;
+        }
+        if let Some(n) = self.retry_attempts {
+            if n == 0 {
+                return Err(ConfigError::invalid(
+                    file,
+                    "routing.retry_attempts",
+                    "must be at least 1 (the first attempt counts)",
+                ));
+            }
+            settings.retry_attempts = n;
+        }
+        if let Some(text) = self.retry_backoff {
+            settings.retry_backoff = parse_duration(&text)
+                .map_err(|m| ConfigError::invalid(file, "routing.retry_backoff", m))?;
+        }
+        if let Some(n) = self.cache_entries {
+            settings.cache_entries = n;
+        }
+        if let Some(n) = self.max_result_tokens {
+            if n == 0 {
+                return Err(ConfigError::invalid(
+                    file,
+                    "routing.max_result_tokens",
+                    "must be at least 1",
+                ));
+            }
+            settings.max_result_tokens = Some(n);
+        }
+        Ok(settings)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTool {
+    cache_ttl: Option<String>,
+    #[serde(default)]
+    retryable: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -560,6 +651,8 @@ struct TomlServer {
     #[serde(default)]
     forward_roots: bool,
     cache_ttl: Option<String>,
+    #[serde(default)]
+    tools: BTreeMap<String, RawTool>,
 }
 
 fn yes() -> bool {
@@ -684,6 +777,7 @@ struct CommonServer {
     timeout: Option<std::time::Duration>,
     forward_roots: bool,
     cache_ttl: Option<std::time::Duration>,
+    tools: BTreeMap<String, ToolSettings>,
 }
 
 impl TomlFile {
@@ -700,6 +794,7 @@ impl TomlFile {
         let limits = self.limits.into_settings(file)?;
         let audit = self.audit.into_settings();
         let budgets = self.budgets.into_settings(file)?;
+        let routing = self.routing.into_settings(file)?;
         let registry = registrations(self.registry, file)?;
         let mut servers = Vec::new();
         for (name, raw) in self.servers {
@@ -712,6 +807,30 @@ impl TomlFile {
                 })?),
                 None => None,
             };
+            let mut tools = BTreeMap::new();
+            for (tool, settings) in raw.tools {
+                let cache_ttl = match &settings.cache_ttl {
+                    // "0s" (or "off") turns caching off for this tool.
+                    Some(text) if matches!(text.trim(), "0" | "0s" | "0ms" | "off") => {
+                        Some(std::time::Duration::ZERO)
+                    }
+                    Some(text) => Some(parse_duration(text).map_err(|m| {
+                        ConfigError::invalid(
+                            file,
+                            format!("servers.{name}.tools.{tool}.cache_ttl"),
+                            m,
+                        )
+                    })?),
+                    None => None,
+                };
+                tools.insert(
+                    tool,
+                    ToolSettings {
+                        cache_ttl,
+                        retryable: settings.retryable,
+                    },
+                );
+            }
             let common = CommonServer {
                 command: raw.command,
                 args: raw.args,
@@ -729,6 +848,7 @@ impl TomlFile {
                     })?),
                     None => None,
                 },
+                tools,
             };
             servers.push(common.into_spec(&name, "servers", file, base_dir, &node, lookup)?);
         }
@@ -741,6 +861,7 @@ impl TomlFile {
             limits,
             audit,
             budgets,
+            routing,
             registry,
             servers,
         })
@@ -779,6 +900,7 @@ impl JsonFile {
                 timeout: raw.timeout.map(std::time::Duration::from_millis),
                 forward_roots: false,
                 cache_ttl: None,
+                tools: BTreeMap::new(),
             };
             servers.push(common.into_spec(&name, "mcpServers", file, base_dir, &node, lookup)?);
         }
@@ -974,6 +1096,7 @@ impl CommonServer {
             request_timeout: self.timeout.unwrap_or(node.request_timeout),
             forward_roots: self.forward_roots,
             cache_ttl: self.cache_ttl,
+            tools: self.tools,
         })
     }
 }

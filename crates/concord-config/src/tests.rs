@@ -330,3 +330,58 @@ fn registry_entities_in_the_config() {
     .unwrap_err();
     assert_eq!(err.key(), Some("registry.search.kind"), "{err}");
 }
+
+#[test]
+fn routing_table_and_per_tool_settings() {
+    let config = toml(
+        r#"
+        [routing]
+        breaker_failures = 3
+        breaker_cooldown = "2s"
+        retry_attempts = 2
+        cache_entries = 10
+        max_result_tokens = 4000
+
+        [servers.fs]
+        command = "fs"
+        cache_ttl = "30s"
+        [servers.fs.tools.write_file]
+        retryable = true
+        [servers.fs.tools.read_file]
+        cache_ttl = "0s"
+        [servers.fs.tools.list]
+        cache_ttl = "5m"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.routing.breaker_failures, 3);
+    assert_eq!(config.routing.breaker_cooldown, Duration::from_secs(2));
+    assert_eq!(config.routing.retry_attempts, 2);
+    assert_eq!(config.routing.breaker_failure_ratio, 0.5, "default kept");
+    assert_eq!(config.routing.cache_entries, 10);
+    assert_eq!(config.routing.max_result_tokens, Some(4000));
+    let tools = &config.servers[0].tools;
+    assert!(tools["write_file"].retryable);
+    assert_eq!(tools["read_file"].cache_ttl, Some(Duration::ZERO));
+    assert_eq!(tools["list"].cache_ttl, Some(Duration::from_secs(300)));
+
+    for (bad, key) in [
+        (
+            "[routing]\nbreaker_failure_ratio = 1.5",
+            "routing.breaker_failure_ratio",
+        ),
+        ("[routing]\nretry_attempts = 0", "routing.retry_attempts"),
+        (
+            "[routing]\nbreaker_cooldown = \"soon\"",
+            "routing.breaker_cooldown",
+        ),
+        ("[routing]\nretries = 3", "routing"),
+        (
+            "[servers.fs]\ncommand = \"fs\"\n[servers.fs.tools.x]\ncache_ttl = \"never\"",
+            "servers.fs.tools.x.cache_ttl",
+        ),
+    ] {
+        let error = toml(bad).unwrap_err().to_string();
+        assert!(error.contains(key), "{bad}: {error}");
+    }
+}

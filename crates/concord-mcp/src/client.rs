@@ -125,6 +125,7 @@ pub async fn run_stdio_bridge(url: &str, token: Option<&str>) -> Result<(), crat
             request_timeout: Duration::from_secs(600),
             forward_roots: false,
             cache_ttl: None,
+            tools: Default::default(),
         }],
         ..Config::default()
     };

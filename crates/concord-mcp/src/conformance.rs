@@ -75,6 +75,7 @@ pub async fn run_client(scenario: &str, url: &str) -> Result<(), GatewayError> {
             request_timeout: Duration::from_secs(30),
             forward_roots: false,
             cache_ttl: None,
+            tools: Default::default(),
         }],
         ..Config::default()
     };

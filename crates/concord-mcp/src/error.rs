@@ -60,6 +60,16 @@ pub enum GatewayError {
     UnknownRequestState,
     #[error("{0}")]
     Startup(String),
+    /// A call that had been sent failed in a way that leaves its effect unknown, and the tool
+    /// is not safe to send again.
+    #[error(
+        "{cause}; the call may have executed on server '{server}' and was not retried: tool '{tool}' is not marked readOnlyHint or idempotentHint (nor configured retryable)"
+    )]
+    MayHaveExecuted {
+        server: String,
+        tool: String,
+        cause: Box<GatewayError>,
+    },
 }
 
 fn humanize(d: Duration) -> String {
@@ -71,6 +81,19 @@ fn humanize(d: Duration) -> String {
 }
 
 impl GatewayError {
+    /// The failure says something is wrong with the replica that served the call (it is
+    /// unreachable, hung up, did not answer in time, or failed internally), not with the call:
+    /// it counts against the replica's circuit breaker and may send the call to another one.
+    pub(crate) fn is_replica_failure(&self) -> bool {
+        match self {
+            GatewayError::Unavailable { .. }
+            | GatewayError::Timeout { .. }
+            | GatewayError::ConnectionLost { .. } => true,
+            GatewayError::Upstream(e) => e.code == rmcp::model::ErrorCode::INTERNAL_ERROR,
+            _ => false,
+        }
+    }
+
     /// Converts an rmcp client error from a request to `server` into a gateway error.
     pub(crate) fn from_service(server: &str, method: &str, error: ServiceError) -> Self {
         match error {
@@ -140,6 +163,17 @@ impl From<GatewayError> for McpError {
             GatewayError::Cancelled => McpError::new(ErrorCode(-32800), message, None),
             GatewayError::UnknownRequestState => McpError::invalid_params(message, None),
             GatewayError::Startup(_) => McpError::internal_error(message, None),
+            GatewayError::MayHaveExecuted { tool, cause, .. } => {
+                let mut inner = McpError::from(*cause);
+                let mut data = match inner.data.take() {
+                    Some(serde_json::Value::Object(map)) => map,
+                    _ => serde_json::Map::new(),
+                };
+                data.insert("tool".into(), json!(tool));
+                data.insert("mayHaveExecuted".into(), json!(true));
+                data.insert("retried".into(), json!(false));
+                McpError::new(inner.code, message, Some(serde_json::Value::Object(data)))
+            }
         }
     }
 }

@@ -19,6 +19,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessControl;
+use crate::breaker::BreakerPolicy;
 use crate::builtin::{BUILTIN_NAMESPACE, BuiltinTool, BuiltinTools, SharedBuiltins};
 use crate::catalog::{Catalog, CatalogInput, Collision, UpstreamLists};
 use crate::error::GatewayError;
@@ -60,6 +61,11 @@ impl Default for GatewayOptions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UpstreamStatus {
     pub name: String,
+    /// The logical server this upstream is a replica of (its own name when it is alone).
+    pub server: String,
+    /// `closed`, `open` or `half_open`.
+    pub breaker: &'static str,
+    pub in_flight: usize,
     pub transport: &'static str,
     /// `starting`, `healthy` or `unhealthy`.
     pub state: &'static str,
@@ -78,11 +84,77 @@ pub struct UpstreamStatus {
 pub(crate) struct UpstreamSet {
     list: Vec<Arc<Upstream>>,
     by_name: HashMap<Arc<str>, Arc<Upstream>>,
+    /// Logical server → its replicas, in the order they were added.
+    pools: HashMap<Arc<str>, Vec<Arc<Upstream>>>,
+}
+
+impl UpstreamSet {
+    fn insert(&mut self, upstream: Arc<Upstream>) {
+        self.by_name.insert(upstream.name.clone(), upstream.clone());
+        self.pools
+            .entry(upstream.pool.clone())
+            .or_default()
+            .push(upstream.clone());
+        self.list.push(upstream);
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Arc<Upstream>> {
+        let removed = self.by_name.remove(name)?;
+        self.list.retain(|u| &*u.name != name);
+        if let Some(members) = self.pools.get_mut(&removed.pool) {
+            members.retain(|u| &*u.name != name);
+            if members.is_empty() {
+                self.pools.remove(&removed.pool);
+            }
+        }
+        Some(removed)
+    }
+}
+
+/// One call's claim on a replica: counts in its load while alive, and carries the breaker
+/// pass whose outcome [`Self::finish`] records. Dropped unfinished (a cancelled call), it
+/// frees a probe slot without judging the replica.
+pub(crate) struct ReplicaTicket {
+    pub replica: Arc<Upstream>,
+    pass: Option<crate::breaker::Pass>,
+}
+
+impl ReplicaTicket {
+    pub fn new(replica: Arc<Upstream>, pass: crate::breaker::Pass) -> Self {
+        replica.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self {
+            replica,
+            pass: Some(pass),
+        }
+    }
+
+    pub fn finish(&mut self, shared: &Shared, failed: bool) {
+        if let Some(pass) = self.pass.take() {
+            shared.record_outcome(&self.replica, pass, failed);
+        }
+    }
+}
+
+impl Drop for ReplicaTicket {
+    fn drop(&mut self) {
+        self.replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(pass) = self.pass.take() {
+            self.replica.breaker.abandon(pass);
+        }
+    }
+}
+
+/// Why no replica of a server could take a call.
+pub(crate) struct NoReplica {
+    pub reason: String,
 }
 
 pub(crate) struct Shared {
     upstreams: RwLock<UpstreamSet>,
     pub results: crate::result_cache::ResultCache,
+    pub remainders: crate::result_budget::Remainders,
+    pub routing: concord_config::RoutingSettings,
+    breaker: BreakerPolicy,
     catalog: RwLock<Arc<Catalog>>,
     /// Serialises catalog rebuilds so an older build never replaces a newer one.
     rebuild_lock: Mutex<()>,
@@ -113,8 +185,125 @@ impl Shared {
         self.catalog.read().clone()
     }
 
-    pub fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
+    /// One upstream (one replica) by its unique name.
+    pub fn replica(&self, name: &str) -> Option<Arc<Upstream>> {
         self.upstreams.read().by_name.get(name).cloned()
+    }
+
+    /// The replicas of the logical server `pool`, or the one upstream whose unique name it is
+    /// (a request meant for one replica, such as `logging/setLevel`, names it that way).
+    fn members(&self, pool: &str) -> Option<Vec<Arc<Upstream>>> {
+        let set = self.upstreams.read();
+        set.pools
+            .get(pool)
+            .cloned()
+            .or_else(|| set.by_name.get(pool).map(|u| vec![u.clone()]))
+    }
+
+    /// Some replica of the logical server `pool` (its settings are the pool's).
+    pub fn pool_member(&self, pool: &str) -> Option<Arc<Upstream>> {
+        self.members(pool).and_then(|m| m.into_iter().next())
+    }
+
+    /// A connected peer of `pool` (its first connected replica) and its request timeout.
+    pub fn any_peer(
+        &self,
+        pool: &str,
+    ) -> Result<(rmcp::service::Peer<rmcp::service::RoleClient>, Duration), String> {
+        let members = self
+            .members(pool)
+            .ok_or_else(|| "not configured".to_string())?;
+        let mut first_reason = None;
+        for member in &members {
+            match member.peer() {
+                Ok(peer) => return Ok((peer, member.spec.request_timeout)),
+                Err(reason) => {
+                    first_reason.get_or_insert(reason);
+                }
+            }
+        }
+        Err(first_reason.unwrap_or_else(|| "not configured".to_string()))
+    }
+
+    /// Chooses the replica of `pool` for one call, skipping those in `exclude`: of the
+    /// connected replicas whose breaker admits calls, two picked at random, the one with fewer
+    /// calls in flight (power of two choices). Returns the replica with its breaker pass.
+    pub fn pick(
+        &self,
+        pool: &str,
+        exclude: &[Arc<str>],
+    ) -> Result<(Arc<Upstream>, crate::breaker::Pass), NoReplica> {
+        let members = self.members(pool).ok_or_else(|| NoReplica {
+            reason: "not configured".to_string(),
+        })?;
+        let mut candidates: Vec<&Arc<Upstream>> = members
+            .iter()
+            .filter(|u| !exclude.contains(&u.name) && u.is_healthy() && u.breaker.admits())
+            .collect();
+        while !candidates.is_empty() {
+            let index = match candidates.len() {
+                1 => 0,
+                n => {
+                    let first = fastrand::usize(..n);
+                    let mut second = fastrand::usize(..n - 1);
+                    if second >= first {
+                        second += 1;
+                    }
+                    let load = |i: usize| candidates[i].in_flight.load(Ordering::Relaxed);
+                    if load(second) < load(first) {
+                        second
+                    } else {
+                        first
+                    }
+                }
+            };
+            let chosen = candidates.swap_remove(index);
+            if let Some((pass, change)) = chosen.breaker.acquire() {
+                if let Some(state) = change {
+                    self.breaker_changed(chosen, state);
+                }
+                return Ok((chosen.clone(), pass));
+            }
+        }
+        // Nothing can take it: say why, replica by replica.
+        let reason = if members.len() == 1 {
+            let only = &members[0];
+            match only.peer() {
+                Err(reason) => reason,
+                Ok(_) if exclude.contains(&only.name) => "it already failed this call".to_string(),
+                Ok(_) => "its circuit breaker is open after repeated failures".to_string(),
+            }
+        } else {
+            let each: Vec<String> = members
+                .iter()
+                .map(|u| {
+                    let why = match u.peer() {
+                        Err(reason) => reason,
+                        Ok(_) if exclude.contains(&u.name) => "already failed this call".into(),
+                        Ok(_) => "circuit breaker open".into(),
+                    };
+                    format!("{}: {why}", u.name)
+                })
+                .collect();
+            format!("no replica can take the call ({})", each.join("; "))
+        };
+        Err(NoReplica { reason })
+    }
+
+    /// Records the outcome of a call on `replica` made with `pass`.
+    pub fn record_outcome(&self, replica: &Upstream, pass: crate::breaker::Pass, failed: bool) {
+        if let Some(state) = replica.breaker.record(pass, failed) {
+            self.breaker_changed(replica, state);
+        }
+        if failed {
+            replica.recheck.notify_one();
+        }
+    }
+
+    fn breaker_changed(&self, replica: &Upstream, state: crate::breaker::BreakerState) {
+        tracing::warn!(server = %replica.pool, replica = %replica.name, state = state.label(), "circuit breaker changed");
+        self.metrics
+            .count_breaker_transition(&replica.pool, &replica.name, state.label());
     }
 
     /// A snapshot of every upstream, in order.
@@ -137,11 +326,19 @@ impl Shared {
     pub fn rebuild_catalog(&self) {
         let _guard = self.rebuild_lock.lock();
         let upstreams = self.upstreams();
+        // A logical server appears once, with the lists of its first connected replica.
+        let mut seen: std::collections::HashSet<&Arc<str>> = Default::default();
         let snapshots: Vec<_> = upstreams
             .iter()
             .filter_map(|u| {
+                if seen.contains(&u.pool) {
+                    return None;
+                }
                 let state = u.state.read();
-                (state.health == Health::Healthy).then(|| (u, state.lists.clone()))
+                (state.health == Health::Healthy).then(|| {
+                    seen.insert(&u.pool);
+                    (u, state.lists.clone())
+                })
             })
             .collect();
         // Built-in tools come first: their names are reserved, so no upstream can shadow them.
@@ -153,7 +350,7 @@ impl Shared {
         let inputs: Vec<CatalogInput<'_>> = builtins
             .into_iter()
             .chain(snapshots.iter().map(|(u, lists)| CatalogInput {
-                server: &u.name,
+                server: &u.pool,
                 prefix: u.spec.prefix,
                 lists,
             }))
@@ -184,7 +381,14 @@ impl Shared {
     /// Explains why `name` (a tool or prompt) is not in the catalog when it belongs to an
     /// upstream that is down, so callers fail fast with a reason rather than "unknown".
     pub fn unavailable_owner(&self, exposed: &str, kind: NameKind) -> Option<GatewayError> {
-        for upstream in &self.upstreams() {
+        let upstreams = self.upstreams();
+        for upstream in &upstreams {
+            let pool_is_up = upstreams
+                .iter()
+                .any(|u| u.pool == upstream.pool && u.is_healthy());
+            if pool_is_up {
+                continue;
+            }
             let state = upstream.state.read();
             let reason = match &state.health {
                 Health::Healthy => continue,
@@ -192,7 +396,7 @@ impl Shared {
                 Health::Unhealthy { reason } => reason.clone(),
             };
             let prefixed_bare = exposed
-                .strip_prefix(&*upstream.name)
+                .strip_prefix(&*upstream.pool)
                 .and_then(|rest| rest.strip_prefix(concord_config::NAMESPACE_SEPARATOR));
             let owns = match kind {
                 NameKind::Tool => state.lists.tools.iter().any(|t| {
@@ -208,7 +412,7 @@ impl Shared {
             let never_listed = state.lists.tools.is_empty() && state.lists.prompts.is_empty();
             if owns || (prefixed_bare.is_some() && never_listed) {
                 return Some(GatewayError::Unavailable {
-                    server: upstream.name.to_string(),
+                    server: upstream.pool.to_string(),
                     reason,
                 });
             }
@@ -528,6 +732,29 @@ impl CallRouter {
     }
 }
 
+/// The gateway's own built-in tool: reads on where a truncated result stopped.
+fn result_page_tool() -> BuiltinTool {
+    BuiltinTool {
+        name: crate::result_budget::PAGE_TOOL.to_string(),
+        description: "Reads the rest of a tool result that was truncated to fit your token limit. \
+            Pass the handle from the truncation marker; call again with the same handle while \
+            the answer says more remains."
+            .to_string(),
+        input_schema: serde_json::json!({
+            "type": "object",
+            "properties": {
+                "handle": {"type": "string", "description": "The handle named in the truncation marker"},
+                "max_tokens": {"type": "integer", "minimum": 1, "description": "Tokens to return at most (default: the limit that cut the result)"}
+            },
+            "required": ["handle"],
+            "additionalProperties": false
+        }),
+        output_schema: None,
+        read_only: true,
+        idempotent: false,
+    }
+}
+
 fn builtin_to_tool(tool: &BuiltinTool) -> rmcp::model::Tool {
     let schema = tool.input_schema.as_object().cloned().unwrap_or_default();
     let mut out = rmcp::model::Tool::new(
@@ -602,7 +829,13 @@ impl Gateway {
         let builtin_lists = Arc::new(UpstreamLists {
             tools: builtins
                 .as_ref()
-                .map(|b| b.tools().iter().map(builtin_to_tool).collect())
+                .map(|b| {
+                    b.tools()
+                        .iter()
+                        .chain(std::iter::once(&result_page_tool()))
+                        .map(builtin_to_tool)
+                        .collect()
+                })
                 .unwrap_or_default(),
             templates: builtins
                 .as_ref()
@@ -622,18 +855,23 @@ impl Gateway {
             ..UpstreamLists::default()
         });
         let shutdown = CancellationToken::new();
+        let breaker = BreakerPolicy::from(&config.routing);
         let mut upstreams = UpstreamSet::default();
         for spec in &config.servers {
-            let upstream = Arc::new(Upstream::new(spec.clone(), shutdown.child_token()));
-            upstreams
-                .by_name
-                .insert(upstream.name.clone(), upstream.clone());
-            upstreams.list.push(upstream);
+            upstreams.insert(Arc::new(Upstream::new(
+                spec.clone(),
+                None,
+                breaker,
+                shutdown.child_token(),
+            )));
         }
         Gateway {
             shared: Arc::new(Shared {
                 upstreams: RwLock::new(upstreams),
-                results: Default::default(),
+                results: crate::result_cache::ResultCache::new(config.routing.cache_entries),
+                remainders: Default::default(),
+                routing: config.routing.clone(),
+                breaker,
                 catalog: RwLock::default(),
                 rebuild_lock: Mutex::new(()),
                 downstream: Downstream::default(),
@@ -661,6 +899,10 @@ impl Gateway {
         }
         // Built-in tools are there before any upstream connects (and with no upstreams at all).
         self.shared.rebuild_catalog();
+        if self.shared.routing.max_result_tokens.is_some() {
+            // Loading the tokenizer takes a moment: not on the first long result's time.
+            tokio::task::spawn_blocking(|| crate::result_budget::count_tokens("warm up"));
+        }
         let mut tasks = self.tasks.lock();
         for upstream in self.shared.upstreams() {
             tasks.push(tokio::spawn(supervise(self.shared.clone(), upstream)));
@@ -670,6 +912,17 @@ impl Gateway {
     /// Adds an upstream while the gateway runs (a server registered in the mesh); its tools
     /// join the catalog once it connects. Refused if the name is taken.
     pub fn add_upstream(&self, spec: concord_config::ServerSpec) -> Result<(), GatewayError> {
+        self.add_replica(spec, None)
+    }
+
+    /// Adds one replica of the logical server `pool` (`spec.name` must be unique among
+    /// upstreams, e.g. `POOL@REPLICA`): calls to the pool's tools are spread over its replicas.
+    /// With `pool` `None` the upstream is its own pool.
+    pub fn add_replica(
+        &self,
+        spec: concord_config::ServerSpec,
+        pool: Option<&str>,
+    ) -> Result<(), GatewayError> {
         let upstream = {
             let mut set = self.shared.upstreams.write();
             if set.by_name.contains_key(spec.name.as_str()) {
@@ -678,9 +931,13 @@ impl Gateway {
                     spec.name
                 )));
             }
-            let upstream = Arc::new(Upstream::new(spec, self.shared.shutdown.child_token()));
-            set.by_name.insert(upstream.name.clone(), upstream.clone());
-            set.list.push(upstream.clone());
+            let upstream = Arc::new(Upstream::new(
+                spec,
+                pool.map(Arc::from),
+                self.shared.breaker,
+                self.shared.shutdown.child_token(),
+            ));
+            set.insert(upstream.clone());
             upstream
         };
         tracing::info!(server = %upstream.name, "upstream added");
@@ -693,12 +950,7 @@ impl Gateway {
     /// Removes an upstream added at run time (or from config): its supervisor stops, its child
     /// process (if any) is stopped, and its tools leave the catalog at once.
     pub fn remove_upstream(&self, name: &str) -> bool {
-        let removed = {
-            let mut set = self.shared.upstreams.write();
-            let removed = set.by_name.remove(name);
-            set.list.retain(|u| &*u.name != name);
-            removed
-        };
+        let removed = self.shared.upstreams.write().remove(name);
         let Some(upstream) = removed else {
             return false;
         };
@@ -755,6 +1007,9 @@ impl Gateway {
                 };
                 UpstreamStatus {
                     name: u.name.to_string(),
+                    server: u.pool.to_string(),
+                    breaker: u.breaker.state().label(),
+                    in_flight: u.in_flight.load(Ordering::Relaxed),
                     transport: u.spec.transport.kind(),
                     state: label,
                     reason,
@@ -788,10 +1043,13 @@ impl Gateway {
             .get(name)
             .cloned()
             .ok_or_else(|| GatewayError::UnknownTool(name.to_string()))?;
-        let upstream = self
-            .shared
-            .upstream(&route.server)
-            .ok_or_else(|| GatewayError::UnknownTool(name.to_string()))?;
+        let (upstream, pass) =
+            self.shared
+                .pick(&route.server, &[])
+                .map_err(|none| GatewayError::Unavailable {
+                    server: route.server.to_string(),
+                    reason: none.reason,
+                })?;
         let peer = upstream
             .peer()
             .map_err(|reason| GatewayError::Unavailable {
@@ -801,15 +1059,22 @@ impl Gateway {
         let mut params = rmcp::model::CallToolRequestParams::new(route.name.clone());
         params.arguments = Some(arguments);
         let timeout = upstream.spec.request_timeout;
+        let mut ticket = ReplicaTicket::new(upstream.clone(), pass);
         let result = tokio::time::timeout(timeout, peer.call_tool(params))
             .await
             .map_err(|_| GatewayError::Timeout {
                 server: route.server.to_string(),
                 method: "tools/call".into(),
                 timeout,
-            })?
-            .map_err(|e| GatewayError::from_service(&route.server, "tools/call", e))?;
-        serde_json::to_value(result).map_err(|e| GatewayError::Startup(e.to_string()))
+            })
+            .and_then(|r| {
+                r.map_err(|e| GatewayError::from_service(&route.server, "tools/call", e))
+            });
+        ticket.finish(
+            &self.shared,
+            result.as_ref().is_err_and(GatewayError::is_replica_failure),
+        );
+        serde_json::to_value(result?).map_err(|e| GatewayError::Startup(e.to_string()))
     }
 
     /// Tells the clients subscribed to `uri` (a built-in resource) that it changed.

@@ -7,6 +7,7 @@
 #![allow(deprecated)]
 
 pub mod access;
+mod breaker;
 pub mod builtin;
 mod catalog;
 mod child;
@@ -16,6 +17,7 @@ mod error;
 mod gateway;
 mod http_client;
 mod http_server;
+mod result_budget;
 mod result_cache;
 mod session;
 mod sse_client;

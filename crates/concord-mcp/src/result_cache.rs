@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::Value;
 
-const CAPACITY: usize = 1024;
+const DEFAULT_CAPACITY: usize = 1024;
 
 struct Entry {
     result: CallToolResult,
@@ -19,9 +19,15 @@ struct Entry {
     last_used: u64,
 }
 
-#[derive(Default)]
 pub(crate) struct ResultCache {
     entries: Mutex<(HashMap<String, Entry>, u64)>,
+    capacity: usize,
+}
+
+impl Default for ResultCache {
+    fn default() -> Self {
+        Self::new(DEFAULT_CAPACITY)
+    }
 }
 
 /// The same JSON with every object's keys in order, so `{"a":1,"b":2}` and `{"b":2,"a":1}` meet.
@@ -73,6 +79,14 @@ pub(crate) fn key(
 }
 
 impl ResultCache {
+    /// A cache of at most `capacity` entries (0: nothing is kept).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: Mutex::default(),
+            capacity,
+        }
+    }
+
     pub fn get(&self, key: &str) -> Option<CallToolResult> {
         let mut guard = self.entries.lock();
         let (entries, clock) = &mut *guard;
@@ -95,10 +109,13 @@ impl ResultCache {
         let mut guard = self.entries.lock();
         let (entries, clock) = &mut *guard;
         *clock += 1;
-        if entries.len() >= CAPACITY && !entries.contains_key(&key) {
+        if self.capacity == 0 {
+            return;
+        }
+        if entries.len() >= self.capacity && !entries.contains_key(&key) {
             let now = Instant::now();
             entries.retain(|_, e| e.expires > now);
-            if entries.len() >= CAPACITY
+            if entries.len() >= self.capacity
                 && let Some(oldest) = entries
                     .iter()
                     .min_by_key(|(_, e)| e.last_used)
@@ -139,12 +156,12 @@ mod tests {
 
     #[test]
     fn entries_expire_and_the_least_recently_used_leaves_first() {
-        let cache = ResultCache::default();
+        let cache = ResultCache::new(8);
         let result = CallToolResult::success(vec![]);
         cache.put("gone".into(), result.clone(), Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(5));
         assert!(cache.get("gone").is_none());
-        for i in 0..CAPACITY {
+        for i in 0..8 {
             cache.put(format!("k{i}"), result.clone(), Duration::from_secs(60));
         }
         assert!(
@@ -154,5 +171,16 @@ mod tests {
         cache.put("new".into(), result, Duration::from_secs(60));
         assert!(cache.get("k0").is_some());
         assert!(cache.get("k1").is_none(), "k1 was the least recently used");
+    }
+
+    #[test]
+    fn a_cache_of_size_zero_keeps_nothing() {
+        let cache = ResultCache::new(0);
+        cache.put(
+            "k".into(),
+            CallToolResult::success(vec![]),
+            Duration::from_secs(60),
+        );
+        assert!(cache.get("k").is_none());
     }
 }

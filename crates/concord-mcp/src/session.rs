@@ -29,7 +29,9 @@ use crate::access::{AccessRequest, CallOutcome, identity_of};
 use crate::builtin::{BUILTIN_NAMESPACE, BuiltinTools, Caller};
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
-use crate::gateway::{CallEvent, CallGuard, NameKind, Shared, server_request_method, severity};
+use crate::gateway::{
+    CallEvent, CallGuard, NameKind, ReplicaTicket, Shared, server_request_method, severity,
+};
 use crate::subscriptions::{SessionId, Subscriber};
 use crate::upstream::hold_subscription;
 use futures::StreamExt;
@@ -84,8 +86,12 @@ fn forwardable_meta(meta: &RequestMetaObject) -> RequestMetaObject {
 /// One upstream request on its way: what [`GatewaySession::drive`] needs to finish it, and all
 /// of it owned, so that a call can be parked between a 2026-07-28 client's rounds.
 pub(crate) struct InFlight {
+    /// The logical server (errors name it).
     server: Arc<str>,
     method: &'static str,
+    /// Cancelled when the replica's connection is found dead.
+    lost: tokio_util::sync::CancellationToken,
+    ticket: ReplicaTicket,
     upstream: Peer<RoleClient>,
     upstream_id: RequestId,
     response: std::pin::Pin<
@@ -165,6 +171,14 @@ pub(crate) struct SuspendedCalls {
 const PARKED_STATE_PREFIX: &str = "concord-parked-";
 /// Input-required rounds answered for a 2025-era caller before the gateway gives up.
 const MAX_INPUT_ROUNDS: usize = 10;
+/// Replicas one call may find unable to take it before it gives up (nothing was sent to them).
+const MAX_UNSENT_ATTEMPTS: u32 = 8;
+
+/// `base` scaled by a random factor in [0.5, 1.5), so that callers that failed together do
+/// not retry together.
+fn jittered(base: std::time::Duration) -> std::time::Duration {
+    base.mul_f64(0.5 + fastrand::f64())
+}
 
 const SUSPEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -309,27 +323,23 @@ fn cursor(params: &Option<PaginatedRequestParams>) -> Option<&str> {
 }
 
 impl GatewaySession {
+    /// A connected peer of the logical server `server` (its first connected replica), for
+    /// requests that belong to no call (subscriptions).
     fn upstream_peer(
         &self,
         server: &str,
     ) -> Result<(Peer<RoleClient>, std::time::Duration), GatewayError> {
-        let upstream = self
-            .shared
-            .upstream(server)
-            .ok_or_else(|| GatewayError::Unavailable {
-                server: server.to_string(),
-                reason: "not configured".to_string(),
-            })?;
-        let peer = upstream
-            .peer()
+        self.shared
+            .any_peer(server)
             .map_err(|reason| GatewayError::Unavailable {
                 server: server.to_string(),
                 reason,
-            })?;
-        Ok((peer, upstream.spec.request_timeout))
+            })
     }
 
-    /// Sends `request` to `server` and drives it to its end (see [`Self::drive`]).
+    /// Sends `request` to `server` and drives it to its end (see [`Self::drive`]). Methods
+    /// that only read (`prompts/get`, `resources/read`, `completion/complete`) fail over to
+    /// another replica like read-only tools do.
     async fn forward(
         &self,
         server: &Arc<str>,
@@ -337,18 +347,144 @@ impl GatewaySession {
         request: ClientRequest,
         context: &RequestContext<RoleServer>,
     ) -> Result<ServerResult, GatewayError> {
-        let call = self.start_call(server, method, request, context).await?;
-        self.drive(call, context).await
+        let safe = matches!(
+            method,
+            "prompts/get" | "resources/read" | "completion/complete"
+        );
+        self.forward_with_failover(server, method, None, safe, &|| request.clone(), context)
+            .await
     }
 
+    /// Sends a request to a replica of `server` chosen by load, and on a replica failure
+    /// (unreachable, hung up, timed out, internal error) tries another: always when nothing
+    /// was sent, and after a sent request only when `safe` (the request may have been carried
+    /// out; replaying it must not matter). Attempts are bounded by `[routing] retry_attempts`
+    /// and spaced by exponential backoff with jitter, never past the caller's deadline.
+    async fn forward_with_failover(
+        &self,
+        server: &Arc<str>,
+        method: &'static str,
+        tool: Option<&str>,
+        safe: bool,
+        request: &(dyn Fn() -> ClientRequest + Sync),
+        context: &RequestContext<RoleServer>,
+    ) -> Result<ServerResult, GatewayError> {
+        let routing = &self.shared.routing;
+        let time_left = CALL_SHAPING
+            .try_with(|shaping| shaping.time_left)
+            .ok()
+            .flatten();
+        let budget = time_left.or_else(|| {
+            self.shared
+                .pool_member(server)
+                .map(|u| u.spec.request_timeout)
+        });
+        let deadline = budget.map(|b| Instant::now() + b);
+        let mut failed: Vec<Arc<str>> = Vec::new();
+        let mut sent_attempts = 0u32;
+        let mut unsent_attempts = 0u32;
+        let mut backoff = routing.retry_backoff;
+        let mut last_error: Option<GatewayError> = None;
+        loop {
+            let started = match self
+                .start_call(server, method, request(), context, &failed)
+                .await
+            {
+                Ok(call) => call,
+                Err((error, replica)) => {
+                    // Nothing reached an upstream: another replica may take it at once.
+                    unsent_attempts += 1;
+                    let again = replica.is_some() && unsent_attempts <= MAX_UNSENT_ATTEMPTS;
+                    if let Some(replica) = replica {
+                        failed.push(replica);
+                    }
+                    if again {
+                        last_error = Some(error);
+                        continue;
+                    }
+                    return Err(last_error.unwrap_or(error));
+                }
+            };
+            let replica = started.ticket.replica.name.clone();
+            match self.drive(started, context).await {
+                Err(error) if error.is_replica_failure() => {
+                    sent_attempts += 1;
+                    let unknown_effect = matches!(
+                        error,
+                        GatewayError::Timeout { .. } | GatewayError::ConnectionLost { .. }
+                    );
+                    if !safe {
+                        return Err(match tool {
+                            Some(tool) if unknown_effect => GatewayError::MayHaveExecuted {
+                                server: server.to_string(),
+                                tool: tool.to_string(),
+                                cause: Box::new(error),
+                            },
+                            _ => error,
+                        });
+                    }
+                    if sent_attempts >= routing.retry_attempts {
+                        return Err(error);
+                    }
+                    let pause = jittered(backoff);
+                    backoff = backoff.saturating_mul(2);
+                    if deadline.is_some_and(|d| Instant::now() + pause >= d) {
+                        return Err(error);
+                    }
+                    tracing::info!(server = %server, replica = %replica, error = %error, retry_in_ms = pause.as_millis() as u64, "retrying on another replica");
+                    self.shared
+                        .metrics
+                        .count_retry(server, tool.unwrap_or(method));
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = context.ct.cancelled() => return Err(GatewayError::Cancelled),
+                    }
+                    failed.push(replica);
+                    last_error = Some(error);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends `request` to a replica of `server` not in `exclude`. On failure, also says which
+    /// replica refused it (`None`: no replica could be chosen).
     async fn start_call(
         &self,
         server: &Arc<str>,
         method: &'static str,
         request: ClientRequest,
         context: &RequestContext<RoleServer>,
-    ) -> Result<InFlight, GatewayError> {
-        let (peer, mut timeout) = self.upstream_peer(server)?;
+        exclude: &[Arc<str>],
+    ) -> Result<InFlight, (GatewayError, Option<Arc<str>>)> {
+        let picked = match self.shared.pick(server, exclude) {
+            Ok(picked) => Ok(picked),
+            // Every replica has failed this call once: any of them may have recovered.
+            Err(_) if !exclude.is_empty() => self.shared.pick(server, &[]),
+            Err(none) => Err(none),
+        };
+        let (replica, pass) = picked.map_err(|none| {
+            (
+                GatewayError::Unavailable {
+                    server: server.to_string(),
+                    reason: none.reason,
+                },
+                None,
+            )
+        })?;
+        let mut ticket = ReplicaTicket::new(replica.clone(), pass);
+        let (peer, lost) = match replica.connection() {
+            Ok(connection) => connection,
+            Err(reason) => {
+                ticket.finish(&self.shared, true);
+                let error = GatewayError::Unavailable {
+                    server: server.to_string(),
+                    reason,
+                };
+                return Err((error, Some(replica.name.clone())));
+            }
+        };
+        let mut timeout = replica.spec.request_timeout;
         let mut meta = forwardable_meta(&context.meta);
         if let Ok(shaping) = CALL_SHAPING.try_with(CallShaping::clone) {
             for (key, value) in shaping.extra_meta {
@@ -359,13 +495,17 @@ impl GatewaySession {
             }
         }
         let options = PeerRequestOptions::with_timeout(timeout).with_meta(meta);
-        let handle = peer
-            .send_request_with_option(request, options)
-            .await
-            .map_err(|e| GatewayError::from_service(server, method, e))?;
+        let handle = match peer.send_request_with_option(request, options).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                ticket.finish(&self.shared, true);
+                let error = GatewayError::from_service(server, method, e);
+                return Err((error, Some(replica.name.clone())));
+            }
+        };
         let upstream_id = handle.id.clone();
         let (routes, events) = self.shared.router.register(
-            server.clone(),
+            replica.name.clone(),
             upstream_id.clone(),
             handle.progress_token.clone(),
         );
@@ -376,6 +516,8 @@ impl GatewaySession {
             upstream_id,
             response: Box::pin(handle.await_response()),
             events,
+            lost,
+            ticket,
             _routes: routes,
         })
     }
@@ -436,9 +578,25 @@ impl GatewaySession {
                             CallEvent::Request { .. } => {}
                         }
                     }
-                    return result
+                    let outcome = result
                         .map(with_result_type)
                         .map_err(|e| GatewayError::from_service(&call.server, call.method, e));
+                    call.ticket.finish(
+                        &self.shared,
+                        outcome.as_ref().is_err_and(GatewayError::is_replica_failure),
+                    );
+                    return outcome;
+                }
+                _ = call.lost.cancelled() => {
+                    call.ticket.finish(&self.shared, true);
+                    return Err(GatewayError::ConnectionLost {
+                        server: call.server.to_string(),
+                        method: call.method.to_string(),
+                        reason: format!(
+                            "replica {} stopped answering while serving the call",
+                            call.ticket.replica.name
+                        ),
+                    });
                 }
                 _ = context.ct.cancelled() => {
                     let _ = call
@@ -630,10 +788,13 @@ impl GatewaySession {
         );
     }
 
-    /// The cache TTL for `tool` of `server`: set only when the server has a `cache_ttl` and the
-    /// tool says it is read-only.
+    /// The cache TTL for `tool` of `server`: the tool's own `cache_ttl` when configured (0
+    /// turns caching off), else the server's `cache_ttl` if the tool says it is read-only.
     fn cacheable(&self, server: &str, tool: &str) -> Option<std::time::Duration> {
-        let upstream = self.shared.upstream(server)?;
+        let upstream = self.shared.pool_member(server)?;
+        if let Some(ttl) = upstream.spec.tools.get(tool).and_then(|t| t.cache_ttl) {
+            return (!ttl.is_zero()).then_some(ttl);
+        }
         let ttl = upstream.spec.cache_ttl?;
         let state = upstream.state.read();
         let read_only = state
@@ -645,6 +806,88 @@ impl GatewaySession {
             .and_then(|a| a.read_only_hint)
             == Some(true);
         read_only.then_some(ttl)
+    }
+
+    /// Who owns what a truncation keeps back: the principal (auth on), else everyone on this
+    /// node (handles are unguessable).
+    fn result_owner(identity: Option<&crate::access::Identity>) -> String {
+        identity.map_or_else(|| "-".to_string(), |i| i.principal.clone())
+    }
+
+    /// Cuts `result` to the caller's token limit (`_meta["concord/max_result_tokens"]`, else
+    /// `[routing] max_result_tokens`), if it has one and the result is longer.
+    fn fit_to_budget(
+        &self,
+        result: &mut CallToolResult,
+        route: &crate::catalog::Route,
+        context: &RequestContext<RoleServer>,
+        identity: Option<&crate::access::Identity>,
+    ) {
+        let asked = context
+            .meta
+            .0
+            .0
+            .get("concord/max_result_tokens")
+            .and_then(serde_json::Value::as_u64);
+        let Some(limit) = asked.or(self.shared.routing.max_result_tokens) else {
+            return;
+        };
+        let page_tool = self
+            .shared
+            .builtins
+            .as_ref()
+            .map(|_| format!("{BUILTIN_NAMESPACE}__{}", crate::result_budget::PAGE_TOOL));
+        let schema_bound = self.shared.pool_member(&route.server).is_some_and(|u| {
+            u.state
+                .read()
+                .lists
+                .tools
+                .iter()
+                .any(|t| *t.name == route.name && t.output_schema.is_some())
+        });
+        if let Some(cut) = self.shared.remainders.limit(
+            result,
+            limit.max(1) as usize,
+            &Self::result_owner(identity),
+            page_tool.as_deref(),
+            schema_bound,
+        ) {
+            tracing::info!(
+                total_tokens = cut.total_tokens,
+                kept_tokens = cut.kept_tokens,
+                limit,
+                "tool result truncated to the caller's token limit"
+            );
+        }
+    }
+
+    /// `concord__result_page`: the next part of a truncated result, for its owner only.
+    fn read_result_page(
+        &self,
+        arguments: Option<&rmcp::model::JsonObject>,
+        identity: Option<&crate::access::Identity>,
+    ) -> CallToolResult {
+        let handle = arguments
+            .and_then(|a| a.get("handle"))
+            .and_then(serde_json::Value::as_str);
+        let max_tokens = arguments
+            .and_then(|a| a.get("max_tokens"))
+            .and_then(serde_json::Value::as_u64)
+            .map(|n| n as usize);
+        let Some(handle) = handle else {
+            return CallToolResult::error(vec![rmcp::model::ContentBlock::text(
+                "missing argument: handle (the string named in the truncation marker)",
+            )]);
+        };
+        let tool = format!("{BUILTIN_NAMESPACE}__{}", crate::result_budget::PAGE_TOOL);
+        match self
+            .shared
+            .remainders
+            .page(handle, &Self::result_owner(identity), max_tokens, &tool)
+        {
+            Ok(result) => result,
+            Err(message) => CallToolResult::error(vec![rmcp::model::ContentBlock::text(message)]),
+        }
     }
 
     /// Whether the caller of `context` may use `name` of `server` (always, with auth off).
@@ -660,6 +903,16 @@ impl GatewaySession {
         let Some(access) = &self.shared.options.access else {
             return true;
         };
+        // Reading the rest of one's own truncated result needs no permission of its own: the
+        // handle only ever opens what this caller was already given.
+        if server == &*self.shared.builtin_name
+            && name
+                .strip_prefix(BUILTIN_NAMESPACE)
+                .and_then(|n| n.strip_prefix("__"))
+                == Some(crate::result_budget::PAGE_TOOL)
+        {
+            return true;
+        }
         let identity = identity_of(context);
         access.allows(
             identity.as_ref(),
@@ -838,10 +1091,18 @@ impl ServerHandler for GatewaySession {
                 self.shared.metrics.count_cache(&route.server, true);
                 let meta = hit.meta.get_or_insert_with(Default::default);
                 meta.0.insert("concord/cache".into(), "hit".into());
+                self.fit_to_budget(&mut hit, &route, &context, identity.as_ref());
                 self.observe("tools/call", &route.server, true);
                 return Ok(CallToolResponse::Complete(hit));
             }
             self.shared.metrics.count_cache(&route.server, false);
+        }
+        if route.server == self.shared.builtin_name && route.name == crate::result_budget::PAGE_TOOL
+        {
+            self.observe("tools/call", &route.server, true);
+            return Ok(CallToolResponse::Complete(
+                self.read_result_page(params.arguments.as_ref(), identity.as_ref()),
+            ));
         }
         if let Some(builtins) = self.shared.builtins.clone()
             && route.server == self.shared.builtin_name
@@ -879,8 +1140,19 @@ impl ServerHandler for GatewaySession {
                     upstream_params.input_responses = params.input_responses;
                     let request =
                         ClientRequest::CallToolRequest(CallToolRequest::new(upstream_params));
+                    let safe = self
+                        .shared
+                        .pool_member(&route.server)
+                        .is_some_and(|u| u.is_retry_safe(&route.name));
                     let first = self
-                        .forward(&route.server, "tools/call", request, &context)
+                        .forward_with_failover(
+                            &route.server,
+                            "tools/call",
+                            Some(&route.name),
+                            safe,
+                            &|| request.clone(),
+                            &context,
+                        )
                         .instrument(span.clone())
                         .await;
                     match first {
@@ -931,6 +1203,9 @@ impl ServerHandler for GatewaySession {
             ),
             Err(e) => (Err(e), Outcome::Error),
         };
+        if let Ok(CallToolResponse::Complete(result)) = &mut response {
+            self.fit_to_budget(result, &route, &context, identity.as_ref());
+        }
         span.record("outcome", format!("{outcome:?}"));
         span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
         if let Err(e) = &response {

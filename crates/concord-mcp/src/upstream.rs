@@ -1,6 +1,7 @@
 //! One upstream MCP server: how to connect to it, and the supervisor that keeps it connected,
 //! health-checked and its lists fresh. The supervisor is the only writer of an upstream's state.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,10 @@ use rmcp::service::{
 use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::{ClientHandler, ServiceExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+use crate::breaker::{Breaker, BreakerPolicy};
 
 use crate::catalog::UpstreamLists;
 use crate::child::{self, ChildProcess};
@@ -35,6 +39,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long an upstream has to complete the `initialize` handshake.
 const CONNECT_TIMEOUT_FLOOR: Duration = Duration::from_secs(10);
+/// How long the health check after a failed call waits: a live server answers a ping at once.
+const RECHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Health {
@@ -56,20 +62,42 @@ pub(crate) struct UpstreamState {
     pub first_attempt_done: bool,
     pub connected_since: Option<Instant>,
     pub restarts: u64,
+    /// Cancelled when the current connection is found dead, so calls still waiting on it fail
+    /// at once instead of at their timeout.
+    pub lost: CancellationToken,
 }
 
+/// One endpoint of a server. A configured server has one; a server registered in the mesh by
+/// several replicas has one per replica, all in the same `pool` (the name its tools are
+/// exposed under) and each with its own connection, load count and circuit breaker.
 pub(crate) struct Upstream {
+    /// Unique among upstreams: the server's name, or `NAME@REPLICA` for a replica. Progress,
+    /// logs and server-to-client requests are routed by it.
     pub name: Arc<str>,
+    /// The logical server: the namespace of its tools, and what routes name.
+    pub pool: Arc<str>,
     pub spec: ServerSpec,
     pub state: RwLock<UpstreamState>,
     /// Cancelled when the gateway shuts down or this upstream is removed.
-    pub stop: tokio_util::sync::CancellationToken,
+    pub stop: CancellationToken,
+    /// Calls sent and not yet answered (the load that balancing compares).
+    pub in_flight: AtomicUsize,
+    pub breaker: Breaker,
+    /// Asks the supervisor for a health check now (a call to this replica just failed).
+    pub recheck: tokio::sync::Notify,
 }
 
 impl Upstream {
-    pub fn new(spec: ServerSpec, stop: tokio_util::sync::CancellationToken) -> Self {
+    pub fn new(
+        spec: ServerSpec,
+        pool: Option<Arc<str>>,
+        breaker: BreakerPolicy,
+        stop: CancellationToken,
+    ) -> Self {
+        let name: Arc<str> = spec.name.as_str().into();
         Self {
-            name: spec.name.as_str().into(),
+            pool: pool.unwrap_or_else(|| name.clone()),
+            name,
             stop,
             spec,
             state: RwLock::new(UpstreamState {
@@ -80,7 +108,11 @@ impl Upstream {
                 first_attempt_done: false,
                 connected_since: None,
                 restarts: 0,
+                lost: CancellationToken::new(),
             }),
+            in_flight: AtomicUsize::new(0),
+            breaker: Breaker::new(breaker),
+            recheck: tokio::sync::Notify::new(),
         }
     }
 
@@ -90,13 +122,34 @@ impl Upstream {
 
     /// The connected peer, or why there is none.
     pub fn peer(&self) -> Result<Peer<RoleClient>, String> {
+        self.connection().map(|(peer, _)| peer)
+    }
+
+    /// The connected peer and the token cancelled when that connection is found dead.
+    pub fn connection(&self) -> Result<(Peer<RoleClient>, CancellationToken), String> {
         let state = self.state.read();
         match (&state.health, &state.peer) {
-            (Health::Healthy, Some(peer)) => Ok(peer.clone()),
+            (Health::Healthy, Some(peer)) => Ok((peer.clone(), state.lost.clone())),
             (Health::Starting, _) => Err("still connecting".to_string()),
             (Health::Unhealthy { reason }, _) => Err(reason.clone()),
             (Health::Healthy, None) => Err("not connected".to_string()),
         }
+    }
+
+    /// The tool's annotations say it can be sent again without harm (`readOnlyHint` or
+    /// `idempotentHint`), or the operator configured it retryable.
+    pub fn is_retry_safe(&self, tool: &str) -> bool {
+        if self.spec.tools.get(tool).is_some_and(|t| t.retryable) {
+            return true;
+        }
+        let state = self.state.read();
+        state
+            .lists
+            .tools
+            .iter()
+            .find(|t| &*t.name == tool)
+            .and_then(|t| t.annotations.as_ref())
+            .is_some_and(|a| a.read_only_hint == Some(true) || a.idempotent_hint == Some(true))
     }
 }
 
@@ -112,6 +165,8 @@ enum ListChanged {
 #[derive(Clone)]
 pub(crate) struct UpstreamClient {
     server: Arc<str>,
+    /// The logical server (subscriptions and log messages are the pool's, not one replica's).
+    pool: Arc<str>,
     shared: Weak<Shared>,
     events: mpsc::UnboundedSender<ListChanged>,
     forward_roots: bool,
@@ -198,7 +253,7 @@ impl ClientHandler for UpstreamClient {
         _context: NotificationContext<RoleClient>,
     ) {
         if let Some(shared) = self.shared.upgrade() {
-            shared.downstream.forward_log(&self.server, params);
+            shared.downstream.forward_log(&self.pool, params);
         }
     }
 
@@ -210,8 +265,8 @@ impl ClientHandler for UpstreamClient {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
-        if let Some(abandoned) = shared.subscriptions.updated(&self.server, params).await {
-            let peer = shared.upstream(&self.server).and_then(|u| u.peer().ok());
+        if let Some(abandoned) = shared.subscriptions.updated(&self.pool, params).await {
+            let peer = shared.replica(&self.server).and_then(|u| u.peer().ok());
             abandoned.release(peer.as_ref()).await;
         }
     }
@@ -563,6 +618,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, upstream: Arc<Upstream>) {
             let (events_tx, mut events) = mpsc::unbounded_channel();
             let handler = UpstreamClient {
                 server: upstream.name.clone(),
+                pool: upstream.pool.clone(),
                 shared: Arc::downgrade(&shared),
                 events: events_tx.clone(),
                 forward_roots: upstream.spec.forward_roots,
@@ -650,12 +706,13 @@ async fn serve_connection(
         state.capabilities = Some(capabilities.clone());
         state.first_attempt_done = true;
         state.connected_since = Some(Instant::now());
+        state.lost = CancellationToken::new();
     }
     // A restarted server has forgotten its subscriptions: take them again.
     shared
         .subscriptions
-        .renew(&upstream.name, |uri| {
-            hold_subscription(Arc::downgrade(shared), upstream.name.clone(), &peer, uri)
+        .renew(&upstream.pool, |uri| {
+            hold_subscription(Arc::downgrade(shared), upstream.pool.clone(), &peer, uri)
         })
         .await;
     shared.metrics.set_upstream_up(&upstream.name, true);
@@ -679,6 +736,13 @@ async fn serve_connection(
                     break ConnectionEnd::Failed { reason, was_healthy: true };
                 }
                 next_ping = tokio::time::Instant::now() + health_interval;
+            }
+            // A call just failed on this connection: find out now whether it is still alive,
+            // rather than at the next scheduled check.
+            _ = upstream.recheck.notified() => {
+                if let Err(reason) = ping(&peer, RECHECK_TIMEOUT.min(ping_timeout)).await {
+                    break ConnectionEnd::Failed { reason, was_healthy: true };
+                }
             }
             Some(event) = events.recv() => {
                 if let Err(reason) = refresh(upstream, &peer, &capabilities, event, timeout).await {
@@ -749,6 +813,7 @@ fn mark_unhealthy(shared: &Shared, upstream: &Upstream, reason: String) {
         } else {
             state.health = Health::Unhealthy { reason };
             state.peer = None;
+            state.lost.cancel();
             state.first_attempt_done = true;
             state.connected_since = None;
             if was_serving {

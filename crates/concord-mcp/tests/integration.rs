@@ -242,6 +242,7 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
                 request_timeout: Duration::from_secs(20),
                 forward_roots: false,
                 cache_ttl: None,
+                tools: Default::default(),
             },
             ServerSpec {
                 name: "modern".into(),
@@ -253,6 +254,7 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
                 request_timeout: Duration::from_secs(20),
                 forward_roots: false,
                 cache_ttl: None,
+                tools: Default::default(),
             },
         ],
         ..Config::default()

@@ -321,10 +321,27 @@ pub async fn resolve_selector(
 /// time to connect).
 const SYNC_EVERY: Duration = Duration::from_millis(250);
 
+/// The upstream name of one replica: the entity's name and the hash that ends its id.
+fn replica_name(entity: &Entity) -> String {
+    let suffix = entity.id.rsplit('.').next().unwrap_or_default();
+    format!("{}@{suffix}", entity.registration.name)
+}
+
+/// Versions that may stand in for each other: the same major version (for 0.x, the same minor),
+/// as a caret requirement would accept.
+fn compatibility_line(version: &semver::Version) -> (u64, u64) {
+    if version.major > 0 {
+        (version.major, 0)
+    } else {
+        (0, version.minor)
+    }
+}
+
 /// Keeps the gateway's upstreams in step with the registry: every live server or agent with a
-/// URL endpoint is an upstream named after it (its tools as `NAME__tool`); one that expires,
-/// reports itself unhealthy or is deregistered leaves. Names taken by configured servers stay
-/// theirs. Of several live replicas with one name, the first (by id) is used for now.
+/// URL endpoint is a replica of the logical server named after it (its tools as `NAME__tool`);
+/// replicas with one name and compatible versions (of several lines, the newest) share the
+/// calls, balanced by load. One that expires, reports itself unhealthy or is deregistered
+/// leaves. Names taken by configured servers stay theirs.
 pub async fn sync_upstreams(
     registry: RegistryState,
     gateway: concord_mcp::Gateway,
@@ -333,6 +350,7 @@ pub async fn sync_upstreams(
     request_timeout: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    // replica upstream name → (pool, url)
     let mut routed: std::collections::BTreeMap<String, (String, String)> = Default::default();
     loop {
         tokio::select! {
@@ -359,7 +377,9 @@ pub async fn sync_upstreams(
         };
         *registry.beats.known.lock() = entities.iter().map(|e| e.id.clone()).collect();
         let now = now_ms();
-        let mut desired: std::collections::BTreeMap<String, (String, String)> = Default::default();
+        // name → the newest compatibility line seen, and its live replicas
+        type Line = ((u64, u64), Vec<(String, String)>);
+        let mut lines: std::collections::BTreeMap<String, Line> = Default::default();
         for entity in &entities {
             let registration = &entity.registration;
             let live = matches!(
@@ -372,10 +392,27 @@ pub async fn sync_upstreams(
             if !live || registration.kind == Kind::Llm || configured.contains(&registration.name) {
                 continue;
             }
-            desired
-                .entry(registration.name.clone())
-                .or_insert_with(|| (entity.id.clone(), url.clone()));
+            let Ok(version) = semver::Version::parse(&registration.version) else {
+                continue;
+            };
+            let line = compatibility_line(&version);
+            let replica = (replica_name(entity), url.clone());
+            match lines.get_mut(&registration.name) {
+                Some((current, replicas)) if *current == line => replicas.push(replica),
+                Some((current, _)) if *current > line => {}
+                _ => {
+                    lines.insert(registration.name.clone(), (line, vec![replica]));
+                }
+            }
         }
+        let desired: std::collections::BTreeMap<String, (String, String)> = lines
+            .into_iter()
+            .flat_map(|(pool, (_, replicas))| {
+                replicas
+                    .into_iter()
+                    .map(move |(replica, url)| (replica, (pool.clone(), url)))
+            })
+            .collect();
         let stale: Vec<String> = routed
             .iter()
             .filter(|(name, target)| desired.get(*name) != Some(*target))
@@ -385,7 +422,7 @@ pub async fn sync_upstreams(
             gateway.remove_upstream(&name);
             routed.remove(&name);
         }
-        for (name, (id, url)) in desired {
+        for (name, (pool, url)) in desired {
             if routed.contains_key(&name) {
                 continue;
             }
@@ -399,13 +436,14 @@ pub async fn sync_upstreams(
                 request_timeout,
                 forward_roots: false,
                 cache_ttl: None,
+                tools: Default::default(),
             };
-            match gateway.add_upstream(spec) {
+            match gateway.add_replica(spec, Some(&pool)) {
                 Ok(()) => {
-                    routed.insert(name, (id, url));
+                    routed.insert(name, (pool, url));
                 }
                 Err(e) => {
-                    tracing::warn!(entity = %id, error = %e, "a registered server cannot be routed")
+                    tracing::warn!(replica = %name, error = %e, "a registered server cannot be routed")
                 }
             }
         }

@@ -61,6 +61,12 @@ struct Inner {
     upstream_restarts: BTreeMap<String, u64>,
     /// (server, hit) → count.
     cache_lookups: BTreeMap<(String, bool), u64>,
+    /// (server, replica, new state) → count of circuit-breaker transitions.
+    breaker_transitions: BTreeMap<(String, String, String), u64>,
+    /// (server, replica) → current breaker state (0 closed, 1 half-open, 2 open).
+    breaker_state: BTreeMap<(String, String), u8>,
+    /// (server, tool or method) → requests sent again to another replica.
+    retries: BTreeMap<(String, String), u64>,
 }
 
 /// The node's metrics registry. Cheap to update from many tasks; rendered on demand.
@@ -121,6 +127,34 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition format (version 0.0.4).
+    /// A replica's circuit breaker changed to `state` (`closed`, `half_open`, `open`).
+    pub fn count_breaker_transition(&self, server: &str, replica: &str, state: &str) {
+        let mut inner = self.inner.lock();
+        *inner
+            .breaker_transitions
+            .entry((server.to_string(), replica.to_string(), state.to_string()))
+            .or_default() += 1;
+        let level = match state {
+            "open" => 2,
+            "half_open" => 1,
+            _ => 0,
+        };
+        inner
+            .breaker_state
+            .insert((server.to_string(), replica.to_string()), level);
+    }
+
+    /// A request to `server` (a call of tool `name`, or a method) was sent again after a
+    /// replica failed it.
+    pub fn count_retry(&self, server: &str, name: &str) {
+        *self
+            .inner
+            .lock()
+            .retries
+            .entry((server.to_string(), name.to_string()))
+            .or_default() += 1;
+    }
+
     pub fn render(&self) -> String {
         let inner = self.inner.lock();
         let mut out = String::new();
@@ -207,6 +241,37 @@ impl Metrics {
                 if *hit { "hit" } else { "miss" }
             );
         }
+        out.push_str("# HELP concord_breaker_transitions_total Circuit-breaker state changes by replica and new state.\n");
+        out.push_str("# TYPE concord_breaker_transitions_total counter\n");
+        for ((server, replica, state), n) in &inner.breaker_transitions {
+            let _ = writeln!(
+                out,
+                "concord_breaker_transitions_total{{server=\"{}\",replica=\"{}\",state=\"{}\"}} {n}",
+                escape(server),
+                escape(replica),
+                escape(state)
+            );
+        }
+        out.push_str("# HELP concord_breaker_state A replica's circuit breaker: 0 closed, 1 half-open, 2 open.\n");
+        out.push_str("# TYPE concord_breaker_state gauge\n");
+        for ((server, replica), level) in &inner.breaker_state {
+            let _ = writeln!(
+                out,
+                "concord_breaker_state{{server=\"{}\",replica=\"{}\"}} {level}",
+                escape(server),
+                escape(replica)
+            );
+        }
+        out.push_str("# HELP concord_upstream_retries_total Requests sent again to another replica after a failure.\n");
+        out.push_str("# TYPE concord_upstream_retries_total counter\n");
+        for ((server, name), n) in &inner.retries {
+            let _ = writeln!(
+                out,
+                "concord_upstream_retries_total{{server=\"{}\",name=\"{}\"}} {n}",
+                escape(server),
+                escape(name)
+            );
+        }
         out
     }
 }
@@ -250,6 +315,20 @@ mod tests {
             )
         );
         assert!(text.contains("concord_upstream_up{server=\"fs\"} 1"));
+    }
+
+    #[test]
+    fn breaker_transitions_and_retries_render() {
+        let m = Metrics::new();
+        m.count_breaker_transition("echo", "echo@1", "open");
+        m.count_breaker_transition("echo", "echo@1", "half_open");
+        m.count_retry("echo", "echo");
+        let text = m.render();
+        assert!(text.contains(
+            "concord_breaker_transitions_total{server=\"echo\",replica=\"echo@1\",state=\"open\"} 1"
+        ));
+        assert!(text.contains("concord_breaker_state{server=\"echo\",replica=\"echo@1\"} 1"));
+        assert!(text.contains("concord_upstream_retries_total{server=\"echo\",name=\"echo\"} 1"));
     }
 
     #[test]
