@@ -1,0 +1,383 @@
+use std::time::Instant;
+
+use concord_llm::{Attempt, ChatRequest, ChatResponse, Message, ToolCall, ToolSpec, Usage};
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// What the loop needs of a model: one turn, with every provider attempt it took.
+pub trait ChatModel: Send + Sync {
+    fn chat<'a>(
+        &'a self,
+        request: &'a ChatRequest,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<'a, ModelTurn>;
+}
+
+pub struct ModelTurn {
+    pub result: Result<ChatResponse, String>,
+    pub attempts: Vec<Attempt>,
+}
+
+/// How a tool call went, as the model will be told.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolOutcome {
+    Ok(String),
+    /// The tool ran and reported an error (or the call was refused): the model reads it.
+    Error(String),
+}
+
+/// The tools an agent may use.
+pub trait ToolBox: Send + Sync {
+    fn tools(&self) -> Vec<ToolSpec>;
+    fn call<'a>(
+        &'a self,
+        name: &'a str,
+        arguments: serde_json::Map<String, Value>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, ToolOutcome>;
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub name: String,
+    pub instructions: String,
+    pub max_iterations: u32,
+    pub output_schema: Option<Value>,
+}
+
+/// What one run may spend. Tokens and cost count every model attempt, failed ones included.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub tool_calls: Option<u64>,
+    pub deadline: Option<Instant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Ending {
+    /// The model gave its final answer (valid against the output schema, if any).
+    Answer,
+    MaxIterations {
+        limit: u32,
+    },
+    BudgetExhausted {
+        budget: String,
+    },
+    Cancelled,
+    /// No provider could answer.
+    ModelFailed {
+        error: String,
+    },
+    /// The answer did not match the output schema, also after one more request.
+    InvalidOutput {
+        error: String,
+    },
+}
+
+/// What happened, for the caller and the ledger.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub ending: Ending,
+    pub answer: String,
+    pub structured: Option<Value>,
+    pub iterations: u32,
+    pub usage: Usage,
+    pub cost_usd: f64,
+    pub tool_calls: u64,
+    pub attempts: Vec<Attempt>,
+    /// The conversation including this run (to continue it later).
+    pub transcript: Vec<Message>,
+}
+
+/// Progress the loop reports as it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoopEvent {
+    Iteration { number: u32, limit: u32 },
+    ToolCall { name: String },
+}
+
+struct Run {
+    limits: Limits,
+    usage: Usage,
+    cost_usd: f64,
+    tool_calls: u64,
+    attempts: Vec<Attempt>,
+    messages: Vec<Message>,
+    iterations: u32,
+}
+
+impl Run {
+    fn report(self, ending: Ending, answer: String, structured: Option<Value>) -> Report {
+        Report {
+            ending,
+            answer,
+            structured,
+            iterations: self.iterations,
+            usage: self.usage,
+            cost_usd: self.cost_usd,
+            tool_calls: self.tool_calls,
+            attempts: self.attempts,
+            transcript: self.messages,
+        }
+    }
+
+    fn exhausted(&self) -> Option<String> {
+        if let Some(max) = self.limits.tokens
+            && self.usage.total() >= max
+        {
+            return Some(format!("tokens ({} of {max} used)", self.usage.total()));
+        }
+        if let Some(max) = self.limits.cost_usd
+            && self.cost_usd >= max
+        {
+            return Some(format!("cost (${:.4} of ${max:.4} spent)", self.cost_usd));
+        }
+        if let Some(deadline) = self.limits.deadline
+            && Instant::now() >= deadline
+        {
+            return Some("deadline".to_string());
+        }
+        None
+    }
+}
+
+/// What a run works with: the model, the tools, the cancellation of the whole run, and where
+/// progress goes.
+pub struct LoopContext<'a> {
+    pub model: &'a dyn ChatModel,
+    pub tools: &'a dyn ToolBox,
+    pub cancel: &'a CancellationToken,
+    pub progress: &'a (dyn Fn(LoopEvent) + Send + Sync),
+}
+
+/// Runs the loop for `task`, after `history` (earlier turns of the same conversation).
+pub async fn run(
+    spec: &AgentSpec,
+    task: &str,
+    history: Vec<Message>,
+    limits: Limits,
+    context: LoopContext<'_>,
+) -> Report {
+    let LoopContext {
+        model,
+        tools,
+        cancel,
+        progress,
+    } = context;
+    let tool_specs = tools.tools();
+    let mut messages = Vec::with_capacity(history.len() + 2);
+    if history.first().map(|m| m.role) != Some(concord_llm::Role::System) {
+        messages.push(Message::system(system_prompt(spec)));
+    }
+    messages.extend(history);
+    messages.push(Message::user(task));
+    let mut run = Run {
+        limits,
+        usage: Usage::default(),
+        cost_usd: 0.0,
+        tool_calls: 0,
+        attempts: Vec::new(),
+        messages,
+        iterations: 0,
+    };
+    let mut reasked = false;
+    loop {
+        if let Some(budget) = run.exhausted() {
+            return run.report(Ending::BudgetExhausted { budget }, String::new(), None);
+        }
+        if run.iterations >= spec.max_iterations {
+            let limit = spec.max_iterations;
+            return run.report(Ending::MaxIterations { limit }, String::new(), None);
+        }
+        run.iterations += 1;
+        progress(LoopEvent::Iteration {
+            number: run.iterations,
+            limit: spec.max_iterations,
+        });
+        let request = ChatRequest {
+            messages: run.messages.clone(),
+            tools: tool_specs.clone(),
+            max_tokens: None,
+            temperature: None,
+        };
+        // Cancellation wins over an answer that arrives at the same moment.
+        let turn = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return run.report(Ending::Cancelled, String::new(), None),
+            turn = model.chat(&request, run.limits.deadline) => turn,
+        };
+        for attempt in &turn.attempts {
+            run.usage.add(attempt.usage);
+            run.cost_usd += attempt.cost_usd;
+        }
+        run.attempts.extend(turn.attempts);
+        let response = match turn.result {
+            Ok(response) => response,
+            Err(error) => return run.report(Ending::ModelFailed { error }, String::new(), None),
+        };
+        let calls = response.message.tool_calls.clone();
+        run.messages.push(response.message.clone());
+        if calls.is_empty() {
+            let answer = response.message.content;
+            let Some(schema) = &spec.output_schema else {
+                return run.report(Ending::Answer, answer, None);
+            };
+            match check_output(schema, &answer) {
+                Ok(value) => return run.report(Ending::Answer, answer, Some(value)),
+                Err(error) if !reasked => {
+                    reasked = true;
+                    run.messages.push(Message::user(format!(
+                        "Your answer is not valid: {error}. Reply again with only a JSON value that matches this JSON Schema: {schema}"
+                    )));
+                    continue;
+                }
+                Err(error) => {
+                    return run.report(Ending::InvalidOutput { error }, answer, None);
+                }
+            }
+        }
+        for call in calls {
+            if let Some(max) = run.limits.tool_calls
+                && run.tool_calls >= max
+            {
+                return run.report(
+                    Ending::BudgetExhausted {
+                        budget: format!("tool calls ({max})"),
+                    },
+                    String::new(),
+                    None,
+                );
+            }
+            let outcome = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return run.report(Ending::Cancelled, String::new(), None),
+                outcome = run_tool(&tool_specs, tools, &call, cancel, progress) => outcome,
+            };
+            if outcome.1 {
+                run.tool_calls += 1;
+            }
+            let text = match outcome.0 {
+                ToolOutcome::Ok(text) => text,
+                ToolOutcome::Error(text) => format!("Error: {text}"),
+            };
+            run.messages.push(Message::tool_result(&call, text));
+        }
+    }
+}
+
+fn system_prompt(spec: &AgentSpec) -> String {
+    let mut prompt = spec.instructions.clone();
+    if spec.output_schema.is_some() {
+        prompt.push_str(
+            "\n\nWhen you give your final answer, reply with only a JSON value matching the required schema.",
+        );
+    }
+    prompt
+}
+
+/// Runs one call the model asked for; the flag says whether a tool actually ran.
+async fn run_tool(
+    specs: &[ToolSpec],
+    tools: &dyn ToolBox,
+    call: &ToolCall,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(LoopEvent) + Send + Sync),
+) -> (ToolOutcome, bool) {
+    if !specs.iter().any(|s| s.name == call.name) {
+        let known: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        return (
+            ToolOutcome::Error(format!(
+                "there is no tool named {:?}; the tools are: {}",
+                call.name,
+                known.join(", ")
+            )),
+            false,
+        );
+    }
+    let arguments = if call.arguments.trim().is_empty() {
+        serde_json::Map::new()
+    } else {
+        match serde_json::from_str::<Value>(&call.arguments) {
+            Ok(Value::Object(map)) => map,
+            Ok(other) => {
+                return (
+                    ToolOutcome::Error(format!(
+                        "the arguments of {} must be a JSON object, not {other}",
+                        call.name
+                    )),
+                    false,
+                );
+            }
+            Err(e) => {
+                return (
+                    ToolOutcome::Error(format!(
+                        "the arguments of {} are not valid JSON ({e}): {}",
+                        call.name, call.arguments
+                    )),
+                    false,
+                );
+            }
+        }
+    };
+    progress(LoopEvent::ToolCall {
+        name: call.name.clone(),
+    });
+    (tools.call(&call.name, arguments, cancel).await, true)
+}
+
+/// The answer as JSON valid against `schema` (a ```json fence around it is tolerated).
+fn check_output(schema: &Value, answer: &str) -> Result<Value, String> {
+    let trimmed = answer.trim();
+    let body = trimmed
+        .strip_prefix("```json")
+        .or_else(|| trimmed.strip_prefix("```"))
+        .and_then(|rest| rest.strip_suffix("```"))
+        .unwrap_or(trimmed)
+        .trim();
+    let value: Value = serde_json::from_str(body).map_err(|e| format!("it is not JSON ({e})"))?;
+    let validator = jsonschema::validator_for(schema)
+        .map_err(|e| format!("the output schema itself is invalid: {e}"))?;
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    if errors.is_empty() {
+        Ok(value)
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn output_is_checked_against_the_schema() {
+        let schema =
+            json!({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]});
+        assert_eq!(
+            check_output(&schema, "{\"n\": 3}").unwrap(),
+            json!({"n": 3})
+        );
+        assert_eq!(
+            check_output(&schema, "```json\n{\"n\": 4}\n```").unwrap(),
+            json!({"n": 4})
+        );
+        assert!(
+            check_output(&schema, "three")
+                .unwrap_err()
+                .contains("not JSON")
+        );
+        assert!(
+            check_output(&schema, "{\"n\": \"x\"}")
+                .unwrap_err()
+                .contains("/n")
+        );
+    }
+}

@@ -1,0 +1,525 @@
+//! The agentic loop against a scripted OpenAI-compatible server that speaks the real wire
+//! format (JSON completions and streamed chunks with tool calls and usage, errors), through the
+//! real provider adapter: multi-step tool use, an unknown tool, malformed arguments, the
+//! iteration limit, budgets running out mid-loop, cancellation mid-loop, and structured output
+//! asked again once.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use concord_agents::{
+    AgentSpec, Ending, Limits, LoopContext, LoopEvent, ProviderChain, ToolBox, ToolOutcome, run,
+};
+use concord_llm::{Api, Provider, ProviderConfig, ToolSpec};
+use futures::future::BoxFuture;
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// One scripted answer of the fake model.
+#[derive(Clone)]
+enum Turn {
+    /// A non-streamed completion that calls one tool.
+    Call(&'static str, &'static str),
+    /// The same, streamed in chunks (arguments split across chunks).
+    StreamedCall(&'static str, &'static str),
+    /// A final text answer.
+    Say(&'static str),
+    /// Never answers (until the client gives up).
+    Hang,
+}
+
+#[derive(Clone, Default)]
+struct Script {
+    turns: Arc<Mutex<VecDeque<Turn>>>,
+    /// Every request body the server received.
+    requests: Arc<Mutex<Vec<Value>>>,
+    repeat_last: bool,
+}
+
+fn completion(message: Value, finish: &str) -> Value {
+    json!({"id": "chatcmpl-t", "object": "chat.completion", "created": 1, "model": "scripted",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}})
+}
+
+fn sse(chunks: &[Value]) -> String {
+    let mut out = String::new();
+    for chunk in chunks {
+        out.push_str(&format!("data: {chunk}\n\n"));
+    }
+    out.push_str("data: [DONE]\n\n");
+    out
+}
+
+async fn answer(script: Script, body: Value) -> Response {
+    script.requests.lock().unwrap().push(body);
+    let turn = {
+        let mut turns = script.turns.lock().unwrap();
+        if script.repeat_last && turns.len() == 1 {
+            turns.front().cloned()
+        } else {
+            turns.pop_front()
+        }
+    };
+    match turn {
+        None => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "script exhausted").into_response(),
+        Some(Turn::Say(text)) => axum::Json(completion(json!({"role": "assistant", "content": text}), "stop")).into_response(),
+        Some(Turn::Call(name, arguments)) => axum::Json(completion(
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": format!("call_{name}"), "type": "function", "function": {"name": name, "arguments": arguments}}]}),
+            "tool_calls",
+        ))
+        .into_response(),
+        Some(Turn::StreamedCall(name, arguments)) => {
+            let (head, tail) = arguments.split_at(arguments.len() / 2);
+            let chunk = |delta: Value, finish: Value| json!({"id": "c", "object": "chat.completion.chunk", "model": "scripted",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            let body = sse(&[
+                chunk(json!({"role": "assistant", "tool_calls": [{"index": 0, "id": format!("call_{name}"), "type": "function", "function": {"name": name, "arguments": head}}]}), Value::Null),
+                chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": tail}}]}), Value::Null),
+                chunk(json!({}), json!("tool_calls")),
+                json!({"id": "c", "object": "chat.completion.chunk", "model": "scripted", "choices": [],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}),
+            ]);
+            ([("content-type", "text/event-stream")], body).into_response()
+        }
+        Some(Turn::Hang) => {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            "late".into_response()
+        }
+    }
+}
+
+async fn scripted(turns: Vec<Turn>, stream: bool, repeat_last: bool) -> (ProviderChain, Script) {
+    let script = Script {
+        turns: Arc::new(Mutex::new(turns.into())),
+        repeat_last,
+        ..Script::default()
+    };
+    let handler_script = script.clone();
+    let router = Router::new().route(
+        "/v1/chat/completions",
+        post(move |axum::Json(body): axum::Json<Value>| answer(handler_script.clone(), body)),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let provider = Provider::new(ProviderConfig {
+        name: "scripted".into(),
+        api: Api::OpenAi,
+        base_url: format!("http://{address}/v1"),
+        model: "scripted".into(),
+        api_key: None,
+        timeout: Duration::from_secs(30),
+        stream,
+        price_input: 1.0,
+        price_output: 2.0,
+        default_max_tokens: 512,
+    })
+    .unwrap();
+    (ProviderChain(vec![Arc::new(provider)]), script)
+}
+
+/// Files in memory; `read_file` reads one. `wait` never answers until cancelled.
+#[derive(Default)]
+struct Files {
+    calls: Mutex<Vec<(String, Value)>>,
+    cancelled: Mutex<bool>,
+}
+
+impl ToolBox for Files {
+    fn tools(&self) -> Vec<ToolSpec> {
+        vec![
+            ToolSpec {
+                name: "read_file".into(),
+                description: "Reads a file".into(),
+                parameters: json!({"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}),
+            },
+            ToolSpec {
+                name: "wait".into(),
+                description: "Waits".into(),
+                parameters: json!({"type": "object"}),
+            },
+        ]
+    }
+
+    fn call<'a>(
+        &'a self,
+        name: &'a str,
+        arguments: Map<String, Value>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, ToolOutcome> {
+        Box::pin(async move {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((name.to_string(), Value::Object(arguments.clone())));
+            match name {
+                "read_file" => match arguments.get("path").and_then(Value::as_str) {
+                    Some("a.txt") => ToolOutcome::Ok("alpha".into()),
+                    Some("b.txt") => ToolOutcome::Ok("beta".into()),
+                    other => ToolOutcome::Error(format!("no such file {other:?}")),
+                },
+                _ => {
+                    cancel.cancelled().await;
+                    *self.cancelled.lock().unwrap() = true;
+                    ToolOutcome::Error("cancelled".into())
+                }
+            }
+        })
+    }
+}
+
+fn agent(max_iterations: u32, output_schema: Option<Value>) -> AgentSpec {
+    AgentSpec {
+        name: "reader".into(),
+        instructions: "Read files with read_file, then answer in one sentence.".into(),
+        max_iterations,
+        output_schema,
+    }
+}
+
+fn quiet(_: LoopEvent) {}
+
+/// One run with no earlier conversation and no progress listener.
+async fn run_quietly(
+    spec: &AgentSpec,
+    task: &str,
+    model: &ProviderChain,
+    tools: &dyn ToolBox,
+    limits: Limits,
+    cancel: &CancellationToken,
+) -> concord_agents::Report {
+    let context = LoopContext {
+        model,
+        tools,
+        cancel,
+        progress: &quiet,
+    };
+    run(spec, task, Vec::new(), limits, context).await
+}
+
+fn tool_messages(request: &Value) -> Vec<String> {
+    request["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn multi_step_tool_use_with_streamed_and_plain_turns() {
+    let (model, script) = scripted(
+        vec![
+            Turn::Call("read_file", r#"{"path": "a.txt"}"#),
+            Turn::StreamedCall("read_file", r#"{"path": "b.txt"}"#),
+            Turn::Say("The files say alpha and beta."),
+        ],
+        false,
+        false,
+    )
+    .await;
+    let files = Files::default();
+    let events = Mutex::new(Vec::new());
+    let record = |e| events.lock().unwrap().push(e);
+    let report = run(
+        &agent(5, None),
+        "What do a.txt and b.txt say?",
+        Vec::new(),
+        Limits::default(),
+        LoopContext {
+            model: &model,
+            tools: &files,
+            cancel: &CancellationToken::new(),
+            progress: &record,
+        },
+    )
+    .await;
+    assert_eq!(report.ending, Ending::Answer, "{report:?}");
+    assert_eq!(report.answer, "The files say alpha and beta.");
+    assert_eq!((report.iterations, report.tool_calls), (3, 2));
+    assert_eq!(report.usage.input_tokens, 300);
+    assert!((report.cost_usd - (300.0 * 1.0 + 60.0 * 2.0) / 1e6).abs() < 1e-12);
+    let requests = script.requests.lock().unwrap();
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[0]["tools"][0]["function"]["name"], "read_file");
+    assert_eq!(requests[0]["messages"][0]["role"], "system");
+    assert_eq!(tool_messages(&requests[2]), vec!["alpha", "beta"]);
+    assert_eq!(
+        files
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.1["path"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!("a.txt"), json!("b.txt")]
+    );
+    let events = events.lock().unwrap();
+    assert_eq!(
+        events[0],
+        LoopEvent::Iteration {
+            number: 1,
+            limit: 5
+        }
+    );
+    assert!(events.contains(&LoopEvent::ToolCall {
+        name: "read_file".into()
+    }));
+}
+
+#[tokio::test]
+async fn unknown_tools_and_malformed_arguments_go_back_to_the_model() {
+    let (model, script) = scripted(
+        vec![
+            Turn::Call("delete_everything", "{}"),
+            Turn::Call("read_file", r#"{"path": "a.t"#),
+            Turn::Call("read_file", r#"["a.txt"]"#),
+            Turn::Say("I could not do it."),
+        ],
+        true,
+        false,
+    )
+    .await;
+    let files = Files::default();
+    let report = run_quietly(
+        &agent(6, None),
+        "go",
+        &model,
+        &files,
+        Limits::default(),
+        &CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(report.ending, Ending::Answer);
+    assert_eq!(report.tool_calls, 0, "nothing ran");
+    assert!(files.calls.lock().unwrap().is_empty());
+    let requests = script.requests.lock().unwrap();
+    let told = tool_messages(&requests[3]);
+    assert!(
+        told[0].contains("there is no tool named \"delete_everything\"")
+            && told[0].contains("read_file, wait"),
+        "{told:?}"
+    );
+    assert!(told[1].contains("are not valid JSON"), "{told:?}");
+    assert!(told[2].contains("must be a JSON object"), "{told:?}");
+}
+
+#[tokio::test]
+async fn the_iteration_limit_ends_the_loop() {
+    let (model, script) = scripted(
+        vec![Turn::Call("read_file", r#"{"path": "a.txt"}"#)],
+        false,
+        true,
+    )
+    .await;
+    let report = run_quietly(
+        &agent(3, None),
+        "loop",
+        &model,
+        &Files::default(),
+        Limits::default(),
+        &CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(report.ending, Ending::MaxIterations { limit: 3 });
+    assert_eq!(script.requests.lock().unwrap().len(), 3);
+    assert_eq!(report.tool_calls, 3);
+}
+
+#[tokio::test]
+async fn budgets_running_out_mid_loop_stop_it() {
+    // Each turn uses 120 tokens: the third would start past 250.
+    let (model, script) = scripted(
+        vec![Turn::Call("read_file", r#"{"path": "a.txt"}"#)],
+        false,
+        true,
+    )
+    .await;
+    let limits = Limits {
+        tokens: Some(250),
+        ..Limits::default()
+    };
+    let report = run_quietly(
+        &agent(10, None),
+        "spend",
+        &model,
+        &Files::default(),
+        limits,
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(&report.ending, Ending::BudgetExhausted { budget } if budget.starts_with("tokens (360 of 250")),
+        "{:?}",
+        report.ending
+    );
+    assert_eq!(script.requests.lock().unwrap().len(), 3);
+
+    let (model, _) = scripted(
+        vec![Turn::Call("read_file", r#"{"path": "a.txt"}"#)],
+        false,
+        true,
+    )
+    .await;
+    let limits = Limits {
+        tool_calls: Some(2),
+        ..Limits::default()
+    };
+    let files = Files::default();
+    let report = run_quietly(
+        &agent(10, None),
+        "spend",
+        &model,
+        &files,
+        limits,
+        &CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(
+        report.ending,
+        Ending::BudgetExhausted {
+            budget: "tool calls (2)".into()
+        }
+    );
+    assert_eq!(
+        files.calls.lock().unwrap().len(),
+        2,
+        "the third call was refused before it ran"
+    );
+}
+
+#[tokio::test]
+async fn cancellation_mid_loop_stops_it_and_the_call_in_flight() {
+    let (model, _) = scripted(
+        vec![Turn::Call("wait", "{}"), Turn::Say("never")],
+        false,
+        false,
+    )
+    .await;
+    let files = Arc::new(Files::default());
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        trigger.cancel();
+    });
+    let report = run_quietly(
+        &agent(5, None),
+        "wait",
+        &model,
+        &*files,
+        Limits::default(),
+        &cancel,
+    )
+    .await;
+    assert_eq!(report.ending, Ending::Cancelled);
+    assert_eq!(
+        files.calls.lock().unwrap()[0].0,
+        "wait",
+        "it was cancelled mid-call"
+    );
+    assert_eq!(report.tool_calls, 0, "the cancelled call did not complete");
+    // A model call in flight is abandoned too.
+    let (model, script) = scripted(vec![Turn::Hang], false, false).await;
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        trigger.cancel();
+    });
+    let started = std::time::Instant::now();
+    let report = run_quietly(
+        &agent(5, None),
+        "hang",
+        &model,
+        &Files::default(),
+        Limits::default(),
+        &cancel,
+    )
+    .await;
+    assert_eq!(report.ending, Ending::Cancelled);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(script.requests.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn structured_output_is_validated_and_asked_again_once() {
+    let schema = json!({"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]});
+    let (model, script) = scripted(
+        vec![
+            Turn::Say("forty-two"),
+            Turn::Say("```json\n{\"answer\": 42}\n```"),
+        ],
+        false,
+        false,
+    )
+    .await;
+    let report = run_quietly(
+        &agent(5, Some(schema.clone())),
+        "6*7?",
+        &model,
+        &Files::default(),
+        Limits::default(),
+        &CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(report.ending, Ending::Answer);
+    assert_eq!(report.structured, Some(json!({"answer": 42})));
+    let second = script.requests.lock().unwrap()[1].clone();
+    let reask = second["messages"].as_array().unwrap().last().unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reask.contains("not valid") && reask.contains("JSON Schema"),
+        "{reask}"
+    );
+
+    let (model, _) = scripted(
+        vec![Turn::Say("no"), Turn::Say("{\"answer\": \"x\"}")],
+        false,
+        false,
+    )
+    .await;
+    let report = run_quietly(
+        &agent(5, Some(schema)),
+        "6*7?",
+        &model,
+        &Files::default(),
+        Limits::default(),
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(&report.ending, Ending::InvalidOutput { error } if error.contains("/answer")),
+        "{:?}",
+        report.ending
+    );
+}
+
+#[tokio::test]
+async fn a_provider_that_fails_ends_the_run_with_its_error() {
+    let (model, _) = scripted(vec![], false, false).await;
+    let report = run_quietly(
+        &agent(5, None),
+        "hi",
+        &model,
+        &Files::default(),
+        Limits::default(),
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(&report.ending, Ending::ModelFailed { error } if error.contains("HTTP 500")),
+        "{:?}",
+        report.ending
+    );
+    assert_eq!(report.attempts.len(), 1);
+}

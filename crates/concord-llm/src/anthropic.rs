@@ -1,0 +1,203 @@
+//! The Anthropic Messages wire format: the system prompt apart, content as typed blocks,
+//! tool calls as `tool_use` blocks and their results as `tool_result` blocks in a user turn
+//! (consecutive results share one turn; turns alternate).
+
+use serde_json::{Value, json};
+
+use crate::model::{ChatRequest, ChatResponse, FinishReason, Message, Role, ToolCall, Usage};
+use crate::provider::LlmError;
+
+pub fn request_body(model: &str, request: &ChatRequest, stream: bool, default_max: u32) -> Value {
+    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    for m in request.messages.iter().filter(|m| m.role != Role::System) {
+        let (role, blocks) = match m.role {
+            Role::User => ("user", vec![json!({"type": "text", "text": m.content})]),
+            Role::Tool => (
+                "user",
+                vec![
+                    json!({"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}),
+                ],
+            ),
+            _ => {
+                let mut blocks = Vec::new();
+                if !m.content.is_empty() {
+                    blocks.push(json!({"type": "text", "text": m.content}));
+                }
+                for call in &m.tool_calls {
+                    let input: Value =
+                        serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
+                    blocks.push(json!({"type": "tool_use", "id": call.id, "name": call.name, "input": input}));
+                }
+                ("assistant", blocks)
+            }
+        };
+        match turns.last_mut() {
+            Some((last, content)) if *last == role => content.extend(blocks),
+            _ => turns.push((role, blocks)),
+        }
+    }
+    let mut body = json!({
+        "model": model,
+        "max_tokens": request.max_tokens.unwrap_or(default_max),
+        "messages": turns.into_iter().map(|(role, content)| json!({"role": role, "content": content})).collect::<Vec<_>>(),
+    });
+    if let Some(system) = request.system_text() {
+        body["system"] = json!(system);
+    }
+    if !request.tools.is_empty() {
+        body["tools"] = request
+            .tools
+            .iter()
+            .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
+            .collect();
+    }
+    if let Some(t) = request.temperature {
+        body["temperature"] = json!(t);
+    }
+    if stream {
+        body["stream"] = json!(true);
+    }
+    body
+}
+
+fn finish(reason: Option<&str>) -> FinishReason {
+    match reason {
+        Some("end_turn") | Some("stop_sequence") | None => FinishReason::Stop,
+        Some("tool_use") => FinishReason::ToolCalls,
+        Some("max_tokens") => FinishReason::Length,
+        Some(other) => FinishReason::Other(other.to_string()),
+    }
+}
+
+pub fn parse_response(value: &Value) -> Result<ChatResponse, LlmError> {
+    if value["type"] == "error" {
+        return Err(LlmError::Protocol(format!(
+            "error answer: {}",
+            value["error"]
+        )));
+    }
+    let blocks = value["content"]
+        .as_array()
+        .ok_or_else(|| LlmError::Protocol("no content in the answer".into()))?;
+    let mut content = String::new();
+    let mut tool_calls = Vec::new();
+    for block in blocks {
+        match block["type"].as_str() {
+            Some("text") => content.push_str(block["text"].as_str().unwrap_or_default()),
+            Some("tool_use") => tool_calls.push(ToolCall {
+                id: block["id"].as_str().unwrap_or_default().to_string(),
+                name: block["name"].as_str().unwrap_or_default().to_string(),
+                arguments: block["input"].to_string(),
+            }),
+            _ => {}
+        }
+    }
+    Ok(ChatResponse {
+        message: Message::assistant_with_calls(content, tool_calls),
+        finish: finish(value["stop_reason"].as_str()),
+        usage: Usage {
+            input_tokens: value["usage"]["input_tokens"].as_u64().unwrap_or(0),
+            output_tokens: value["usage"]["output_tokens"].as_u64().unwrap_or(0),
+        },
+        model: value["model"].as_str().unwrap_or_default().to_string(),
+    })
+}
+
+/// Rebuilds the final message from the stream's events.
+#[derive(Default)]
+pub(crate) struct StreamState {
+    blocks: Vec<(String, String, String, String)>, // type, id, name, text-or-json
+    stop_reason: Option<String>,
+    usage: Usage,
+    model: String,
+}
+
+impl StreamState {
+    pub fn push(&mut self, event: &Value) -> Result<(), LlmError> {
+        match event["type"].as_str() {
+            Some("message_start") => {
+                let message = &event["message"];
+                self.model = message["model"].as_str().unwrap_or_default().to_string();
+                self.usage.input_tokens = message["usage"]["input_tokens"].as_u64().unwrap_or(0);
+            }
+            Some("content_block_start") => {
+                let index = event["index"].as_u64().unwrap_or(0) as usize;
+                let block = &event["content_block"];
+                while self.blocks.len() <= index {
+                    self.blocks.push(Default::default());
+                }
+                self.blocks[index] = (
+                    block["type"].as_str().unwrap_or_default().to_string(),
+                    block["id"].as_str().unwrap_or_default().to_string(),
+                    block["name"].as_str().unwrap_or_default().to_string(),
+                    block["text"].as_str().unwrap_or_default().to_string(),
+                );
+            }
+            Some("content_block_delta") => {
+                let index = event["index"].as_u64().unwrap_or(0) as usize;
+                let delta = &event["delta"];
+                let piece = delta["text"]
+                    .as_str()
+                    .or_else(|| delta["partial_json"].as_str())
+                    .unwrap_or_default();
+                if let Some(block) = self.blocks.get_mut(index) {
+                    block.3.push_str(piece);
+                }
+            }
+            Some("message_delta") => {
+                if let Some(reason) = event["delta"]["stop_reason"].as_str() {
+                    self.stop_reason = Some(reason.to_string());
+                }
+                if let Some(out) = event["usage"]["output_tokens"].as_u64() {
+                    self.usage.output_tokens = out;
+                }
+            }
+            Some("error") => {
+                return Err(LlmError::Protocol(format!(
+                    "error in the stream: {}",
+                    event["error"]
+                )));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> ChatResponse {
+        let mut content = String::new();
+        let mut tool_calls = Vec::new();
+        for (kind, id, name, text) in self.blocks {
+            match kind.as_str() {
+                "text" => content.push_str(&text),
+                "tool_use" => tool_calls.push(ToolCall {
+                    id,
+                    name,
+                    arguments: if text.is_empty() {
+                        "{}".to_string()
+                    } else {
+                        text
+                    },
+                }),
+                _ => {}
+            }
+        }
+        ChatResponse {
+            message: Message::assistant_with_calls(content, tool_calls),
+            finish: finish(self.stop_reason.as_deref()),
+            usage: self.usage,
+            model: self.model,
+        }
+    }
+}
+
+pub(crate) async fn read_stream(response: reqwest::Response) -> Result<ChatResponse, LlmError> {
+    let mut state = StreamState::default();
+    crate::sse::read_events(response, |event| {
+        let value: Value = serde_json::from_str(&event.data)
+            .map_err(|e| LlmError::Protocol(format!("a streamed event is not JSON: {e}")))?;
+        state.push(&value)?;
+        Ok(value["type"] != "message_stop")
+    })
+    .await?;
+    Ok(state.finish())
+}

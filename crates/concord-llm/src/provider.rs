@@ -1,0 +1,211 @@
+//! One configured provider: which API it speaks, where, which model, its key and its prices.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::model::{ChatRequest, ChatResponse, Usage};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `POST {base_url}/chat/completions` (base URL usually ends in `/v1`).
+    OpenAi,
+    /// `POST {base_url}/v1/messages`.
+    Anthropic,
+    /// `POST {base_url}/v1beta/models/{model}:generateContent`.
+    Gemini,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub api: Api,
+    pub base_url: String,
+    pub model: String,
+    /// Read from the environment by the node; never logged.
+    pub api_key: Option<String>,
+    pub timeout: Duration,
+    /// Stream answers (server-sent events) instead of waiting for the whole body.
+    pub stream: bool,
+    /// US dollars per million input / output tokens.
+    pub price_input: f64,
+    pub price_output: f64,
+    /// Output tokens to ask for when the request does not say (Anthropic requires a number).
+    pub default_max_tokens: u32,
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum LlmError {
+    #[error("provider {provider} answered HTTP {status}: {body}")]
+    Http {
+        provider: String,
+        status: u16,
+        body: String,
+    },
+    #[error("provider {provider} is rate limiting (HTTP 429){}", retry_after.map(|s| format!("; retry after {s} s")).unwrap_or_default())]
+    RateLimited {
+        provider: String,
+        retry_after: Option<u64>,
+    },
+    #[error("provider {provider} did not answer within {timeout:?}")]
+    Timeout { provider: String, timeout: Duration },
+    #[error("cannot reach the provider: {0}")]
+    Connect(String),
+    #[error("the provider's answer could not be read: {0}")]
+    Protocol(String),
+    #[error("no provider could answer before the deadline")]
+    DeadlinePassed,
+}
+
+pub struct Provider {
+    pub config: ProviderConfig,
+    client: reqwest::Client,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out of every debug print.
+        f.debug_struct("Provider")
+            .field("name", &self.config.name)
+            .field("api", &self.config.api)
+            .field("model", &self.config.model)
+            .finish()
+    }
+}
+
+impl Provider {
+    pub fn new(config: ProviderConfig) -> Result<Self, LlmError> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| LlmError::Connect(e.to_string()))?;
+        Ok(Self { config, client })
+    }
+
+    /// What `usage` costs at this provider's prices, in US dollars.
+    pub fn cost(&self, usage: Usage) -> f64 {
+        (usage.input_tokens as f64 * self.config.price_input
+            + usage.output_tokens as f64 * self.config.price_output)
+            / 1_000_000.0
+    }
+
+    /// One chat completion, within `timeout` (at most the provider's own).
+    pub async fn chat(
+        &self,
+        request: &ChatRequest,
+        timeout: Option<Duration>,
+    ) -> Result<ChatResponse, LlmError> {
+        let timeout = timeout.map_or(self.config.timeout, |t| t.min(self.config.timeout));
+        let started = Instant::now();
+        let work = self.send(request);
+        let answer = tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| LlmError::Timeout {
+                provider: self.config.name.clone(),
+                timeout,
+            })?;
+        tracing::debug!(provider = %self.config.name, elapsed_ms = started.elapsed().as_millis() as u64, ok = answer.is_ok(), "llm call");
+        answer
+    }
+
+    async fn send(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError> {
+        let config = &self.config;
+        let stream = config.stream;
+        let base = config.base_url.trim_end_matches('/');
+        let (url, body) = match config.api {
+            Api::OpenAi => (
+                format!("{base}/chat/completions"),
+                crate::openai::request_body(&config.model, request, stream),
+            ),
+            Api::Anthropic => (
+                format!("{base}/v1/messages"),
+                crate::anthropic::request_body(
+                    &config.model,
+                    request,
+                    stream,
+                    config.default_max_tokens,
+                ),
+            ),
+            Api::Gemini => (
+                if stream {
+                    format!(
+                        "{base}/v1beta/models/{}:streamGenerateContent?alt=sse",
+                        config.model
+                    )
+                } else {
+                    format!("{base}/v1beta/models/{}:generateContent", config.model)
+                },
+                crate::gemini::request_body(request),
+            ),
+        };
+        let mut http = self.client.post(&url).json(&body);
+        if let Some(key) = &config.api_key {
+            http = match config.api {
+                Api::OpenAi => http.bearer_auth(key),
+                Api::Anthropic => http.header("x-api-key", key),
+                Api::Gemini => http.header("x-goog-api-key", key),
+            };
+        }
+        if config.api == Api::Anthropic {
+            http = http.header("anthropic-version", "2023-06-01");
+        }
+        let response = http.send().await.map_err(|e| {
+            // The URL can carry nothing secret (keys go in headers), but keep the message short.
+            LlmError::Connect(format!("{}: {}", config.name, without_url(&e)))
+        })?;
+        let status = response.status();
+        if status.as_u16() == 429 {
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok());
+            return Err(LlmError::RateLimited {
+                provider: config.name.clone(),
+                retry_after,
+            });
+        }
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(LlmError::Http {
+                provider: config.name.clone(),
+                status: status.as_u16(),
+                body: text.chars().take(500).collect(),
+            });
+        }
+        // Read what came, not what was asked for: some compatible servers stream when not asked
+        // (and answer in one body when they cannot stream).
+        let streamed = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if streamed {
+            return match config.api {
+                Api::OpenAi => crate::openai::read_stream(response).await,
+                Api::Anthropic => crate::anthropic::read_stream(response).await,
+                Api::Gemini => crate::gemini::read_stream(response, &config.model).await,
+            };
+        }
+        let value: Value = response
+            .json()
+            .await
+            .map_err(|e| LlmError::Protocol(format!("{}: not JSON: {e}", config.name)))?;
+        match config.api {
+            Api::OpenAi => crate::openai::parse_response(&value),
+            Api::Anthropic => crate::anthropic::parse_response(&value),
+            Api::Gemini => crate::gemini::parse_response(&value, &config.model),
+        }
+    }
+}
+
+fn without_url(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    if let Some(url) = error.url() {
+        text = text.replace(url.as_str(), "(url)");
+    }
+    if let Some(source) = std::error::Error::source(error) {
+        text.push_str(&format!(": {source}"));
+    }
+    text
+}
