@@ -56,6 +56,19 @@ enum Command {
     /// What a registered entity's declared dependencies resolve to now.
     #[command(subcommand)]
     Deps(DepsCommand),
+    /// LLM usage and cost from the node's ledger, by agent and model.
+    Costs {
+        #[arg(long)]
+        agent: Option<String>,
+        /// A model or provider name.
+        #[arg(long)]
+        model: Option<String>,
+        /// How far back, like 24h or 30m.
+        #[arg(long)]
+        since: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Run one client scenario of the official MCP conformance suite (its client mode runs
     /// this with the test server's URL; the scenario comes from MCP_CONFORMANCE_SCENARIO).
     #[command(hide = true)]
@@ -316,6 +329,12 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Audit(command) => audit_command(command).await,
         Command::Agents(AgentsCommand::List { target }) => agents_list(target).await,
         Command::Deps(DepsCommand::Show { name, target }) => deps_show(&name, target).await,
+        Command::Costs {
+            agent,
+            model,
+            since,
+            target,
+        } => costs(agent, model, since, target).await,
         Command::Tools(ToolsCommand::Resolve {
             capability,
             tags,
@@ -972,6 +991,68 @@ async fn deps_show(name: &str, target: Target) -> Result<std::process::ExitCode>
     } else {
         std::process::ExitCode::SUCCESS
     })
+}
+
+async fn costs(
+    agent: Option<String>,
+    model: Option<String>,
+    since: Option<String>,
+    target: Target,
+) -> Result<std::process::ExitCode> {
+    let mut query = Vec::new();
+    for (key, value) in [("agent", agent), ("model", model), ("since", since)] {
+        if let Some(value) = value {
+            query.push(format!("{key}={}", encode(&value)));
+        }
+    }
+    let usage = rest_get(&target, &format!("/api/v1/usage?{}", query.join("&"))).await?;
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&usage)?);
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    // Totals by agent and model, then the grand total.
+    #[derive(Default)]
+    struct Spent {
+        calls: u64,
+        failed: u64,
+        input: u64,
+        output: u64,
+        cost: f64,
+    }
+    let mut groups: std::collections::BTreeMap<(String, String), Spent> = Default::default();
+    for record in usage["records"].as_array().cloned().unwrap_or_default() {
+        let key = (
+            record["agent"].as_str().unwrap_or_default().to_string(),
+            format!(
+                "{}/{}",
+                record["provider"].as_str().unwrap_or_default(),
+                record["model"].as_str().unwrap_or_default()
+            ),
+        );
+        let spent = groups.entry(key).or_default();
+        spent.calls += 1;
+        spent.failed += u64::from(record.get("error").is_some_and(|e| !e.is_null()));
+        spent.input += record["input_tokens"].as_u64().unwrap_or(0);
+        spent.output += record["output_tokens"].as_u64().unwrap_or(0);
+        spent.cost += record["cost_usd"].as_f64().unwrap_or(0.0);
+    }
+    println!("AGENT\tPROVIDER/MODEL\tCALLS\tFAILED\tINPUT\tOUTPUT\tCOST_USD");
+    for ((agent, model), s) in &groups {
+        println!(
+            "{agent}\t{model}\t{}\t{}\t{}\t{}\t{:.6}",
+            s.calls, s.failed, s.input, s.output, s.cost
+        );
+    }
+    let totals = &usage["totals"];
+    println!(
+        "total\t\t{}\t{}\t{}\t{}\t{:.6}",
+        totals["calls"],
+        totals["failed"],
+        totals["input_tokens"],
+        totals["output_tokens"],
+        totals["cost_usd"].as_f64().unwrap_or(0.0)
+    );
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 async fn agents_list(target: Target) -> Result<std::process::ExitCode> {

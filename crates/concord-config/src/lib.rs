@@ -45,6 +45,10 @@ pub struct Config {
     pub audit: AuditSettings,
     pub budgets: BudgetSettings,
     pub routing: RoutingSettings,
+    /// LLM providers (`[providers.NAME]`), sorted by name.
+    pub providers: Vec<ProviderSpec>,
+    /// Agents (`[agents.NAME]`), sorted by name.
+    pub agents: Vec<AgentSettings>,
     /// Entities declared in the config (`[registry.NAME]`): registered at start and kept alive
     /// by the node itself, beside those that register over HTTP.
     pub registry: Vec<concord_mesh::Registration>,
@@ -141,6 +145,60 @@ impl Default for RoutingSettings {
             max_result_tokens: None,
         }
     }
+}
+
+/// Which wire API a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderApi {
+    /// The OpenAI chat completions API (OpenAI, vLLM, Ollama, llama.cpp, LiteLLM).
+    Openai,
+    Anthropic,
+    Gemini,
+}
+
+/// One LLM provider (`[providers.NAME]`). It is registered in the mesh as an `llm` entity
+/// under its name, so agents find it by tags like any other dependency.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderSpec {
+    pub name: String,
+    pub api: ProviderApi,
+    pub base_url: String,
+    pub model: String,
+    /// The environment variable holding the API key (its value is read at start, never logged).
+    pub api_key_env: Option<String>,
+    pub tags: Vec<String>,
+    pub version: String,
+    /// US dollars per million input / output tokens.
+    pub price_input: f64,
+    pub price_output: f64,
+    pub timeout: Duration,
+    pub stream: bool,
+    pub max_tokens: u32,
+}
+
+/// One agent (`[agents.NAME]`), exposed as the tool `agents__NAME`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentSettings {
+    pub name: String,
+    pub description: String,
+    pub instructions: String,
+    /// Which providers may answer, resolved through the mesh (capability `llm`).
+    pub provider: concord_mesh::Selector,
+    /// Tools it may call, by exposed name (`SERVER__TOOL`) or whole servers (`SERVER__*`).
+    pub tools: Vec<String>,
+    pub max_iterations: u32,
+    pub output_schema: Option<serde_json::Value>,
+    pub budget: AgentBudget,
+}
+
+/// What one run of an agent may spend.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AgentBudget {
+    pub tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub tool_calls: Option<u64>,
+    pub deadline: Option<Duration>,
 }
 
 /// Settings of one tool of a server (`[servers.NAME.tools.TOOL]`).

@@ -8,10 +8,11 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::{
-    AuditSettings, AuthSettings, BudgetLimits, BudgetSettings, Config, ConfigError, Effect,
-    LimitSettings, NAMESPACE_SEPARATOR, NodeSettings, PolicyRule, PolicySettings, PrefixMode,
-    RESERVED_SERVER_NAMES, Rate, RoutingSettings, ServerSpec, StateSettings, StaticKey,
-    ToolSettings, TransportSpec, expand_vars, parse_duration,
+    AgentBudget, AgentSettings, AuditSettings, AuthSettings, BudgetLimits, BudgetSettings, Config,
+    ConfigError, Effect, LimitSettings, NAMESPACE_SEPARATOR, NodeSettings, PolicyRule,
+    PolicySettings, PrefixMode, ProviderApi, ProviderSpec, RESERVED_SERVER_NAMES, Rate,
+    RoutingSettings, ServerSpec, StateSettings, StaticKey, ToolSettings, TransportSpec,
+    expand_vars, parse_duration,
 };
 
 type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -35,6 +36,10 @@ pub(crate) struct TomlFile {
     budgets: RawBudgets,
     #[serde(default)]
     routing: RawRouting,
+    #[serde(default)]
+    providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    agents: BTreeMap<String, RawAgent>,
     /// `[registry.NAME]`: a registration without its name (the key is the name).
     #[serde(default)]
     registry: BTreeMap<String, toml::Table>,
@@ -251,6 +256,171 @@ impl RawRouting {
         }
         Ok(settings)
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    api: ProviderApi,
+    base_url: String,
+    model: String,
+    api_key_env: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    version: Option<String>,
+    #[serde(default)]
+    price_input: f64,
+    #[serde(default)]
+    price_output: f64,
+    timeout: Option<String>,
+    #[serde(default)]
+    stream: bool,
+    max_tokens: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    #[serde(default)]
+    description: String,
+    instructions: String,
+    provider: Option<RawSelector>,
+    #[serde(default)]
+    tools: Vec<String>,
+    max_iterations: Option<u32>,
+    output_schema: Option<toml::Value>,
+    #[serde(default)]
+    budget: RawAgentBudget,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSelector {
+    capability: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    version: Option<String>,
+    namespace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgentBudget {
+    tokens: Option<u64>,
+    cost_usd: Option<f64>,
+    tool_calls: Option<u64>,
+    deadline: Option<String>,
+}
+
+fn providers(
+    raw: BTreeMap<String, RawProvider>,
+    file: &Path,
+) -> Result<Vec<ProviderSpec>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, p) in raw {
+        let key = |field: &str| format!("providers.{name}.{field}");
+        validate_server_name(&name)
+            .map_err(|m| ConfigError::invalid(file, format!("providers.{name}"), m))?;
+        if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+            return Err(ConfigError::invalid(
+                file,
+                key("base_url"),
+                format!("expected an http:// or https:// URL, got {:?}", p.base_url),
+            ));
+        }
+        let version = p.version.unwrap_or_else(|| "1.0.0".to_string());
+        if semver::Version::parse(&version).is_err() {
+            return Err(ConfigError::invalid(
+                file,
+                key("version"),
+                format!("expected a semantic version like 1.2.0, got {version:?}"),
+            ));
+        }
+        if p.price_input < 0.0 || p.price_output < 0.0 {
+            return Err(ConfigError::invalid(
+                file,
+                key("price_input"),
+                "prices cannot be negative",
+            ));
+        }
+        let timeout = match p.timeout {
+            Some(text) => {
+                parse_duration(&text).map_err(|m| ConfigError::invalid(file, key("timeout"), m))?
+            }
+            None => std::time::Duration::from_secs(120),
+        };
+        out.push(ProviderSpec {
+            name,
+            api: p.api,
+            base_url: p.base_url,
+            model: p.model,
+            api_key_env: p.api_key_env,
+            tags: p.tags,
+            version,
+            price_input: p.price_input,
+            price_output: p.price_output,
+            timeout,
+            stream: p.stream,
+            max_tokens: p.max_tokens.unwrap_or(1024),
+        });
+    }
+    Ok(out)
+}
+
+fn agents(raw: BTreeMap<String, RawAgent>, file: &Path) -> Result<Vec<AgentSettings>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, a) in raw {
+        let key = |field: &str| format!("agents.{name}.{field}");
+        validate_server_name(&name)
+            .map_err(|m| ConfigError::invalid(file, format!("agents.{name}"), m))?;
+        let selector = a.provider.unwrap_or_default();
+        let max_iterations = a.max_iterations.unwrap_or(8);
+        if max_iterations == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                key("max_iterations"),
+                "must be at least 1",
+            ));
+        }
+        let output_schema = match a.output_schema {
+            None => None,
+            Some(toml::Value::String(text)) => Some(serde_json::from_str(&text).map_err(|e| {
+                ConfigError::invalid(file, key("output_schema"), format!("not JSON: {e}"))
+            })?),
+            Some(value) => Some(
+                serde_json::to_value(value)
+                    .map_err(|e| ConfigError::invalid(file, key("output_schema"), e.to_string()))?,
+            ),
+        };
+        let deadline = match a.budget.deadline {
+            Some(text) => Some(
+                parse_duration(&text)
+                    .map_err(|m| ConfigError::invalid(file, key("budget.deadline"), m))?,
+            ),
+            None => None,
+        };
+        out.push(AgentSettings {
+            name,
+            description: a.description,
+            instructions: a.instructions,
+            provider: concord_mesh::Selector {
+                capability: selector.capability.unwrap_or_else(|| "llm".to_string()),
+                tags: selector.tags,
+                version: selector.version,
+                namespace: selector.namespace,
+            },
+            tools: a.tools,
+            max_iterations,
+            output_schema,
+            budget: AgentBudget {
+                tokens: a.budget.tokens,
+                cost_usd: a.budget.cost_usd,
+                tool_calls: a.budget.tool_calls,
+                deadline,
+            },
+        });
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -795,6 +965,8 @@ impl TomlFile {
         let audit = self.audit.into_settings();
         let budgets = self.budgets.into_settings(file)?;
         let routing = self.routing.into_settings(file)?;
+        let providers = providers(self.providers, file)?;
+        let agents = agents(self.agents, file)?;
         let registry = registrations(self.registry, file)?;
         let mut servers = Vec::new();
         for (name, raw) in self.servers {
@@ -862,6 +1034,8 @@ impl TomlFile {
             audit,
             budgets,
             routing,
+            providers,
+            agents,
             registry,
             servers,
         })

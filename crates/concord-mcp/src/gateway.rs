@@ -35,6 +35,9 @@ pub struct GatewayOptions {
     pub page_size: usize,
     /// Who may use what (auth on); `None` allows everything.
     pub access: Option<Arc<dyn AccessControl>>,
+    /// More tool families the node serves itself, each under its own namespace (the agents,
+    /// as `agents__NAME`); listed after the built-in `concord__*` tools.
+    pub local_namespaces: Vec<(String, Arc<dyn BuiltinTools>)>,
 }
 
 impl std::fmt::Debug for GatewayOptions {
@@ -43,6 +46,14 @@ impl std::fmt::Debug for GatewayOptions {
             .field("health_interval", &self.health_interval)
             .field("page_size", &self.page_size)
             .field("access", &self.access.is_some())
+            .field(
+                "local_namespaces",
+                &self
+                    .local_namespaces
+                    .iter()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -53,6 +64,7 @@ impl Default for GatewayOptions {
             health_interval: concord_config::DEFAULT_HEALTH_INTERVAL,
             page_size: concord_config::DEFAULT_PAGE_SIZE,
             access: None,
+            local_namespaces: Vec::new(),
         }
     }
 }
@@ -170,6 +182,8 @@ pub(crate) struct Shared {
     pub builtins: Option<SharedBuiltins>,
     builtin_lists: Arc<UpstreamLists>,
     pub builtin_name: Arc<str>,
+    /// Namespaces of tools served in process besides the built-ins (name, provider, lists).
+    pub locals: Vec<(Arc<str>, SharedBuiltins, Arc<UpstreamLists>)>,
 }
 
 impl Shared {
@@ -347,8 +361,14 @@ impl Shared {
             prefix: PrefixMode::Always,
             lists: &self.builtin_lists,
         });
+        let locals = self.locals.iter().map(|(name, _, lists)| CatalogInput {
+            server: name,
+            prefix: PrefixMode::Always,
+            lists,
+        });
         let inputs: Vec<CatalogInput<'_>> = builtins
             .into_iter()
+            .chain(locals)
             .chain(snapshots.iter().map(|(u, lists)| CatalogInput {
                 server: &u.pool,
                 prefix: u.spec.prefix,
@@ -854,6 +874,17 @@ impl Gateway {
                 .unwrap_or_default(),
             ..UpstreamLists::default()
         });
+        let locals = options
+            .local_namespaces
+            .iter()
+            .map(|(name, provider)| {
+                let lists = Arc::new(UpstreamLists {
+                    tools: provider.tools().iter().map(builtin_to_tool).collect(),
+                    ..UpstreamLists::default()
+                });
+                (Arc::<str>::from(name.as_str()), provider.clone(), lists)
+            })
+            .collect();
         let shutdown = CancellationToken::new();
         let breaker = BreakerPolicy::from(&config.routing);
         let mut upstreams = UpstreamSet::default();
@@ -886,6 +917,7 @@ impl Gateway {
                 builtins,
                 builtin_lists,
                 builtin_name: BUILTIN_NAMESPACE.into(),
+                locals,
             }),
             started: Arc::new(AtomicBool::new(false)),
             tasks: Arc::default(),
@@ -1019,6 +1051,22 @@ impl Gateway {
                     restarts: state.restarts,
                     uptime_seconds: state.connected_since.map(|t| t.elapsed().as_secs()),
                 }
+            })
+            .collect()
+    }
+
+    /// Every tool currently exposed: its name, description and input schema (JSON).
+    pub fn tool_catalog(&self) -> Vec<(String, String, serde_json::Value)> {
+        self.shared
+            .catalog()
+            .tools
+            .iter()
+            .map(|t| {
+                (
+                    t.name.to_string(),
+                    t.description.as_deref().unwrap_or_default().to_string(),
+                    serde_json::Value::Object((*t.input_schema).clone()),
+                )
             })
             .collect()
     }

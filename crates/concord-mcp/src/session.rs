@@ -1104,6 +1104,23 @@ impl ServerHandler for GatewaySession {
                 self.read_result_page(params.arguments.as_ref(), identity.as_ref()),
             ));
         }
+        let local = self
+            .shared
+            .locals
+            .iter()
+            .find(|(name, _, _)| *name == route.server)
+            .map(|(_, provider, _)| provider.clone());
+        if let Some(provider) = local {
+            return Ok(self
+                .call_builtin(
+                    &*provider,
+                    &route.name,
+                    params.arguments.unwrap_or_default(),
+                    &context,
+                    started,
+                )
+                .await);
+        }
         if let Some(builtins) = self.shared.builtins.clone()
             && route.server == self.shared.builtin_name
         {

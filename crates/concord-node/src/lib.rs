@@ -19,6 +19,7 @@ use concord_telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod agents;
 mod edge;
 mod governance;
 mod registry;
@@ -52,6 +53,8 @@ pub enum NodeError {
     State(#[from] concord_state::StateError),
     #[error("{0}")]
     Governance(String),
+    #[error("agents: {0}")]
+    Agents(String),
     #[error(
         "refusing to listen on {addr} with authentication off: anyone who can reach it could use every tool. Enable [auth] or listen on a loopback address (127.0.0.1)"
     )]
@@ -173,6 +176,24 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         beats: Arc::default(),
     };
     let metrics = Arc::new(Metrics::new());
+    let agents = Arc::new(
+        agents::Agents::new(
+            config.agents.clone(),
+            &config.providers,
+            state.store().clone(),
+            late_gateway.clone(),
+        )
+        .map_err(NodeError::Agents)?,
+    );
+    let local_namespaces: Vec<(String, Arc<dyn concord_mcp::builtin::BuiltinTools>)> =
+        if config.agents.is_empty() {
+            Vec::new()
+        } else {
+            vec![(
+                agents::AGENTS_NAMESPACE.to_string(),
+                Arc::new(agents::AgentTools(agents.clone())),
+            )]
+        };
     let gateway = Gateway::with_builtins(
         config,
         GatewayOptions {
@@ -181,6 +202,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
             access: governance.clone().map(|g| {
                 Arc::new(governance::PolicyAccess(g)) as Arc<dyn concord_mcp::AccessControl>
             }),
+            local_namespaces,
         },
         metrics.clone(),
         Some(Arc::new(state_tools::StateTools::new(
@@ -206,6 +228,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         state,
         governance.clone(),
         registry_state.clone(),
+        agents.clone(),
     );
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
@@ -224,10 +247,18 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
             shutdown.clone(),
         ));
     }
-    let configured_entities =
-        registry::register_configured(state_for_watch.store(), &config.registry)
-            .await
-            .map_err(NodeError::Store)?;
+    // Providers and agents are registry entities too: agents resolve providers by tags, and
+    // `concord agents list` / `deps show` see them.
+    let declared: Vec<concord_mesh::Registration> = config
+        .registry
+        .iter()
+        .cloned()
+        .chain(agents::provider_registrations(&config.providers))
+        .chain(agents::agent_registrations(&config.agents))
+        .collect();
+    let configured_entities = registry::register_configured(state_for_watch.store(), &declared)
+        .await
+        .map_err(NodeError::Store)?;
     tokio::spawn(registry::sync_upstreams(
         registry_state,
         gateway.clone(),
@@ -338,7 +369,11 @@ fn router(
     shared_state: Arc<concord_state::StateService>,
     governance: Option<Arc<governance::Governance>>,
     registry_state: registry::RegistryState,
+    agents: Arc<agents::Agents>,
 ) -> Router {
+    let usage_api = Router::new()
+        .route("/api/v1/usage", get(agents::usage_api))
+        .with_state(agents);
     let registry_api = Router::new()
         .route(
             "/api/v1/registry",
@@ -364,7 +399,8 @@ fn router(
             state: shared_state,
             governance: governance.clone(),
         })
-        .merge(registry_api);
+        .merge(registry_api)
+        .merge(usage_api);
     let mut mcp =
         state
             .gateway

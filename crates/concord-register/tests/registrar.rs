@@ -78,8 +78,16 @@ async fn a_service_registers_heartbeats_reports_health_and_deregisters() {
     let entities = listed(&base).await;
     assert_eq!(entities.len(), 1);
     assert_eq!(entities[0]["status"], "healthy");
-    // And it is routed: its tools are in the gateway.
-    assert!(node.gateway().status().iter().any(|s| s.name == "search"));
+    // And it is routed: a replica of the logical server `search`, named after its endpoint.
+    let suffix = registrar.id().rsplit('.').next().unwrap().to_string();
+    assert!(
+        node.gateway()
+            .status()
+            .iter()
+            .any(|s| s.server == "search" && s.name == format!("search@{suffix}")),
+        "{:?}",
+        node.gateway().status()
+    );
 
     registrar.set_health(Health::Degraded);
     let mut status = Value::Null;

@@ -1,0 +1,526 @@
+//! Agents from `[agents.NAME]`, served as the tools `agents__NAME`, and the LLM providers from
+//! `[providers.NAME]` they use. Each run resolves the agent's provider selector through the mesh
+//! registry (providers are registered there as `llm` entities), so the order is the resolution's
+//! and unhealthy or expired providers are skipped; tool calls go through the gateway. Every
+//! provider attempt is kept in the usage ledger, with the agent, the caller and the outcome.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use concord_agents::{AgentSpec, LoopContext, LoopEvent, ProviderChain, ToolBox, ToolOutcome};
+use concord_config::{AgentSettings, ProviderApi, ProviderSpec};
+use concord_llm::{Api, Message, Provider, ProviderConfig, ToolSpec};
+use concord_mcp::builtin::{BuiltinFuture, BuiltinOutcome, BuiltinTool, BuiltinTools, Caller};
+use concord_mesh::{Registration, resolve};
+use concord_store::Store;
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// The namespace agents are exposed under (`agents__NAME`).
+pub const AGENTS_NAMESPACE: &str = "agents";
+/// Conversations kept (the oldest leaves first) and for how long.
+const MAX_CONVERSATIONS: usize = 1024;
+const CONVERSATION_TTL: Duration = Duration::from_secs(3600);
+
+/// The providers as registry entities (capability `llm`), so agents resolve them by tags.
+pub fn provider_registrations(providers: &[ProviderSpec]) -> Vec<Registration> {
+    providers
+        .iter()
+        .filter_map(|p| {
+            serde_json::from_value(json!({
+                "name": p.name,
+                "version": p.version,
+                "kind": "llm",
+                "capabilities": ["llm"],
+                "tags": p.tags,
+                "endpoint": {"url": p.base_url},
+                "metadata": {"model": p.model, "api": format!("{:?}", p.api).to_lowercase(),
+                    "price_input_per_mtok": p.price_input, "price_output_per_mtok": p.price_output},
+            }))
+            .ok()
+        })
+        .collect()
+}
+
+/// The agents as registry entities (kind `agent`), with their provider selector as a
+/// dependency, so `concord agents list` and `concord deps show` cover them.
+pub fn agent_registrations(agents: &[AgentSettings]) -> Vec<Registration> {
+    agents
+        .iter()
+        .filter_map(|a| {
+            serde_json::from_value(json!({
+                "name": a.name,
+                "version": "1.0.0",
+                "kind": "agent",
+                "capabilities": ["agent"],
+                "endpoint": {},
+                "metadata": {"description": a.description, "tool": format!("{AGENTS_NAMESPACE}__{}", a.name)},
+                "dependencies": {"llm": a.provider},
+            }))
+            .ok()
+        })
+        .collect()
+}
+
+fn build_provider(spec: &ProviderSpec) -> Result<Provider, String> {
+    let api_key = match &spec.api_key_env {
+        Some(var) => match std::env::var(var) {
+            Ok(value) if !value.is_empty() => Some(value),
+            _ => {
+                tracing::warn!(provider = %spec.name, variable = %var, "the API key variable is not set; calls go without a key");
+                None
+            }
+        },
+        None => None,
+    };
+    Provider::new(ProviderConfig {
+        name: spec.name.clone(),
+        api: match spec.api {
+            ProviderApi::Openai => Api::OpenAi,
+            ProviderApi::Anthropic => Api::Anthropic,
+            ProviderApi::Gemini => Api::Gemini,
+        },
+        base_url: spec.base_url.clone(),
+        model: spec.model.clone(),
+        api_key,
+        timeout: spec.timeout,
+        stream: spec.stream,
+        price_input: spec.price_input,
+        price_output: spec.price_output,
+        default_max_tokens: spec.max_tokens,
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// One provider attempt, as the ledger keeps it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UsageRecord {
+    pub at_ms: u64,
+    pub agent: String,
+    pub principal: String,
+    pub provider: String,
+    pub model: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+    pub latency_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+struct Conversation {
+    owner: String,
+    messages: Vec<Message>,
+    touched: Instant,
+}
+
+pub struct Agents {
+    agents: Vec<AgentSettings>,
+    providers: HashMap<String, Arc<Provider>>,
+    store: Store,
+    gateway: Arc<OnceLock<concord_mcp::Gateway>>,
+    conversations: Mutex<HashMap<String, Conversation>>,
+    ledger: Mutex<Vec<UsageRecord>>,
+}
+
+impl Agents {
+    pub fn new(
+        agents: Vec<AgentSettings>,
+        providers: &[ProviderSpec],
+        store: Store,
+        gateway: Arc<OnceLock<concord_mcp::Gateway>>,
+    ) -> Result<Self, String> {
+        let mut built = HashMap::new();
+        for spec in providers {
+            built.insert(spec.name.clone(), Arc::new(build_provider(spec)?));
+        }
+        Ok(Self {
+            agents,
+            providers: built,
+            store,
+            gateway,
+            conversations: Mutex::default(),
+            ledger: Mutex::default(),
+        })
+    }
+
+    /// The ledger, newest last, filtered.
+    pub fn usage(
+        &self,
+        agent: Option<&str>,
+        model: Option<&str>,
+        since_ms: Option<u64>,
+    ) -> Vec<UsageRecord> {
+        self.ledger
+            .lock()
+            .iter()
+            .filter(|r| agent.is_none_or(|a| r.agent == a))
+            .filter(|r| model.is_none_or(|m| r.model == m || r.provider == m))
+            .filter(|r| since_ms.is_none_or(|s| r.at_ms >= s))
+            .cloned()
+            .collect()
+    }
+
+    /// The configured providers the agent's selector resolves to now, best first.
+    async fn resolve_providers(&self, agent: &AgentSettings) -> Result<Vec<Arc<Provider>>, String> {
+        let entities = crate::registry::entities(&self.store)
+            .await
+            .map_err(|e| format!("reading the registry: {e}"))?;
+        let resolution =
+            resolve(&agent.provider, &entities, now_ms()).map_err(|e| e.to_string())?;
+        let chosen: Vec<Arc<Provider>> = resolution
+            .candidates
+            .iter()
+            .filter_map(|c| self.providers.get(&c.name).cloned())
+            .collect();
+        if chosen.is_empty() {
+            let mut why: Vec<String> = resolution
+                .rejected
+                .iter()
+                .map(|r| format!("{}: {}", r.name, r.reasons.join(", ")))
+                .collect();
+            why.extend(resolution.not_considered);
+            return Err(format!(
+                "no configured provider satisfies the selector ({})",
+                if why.is_empty() {
+                    "no llm entities".to_string()
+                } else {
+                    why.join("; ")
+                }
+            ));
+        }
+        Ok(chosen)
+    }
+
+    fn toolbox(&self, agent: &AgentSettings) -> Result<GatewayTools, String> {
+        let gateway = self
+            .gateway
+            .get()
+            .cloned()
+            .ok_or("the gateway is not running yet")?;
+        let own_tool = format!("{AGENTS_NAMESPACE}__{}", agent.name);
+        let tools: Vec<ToolSpec> = gateway
+            .tool_catalog()
+            .into_iter()
+            .filter(|(name, _, _)| *name != own_tool && allowed(&agent.tools, name))
+            .map(|(name, description, parameters)| ToolSpec {
+                name,
+                description,
+                parameters,
+            })
+            .collect();
+        Ok(GatewayTools { gateway, tools })
+    }
+
+    async fn run_agent(
+        &self,
+        agent: &AgentSettings,
+        arguments: Map<String, Value>,
+        caller: Caller,
+    ) -> BuiltinOutcome {
+        let Some(task) = arguments.get("task").and_then(Value::as_str) else {
+            return failure("missing argument: task (what the agent should do)");
+        };
+        let conversation_id = arguments
+            .get("conversation_id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let history = match &conversation_id {
+            Some(id) => match self.conversation(id, &caller.principal) {
+                Some(history) => history,
+                None => {
+                    return failure(format!(
+                        "unknown or expired conversation_id {id:?} (start without one)"
+                    ));
+                }
+            },
+            None => Vec::new(),
+        };
+        let providers = match self.resolve_providers(agent).await {
+            Ok(providers) => providers,
+            Err(e) => return failure(e),
+        };
+        let tools = match self.toolbox(agent) {
+            Ok(tools) => tools,
+            Err(e) => return failure(e),
+        };
+        let spec = AgentSpec {
+            name: agent.name.clone(),
+            instructions: agent.instructions.clone(),
+            max_iterations: agent.max_iterations,
+            output_schema: agent.output_schema.clone(),
+        };
+        let limits = concord_agents::Limits {
+            tokens: agent.budget.tokens,
+            cost_usd: agent.budget.cost_usd,
+            tool_calls: agent.budget.tool_calls,
+            deadline: agent.budget.deadline.map(|d| Instant::now() + d),
+        };
+        let model = ProviderChain(providers);
+        let cancel = CancellationToken::new();
+        let progress =
+            |event: LoopEvent| tracing::info!(agent = %agent.name, ?event, "agent progress");
+        let span = tracing::info_span!("agent", agent = %agent.name, principal = %caller.principal);
+        let report = tracing::Instrument::instrument(
+            concord_agents::run(
+                &spec,
+                task,
+                history,
+                limits,
+                LoopContext {
+                    model: &model,
+                    tools: &tools,
+                    cancel: &cancel,
+                    progress: &progress,
+                },
+            ),
+            span,
+        )
+        .await;
+        let at_ms = now_ms();
+        {
+            let mut ledger = self.ledger.lock();
+            for attempt in &report.attempts {
+                ledger.push(UsageRecord {
+                    at_ms,
+                    agent: agent.name.clone(),
+                    principal: caller.principal.clone(),
+                    provider: attempt.provider.clone(),
+                    model: attempt.model.clone(),
+                    input_tokens: attempt.usage.input_tokens,
+                    output_tokens: attempt.usage.output_tokens,
+                    cost_usd: attempt.cost_usd,
+                    latency_ms: attempt.latency.as_millis() as u64,
+                    error: attempt.error.clone(),
+                });
+            }
+        }
+        let id = conversation_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        self.remember(&id, &caller.principal, report.transcript.clone());
+        let answered = report.ending == concord_agents::Ending::Answer;
+        BuiltinOutcome {
+            structured: json!({
+                "answer": report.answer,
+                "structured": report.structured,
+                "ending": report.ending,
+                "conversation_id": id,
+                "iterations": report.iterations,
+                "tool_calls": report.tool_calls,
+                "usage": {"input_tokens": report.usage.input_tokens, "output_tokens": report.usage.output_tokens,
+                          "cost_usd": report.cost_usd},
+                "providers": report.attempts.iter().map(|a| json!({
+                    "provider": a.provider, "model": a.model, "error": a.error})).collect::<Vec<_>>(),
+            }),
+            is_error: !answered,
+        }
+    }
+
+    fn conversation(&self, id: &str, owner: &str) -> Option<Vec<Message>> {
+        let conversations = self.conversations.lock();
+        let kept = conversations.get(id)?;
+        (kept.owner == owner && kept.touched.elapsed() < CONVERSATION_TTL)
+            .then(|| kept.messages.clone())
+    }
+
+    fn remember(&self, id: &str, owner: &str, messages: Vec<Message>) {
+        let mut conversations = self.conversations.lock();
+        conversations.retain(|_, c| c.touched.elapsed() < CONVERSATION_TTL);
+        if conversations.len() >= MAX_CONVERSATIONS
+            && let Some(oldest) = conversations
+                .iter()
+                .min_by_key(|(_, c)| c.touched)
+                .map(|(k, _)| k.clone())
+        {
+            conversations.remove(&oldest);
+        }
+        conversations.insert(
+            id.to_string(),
+            Conversation {
+                owner: owner.to_string(),
+                messages,
+                touched: Instant::now(),
+            },
+        );
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct UsageQuery {
+    agent: Option<String>,
+    model: Option<String>,
+    /// A duration back from now, like `24h` or `30m`.
+    since: Option<String>,
+}
+
+/// `GET /api/v1/usage?agent=&model=&since=24h`: the ledger's records and their totals.
+pub async fn usage_api(
+    axum::extract::State(agents): axum::extract::State<Arc<Agents>>,
+    query: Result<axum::extract::Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let bad = |message: String| {
+        (
+            axum::http::StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": message})),
+        )
+            .into_response()
+    };
+    let query = match query {
+        Ok(axum::extract::Query(query)) => query,
+        Err(rejection) => return bad(rejection.body_text()),
+    };
+    let since_ms = match &query.since {
+        Some(text) => match concord_config::parse_duration(text) {
+            Ok(back) => Some(now_ms().saturating_sub(back.as_millis() as u64)),
+            Err(e) => return bad(format!("since: {e}")),
+        },
+        None => None,
+    };
+    let records = agents.usage(query.agent.as_deref(), query.model.as_deref(), since_ms);
+    let total = |f: fn(&UsageRecord) -> f64| records.iter().map(f).sum::<f64>();
+    axum::Json(json!({
+        "totals": {
+            "calls": records.len(),
+            "failed": records.iter().filter(|r| r.error.is_some()).count(),
+            "input_tokens": total(|r| r.input_tokens as f64) as u64,
+            "output_tokens": total(|r| r.output_tokens as f64) as u64,
+            "cost_usd": total(|r| r.cost_usd),
+        },
+        "records": records,
+    }))
+    .into_response()
+}
+
+fn failure(message: impl Into<String>) -> BuiltinOutcome {
+    BuiltinOutcome {
+        structured: json!({"error": message.into()}),
+        is_error: true,
+    }
+}
+
+/// Whether `tool` (an exposed name) is in the agent's list: exact names, or `SERVER__*`.
+fn allowed(patterns: &[String], tool: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => tool.starts_with(prefix),
+        None => p == tool,
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// The agents as the gateway's `agents__*` tools.
+pub struct AgentTools(pub Arc<Agents>);
+
+impl BuiltinTools for AgentTools {
+    fn tools(&self) -> Vec<BuiltinTool> {
+        self.0
+            .agents
+            .iter()
+            .map(|agent| BuiltinTool {
+                name: agent.name.clone(),
+                description: if agent.description.is_empty() {
+                    format!("The {} agent", agent.name)
+                } else {
+                    agent.description.clone()
+                },
+                input_schema: json!({
+                    "type": "object",
+                    "properties": {
+                        "task": {"type": "string", "description": "What the agent should do"},
+                        "conversation_id": {"type": "string", "description": "Continue an earlier conversation (the id a previous answer gave)"}
+                    },
+                    "required": ["task"]
+                }),
+                output_schema: None,
+                read_only: false,
+                idempotent: false,
+            })
+            .collect()
+    }
+
+    fn call(&self, name: &str, arguments: Map<String, Value>, caller: Caller) -> BuiltinFuture {
+        let Some(agent) = self.0.agents.iter().find(|a| a.name == name).cloned() else {
+            let name = name.to_string();
+            return Box::pin(async move { failure(format!("unknown agent {name}")) });
+        };
+        let agents = self.0.clone();
+        Box::pin(async move { agents.run_agent(&agent, arguments, caller).await })
+    }
+}
+
+/// The tools an agent may call, through the gateway.
+struct GatewayTools {
+    gateway: concord_mcp::Gateway,
+    tools: Vec<ToolSpec>,
+}
+
+impl ToolBox for GatewayTools {
+    fn tools(&self) -> Vec<ToolSpec> {
+        self.tools.clone()
+    }
+
+    fn call<'a>(
+        &'a self,
+        name: &'a str,
+        arguments: Map<String, Value>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, ToolOutcome> {
+        Box::pin(async move {
+            let call = self.gateway.call_tool(name, arguments);
+            let result = tokio::select! {
+                result = call => result,
+                _ = cancel.cancelled() => return ToolOutcome::Error("cancelled".into()),
+            };
+            match result {
+                Ok(value) => {
+                    let text = value["content"]
+                        .as_array()
+                        .map(|blocks| {
+                            blocks
+                                .iter()
+                                .filter_map(|b| b["text"].as_str())
+                                .collect::<Vec<_>>()
+                                .join("\n")
+                        })
+                        .unwrap_or_default();
+                    let text = if text.is_empty() {
+                        value
+                            .get("structuredContent")
+                            .map(Value::to_string)
+                            .unwrap_or_default()
+                    } else {
+                        text
+                    };
+                    if value["isError"] == true {
+                        ToolOutcome::Error(text)
+                    } else {
+                        ToolOutcome::Ok(text)
+                    }
+                }
+                Err(e) => ToolOutcome::Error(e.to_string()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_patterns() {
+        let patterns = vec!["fs__read_file".to_string(), "exec__*".to_string()];
+        assert!(allowed(&patterns, "fs__read_file"));
+        assert!(!allowed(&patterns, "fs__write_file"));
+        assert!(allowed(&patterns, "exec__run"));
+        assert!(!allowed(&[], "fs__read_file"));
+    }
+}

@@ -1,0 +1,212 @@
+"""Agents as MCP tools: an `[agents.NAME]` agent is the tool `agents__NAME`; it resolves its
+providers through the mesh (providers are `llm` entities), runs the agentic loop against a scripted
+OpenAI-compatible server that speaks the real wire format, calls a real tool through the gateway,
+fails over from a provider that answers 500 to the next, keeps the conversation under the id it
+returns, and every provider attempt shows in the usage ledger (`concord costs`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import pytest
+
+from conftest import CONCORD_BIN, NodeFactory, connect, fixture_server, free_port, tool_names
+
+pytestmark = pytest.mark.anyio
+
+
+class ScriptedModel:
+    """An OpenAI-compatible `/v1/chat/completions` endpoint answering from a script of turns
+    (a tool call, or text); it records every request body. `failing` answers HTTP 500."""
+
+    def __init__(self, turns: list[dict[str, Any]] | None = None, failing: bool = False) -> None:
+        self.turns = list(turns or [])
+        self.failing = failing
+        self.requests: list[dict[str, Any]] = []
+        model = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                model.requests.append(body)
+                if model.failing:
+                    self._send(500, {"error": {"message": "overloaded", "type": "server_error"}})
+                    return
+                turn = model.turns.pop(0) if model.turns else {"text": "script exhausted"}
+                if "call" in turn:
+                    name, arguments = turn["call"]
+                    message = {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": f"call_{len(model.requests)}",
+                                "type": "function",
+                                "function": {"name": name, "arguments": json.dumps(arguments)},
+                            }
+                        ],
+                    }
+                    finish = "tool_calls"
+                else:
+                    message = {"role": "assistant", "content": turn["text"]}
+                    finish = "stop"
+                self._send(
+                    200,
+                    {
+                        "id": "chatcmpl-e2e",
+                        "object": "chat.completion",
+                        "created": 1,
+                        "model": "scripted-1",
+                        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                        "usage": {"prompt_tokens": 200, "completion_tokens": 30, "total_tokens": 230},
+                    },
+                )
+
+            def _send(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def models() -> Iterator[tuple[ScriptedModel, ScriptedModel]]:
+    primary = ScriptedModel(failing=True)
+    backup = ScriptedModel()
+    yield primary, backup
+    primary.close()
+    backup.close()
+
+
+def agent_config(primary: ScriptedModel, backup: ScriptedModel) -> str:
+    return f"""
+[providers.primary]
+api = "openai"
+base_url = "{primary.base_url}"
+model = "big-model"
+tags = ["remote"]
+price_input = 3.0
+price_output = 15.0
+
+[providers.backup]
+api = "openai"
+base_url = "{backup.base_url}"
+model = "small-model"
+tags = ["local"]
+price_input = 1.0
+price_output = 2.0
+
+[agents.helper]
+description = "Answers questions, echoing through the fixture when asked"
+instructions = "Use fx__echo when asked to echo. After a tool result, answer in one short sentence."
+provider = {{ tags = ["+remote"] }}
+tools = ["fx__echo"]
+max_iterations = 4
+"""
+
+
+async def test_an_agent_is_a_tool_that_runs_the_loop_through_the_gateway(
+    concord: NodeFactory, models: tuple[ScriptedModel, ScriptedModel]
+) -> None:
+    primary, backup = models
+    backup.turns = [
+        {"call": ("fx__echo", {"message": "hello agents"})},
+        {"text": "The fixture echoed: hello agents."},
+        {"text": "You asked me to echo hello agents."},
+    ]
+    node = concord.start("agents", {"fx": fixture_server("fx")}, extra_config=agent_config(primary, backup))
+    try:
+        async with connect(node.url) as client:
+            assert "agents__helper" in await tool_names(client)
+            result = await client.call_tool("agents__helper", {"task": "Echo 'hello agents' please."})
+            assert not result.is_error, result
+            answer = result.structured_content
+            assert answer["answer"] == "The fixture echoed: hello agents."
+            assert answer["ending"] == {"kind": "answer"}
+            assert (answer["iterations"], answer["tool_calls"]) == (2, 1)
+            # The primary (preferred by tag) answered 500 twice; the backup answered both turns.
+            assert [p["provider"] for p in answer["providers"]] == ["primary", "backup", "primary", "backup"]
+            assert "HTTP 500" in answer["providers"][0]["error"]
+
+            # What the model was given: the task, the one allowed tool, then the tool's real result.
+            first, second = backup.requests[0], backup.requests[1]
+            assert [t["function"]["name"] for t in first["tools"]] == ["fx__echo"]
+            assert first["messages"][0]["role"] == "system" and "fx__echo" in first["messages"][0]["content"]
+            tool_results = [m["content"] for m in second["messages"] if m["role"] == "tool"]
+            assert tool_results == ["Echo: hello agents"], second["messages"]
+
+            # The conversation continues under its id: the model sees the earlier turns.
+            follow_up = await client.call_tool(
+                "agents__helper", {"task": "What did I ask you before?", "conversation_id": answer["conversation_id"]}
+            )
+            assert follow_up.structured_content["answer"] == "You asked me to echo hello agents."
+            history = [m.get("content") for m in backup.requests[2]["messages"]]
+            assert "Echo 'hello agents' please." in history and "The fixture echoed: hello agents." in history
+
+            unknown = await client.call_tool("agents__helper", {"task": "x", "conversation_id": "nope"})
+            assert unknown.is_error and "unknown or expired conversation_id" in unknown.structured_content["error"]
+
+        # The ledger: every attempt, failed ones included, with tokens and cost.
+        base = node.url.removesuffix("/mcp")
+        with urllib.request.urlopen(f"{base}/api/v1/usage?agent=helper", timeout=10) as response:
+            usage = json.loads(response.read())
+        assert usage["totals"]["calls"] == 6 and usage["totals"]["failed"] == 3, usage["totals"]
+        assert usage["totals"]["input_tokens"] == 600
+        assert abs(usage["totals"]["cost_usd"] - 3 * (200 * 1.0 + 30 * 2.0) / 1e6) < 1e-12
+        costs = subprocess.run(
+            [str(CONCORD_BIN), "costs", "--agent", "helper", "--since", "1h", "--url", node.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert costs.returncode == 0, costs.stderr
+        assert "helper\tbackup/scripted-1\t3\t0\t600\t90\t0.000780" in costs.stdout, costs.stdout
+        assert "helper\tprimary/big-model\t3\t3\t0\t0\t0.000000" in costs.stdout, costs.stdout
+
+        # Providers and agents are registry entities; the agent's dependency resolves to them.
+        deps = subprocess.run(
+            [str(CONCORD_BIN), "deps", "show", "helper", "--url", node.url], capture_output=True, text=True, timeout=30
+        )
+        assert deps.returncode == 0, deps.stdout + deps.stderr
+        assert "llm: primary" in deps.stdout, deps.stdout
+    finally:
+        node.stop()
+
+
+async def test_an_agent_with_no_usable_provider_says_why(concord: NodeFactory) -> None:
+    config = """
+[agents.lonely]
+instructions = "Answer."
+provider = { tags = ["gpu"] }
+"""
+    node = concord.start("agents-no-provider", {}, extra_config=config)
+    try:
+        async with connect(node.url) as client:
+            result = await client.call_tool("agents__lonely", {"task": "hi"})
+            assert result.is_error
+            assert "no configured provider satisfies the selector" in result.structured_content["error"]
+            missing = await client.call_tool("agents__lonely", {})
+            assert missing.is_error and "missing argument: task" in missing.structured_content["error"]
+    finally:
+        node.stop()
