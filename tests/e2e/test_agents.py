@@ -210,3 +210,98 @@ provider = { tags = ["gpu"] }
             assert missing.is_error and "missing argument: task" in missing.structured_content["error"]
     finally:
         node.stop()
+
+
+def one_provider(model: ScriptedModel) -> str:
+    return f"""
+[providers.only]
+api = "openai"
+base_url = "{model.base_url}"
+model = "m"
+price_input = 1.0
+price_output = 2.0
+"""
+
+
+def requests_of(model: ScriptedModel, instructions: str) -> list[dict[str, Any]]:
+    """The requests one agent made (told apart by its system prompt)."""
+    return [r for r in model.requests if r["messages"][0]["content"].startswith(instructions)]
+
+
+async def test_delegation_carves_budgets_down_a_three_level_chain(concord: NodeFactory) -> None:
+    model = ScriptedModel(
+        [
+            {"call": ("agents__middle", {"task": "ask the leaf"})},
+            {"call": ("agents__leaf", {"task": "echo three times"})},
+            {"call": ("fx__echo", {"message": "1"})},
+            {"call": ("fx__echo", {"message": "2"})},
+            {"call": ("fx__echo", {"message": "3"})},
+            {"text": "never reached"},
+        ]
+    )
+    config = one_provider(model) + """
+[agents.top]
+instructions = "TOP. Delegate to agents__middle."
+tools = ["agents__middle"]
+budget = { tokens = 1000 }
+
+[agents.middle]
+instructions = "MIDDLE. Delegate to agents__leaf."
+tools = ["agents__leaf"]
+
+[agents.leaf]
+instructions = "LEAF. Echo with fx__echo."
+tools = ["fx__echo"]
+"""
+    node = concord.start("agents-delegation", {"fx": fixture_server("fx")}, extra_config=config)
+    try:
+        async with connect(node.url) as client:
+            result = await client.call_tool("agents__top", {"task": "go"})
+        # Each turn costs 230 tokens. top: 230, leaves 770 for middle; middle: 230, leaves 540
+        # for leaf; leaf: 3 turns = 690 >= 540, so its 4th model call is refused.
+        assert len(requests_of(model, "TOP")) == 1
+        assert len(requests_of(model, "MIDDLE")) == 1
+        assert len(requests_of(model, "LEAF")) == 3, [r["messages"][0]["content"] for r in model.requests]
+        assert len(model.requests) == 5, "nothing ran after the budget ran out"
+        assert result.is_error
+        answer = result.structured_content
+        assert answer["ending"]["kind"] == "budget_exhausted", answer
+        # top's spend includes what its delegates spent: 230 + 230 + 690.
+        assert answer["usage"]["input_tokens"] + answer["usage"]["output_tokens"] == 1150, answer["usage"]
+    finally:
+        node.stop()
+        model.close()
+
+
+async def test_a_delegation_cycle_is_refused_with_the_chain(concord: NodeFactory) -> None:
+    model = ScriptedModel(
+        [
+            {"call": ("agents__pong", {"task": "bounce"})},
+            {"call": ("agents__ping", {"task": "bounce back"})},
+            {"text": "pong saw the cycle"},
+            {"text": "ping is done"},
+        ]
+    )
+    config = one_provider(model) + """
+[agents.ping]
+instructions = "PING."
+tools = ["agents__pong"]
+
+[agents.pong]
+instructions = "PONG."
+tools = ["agents__ping"]
+"""
+    node = concord.start("agents-cycle", {}, extra_config=config)
+    try:
+        async with connect(node.url) as client:
+            result = await client.call_tool("agents__ping", {"task": "start"})
+        assert not result.is_error, result.structured_content
+        assert result.structured_content["answer"] == "ping is done"
+        pong_second = requests_of(model, "PONG.")[1]
+        told = [m["content"] for m in pong_second["messages"] if m["role"] == "tool"]
+        assert told == ["Error: delegation cycle refused: ping → pong → ping"], told
+        ping_second = requests_of(model, "PING.")[1]
+        assert [m["content"] for m in ping_second["messages"] if m["role"] == "tool"] == ["pong saw the cycle"]
+    finally:
+        node.stop()
+        model.close()

@@ -13,5 +13,5 @@ pub use chain::ProviderChain;
 
 pub use run::{
     AgentSpec, ChatModel, Ending, Limits, LoopContext, LoopEvent, ModelTurn, Report, ToolBox,
-    ToolOutcome, run,
+    ToolOutcome, ToolReply, run,
 };

@@ -28,6 +28,25 @@ pub enum ToolOutcome {
     Error(String),
 }
 
+/// A tool's answer and what it spent on models (a delegated agent's run), which counts
+/// against the caller's budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolReply {
+    pub outcome: ToolOutcome,
+    pub usage: Usage,
+    pub cost_usd: f64,
+}
+
+impl From<ToolOutcome> for ToolReply {
+    fn from(outcome: ToolOutcome) -> Self {
+        Self {
+            outcome,
+            usage: Usage::default(),
+            cost_usd: 0.0,
+        }
+    }
+}
+
 /// The tools an agent may use.
 pub trait ToolBox: Send + Sync {
     fn tools(&self) -> Vec<ToolSpec>;
@@ -36,7 +55,7 @@ pub trait ToolBox: Send + Sync {
         name: &'a str,
         arguments: serde_json::Map<String, Value>,
         cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, ToolOutcome>;
+    ) -> BoxFuture<'a, ToolReply>;
 }
 
 #[derive(Debug, Clone)]
@@ -96,8 +115,18 @@ pub struct Report {
 /// Progress the loop reports as it goes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LoopEvent {
-    Iteration { number: u32, limit: u32 },
-    ToolCall { name: String },
+    Iteration {
+        number: u32,
+        limit: u32,
+    },
+    ToolCall {
+        name: String,
+    },
+    /// What the run has spent so far (after each model turn and each tool reply).
+    Spent {
+        tokens: u64,
+        cost_usd: f64,
+    },
 }
 
 struct Run {
@@ -215,6 +244,10 @@ pub async fn run(
             run.cost_usd += attempt.cost_usd;
         }
         run.attempts.extend(turn.attempts);
+        progress(LoopEvent::Spent {
+            tokens: run.usage.total(),
+            cost_usd: run.cost_usd,
+        });
         let response = match turn.result {
             Ok(response) => response,
             Err(error) => return run.report(Ending::ModelFailed { error }, String::new(), None),
@@ -257,10 +290,19 @@ pub async fn run(
                 _ = cancel.cancelled() => return run.report(Ending::Cancelled, String::new(), None),
                 outcome = run_tool(&tool_specs, tools, &call, cancel, progress) => outcome,
             };
-            if outcome.1 {
+            let (reply, ran) = outcome;
+            if ran {
                 run.tool_calls += 1;
             }
-            let text = match outcome.0 {
+            if reply.usage.total() > 0 || reply.cost_usd > 0.0 {
+                run.usage.add(reply.usage);
+                run.cost_usd += reply.cost_usd;
+                progress(LoopEvent::Spent {
+                    tokens: run.usage.total(),
+                    cost_usd: run.cost_usd,
+                });
+            }
+            let text = match reply.outcome {
                 ToolOutcome::Ok(text) => text,
                 ToolOutcome::Error(text) => format!("Error: {text}"),
             };
@@ -286,7 +328,7 @@ async fn run_tool(
     call: &ToolCall,
     cancel: &CancellationToken,
     progress: &(dyn Fn(LoopEvent) + Send + Sync),
-) -> (ToolOutcome, bool) {
+) -> (ToolReply, bool) {
     if !specs.iter().any(|s| s.name == call.name) {
         let known: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         return (
@@ -294,7 +336,8 @@ async fn run_tool(
                 "there is no tool named {:?}; the tools are: {}",
                 call.name,
                 known.join(", ")
-            )),
+            ))
+            .into(),
             false,
         );
     }
@@ -308,7 +351,8 @@ async fn run_tool(
                     ToolOutcome::Error(format!(
                         "the arguments of {} must be a JSON object, not {other}",
                         call.name
-                    )),
+                    ))
+                    .into(),
                     false,
                 );
             }
@@ -317,7 +361,8 @@ async fn run_tool(
                     ToolOutcome::Error(format!(
                         "the arguments of {} are not valid JSON ({e}): {}",
                         call.name, call.arguments
-                    )),
+                    ))
+                    .into(),
                     false,
                 );
             }

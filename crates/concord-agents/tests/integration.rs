@@ -12,7 +12,8 @@ use axum::Router;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use concord_agents::{
-    AgentSpec, Ending, Limits, LoopContext, LoopEvent, ProviderChain, ToolBox, ToolOutcome, run,
+    AgentSpec, Ending, Limits, LoopContext, LoopEvent, ProviderChain, ToolBox, ToolOutcome,
+    ToolReply, run,
 };
 use concord_llm::{Api, Provider, ProviderConfig, ToolSpec};
 use futures::future::BoxFuture;
@@ -140,6 +141,11 @@ impl ToolBox for Files {
                 parameters: json!({"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}),
             },
             ToolSpec {
+                name: "delegate".into(),
+                description: "Asks a sub-agent".into(),
+                parameters: json!({"type": "object"}),
+            },
+            ToolSpec {
                 name: "wait".into(),
                 description: "Waits".into(),
                 parameters: json!({"type": "object"}),
@@ -152,13 +158,24 @@ impl ToolBox for Files {
         name: &'a str,
         arguments: Map<String, Value>,
         cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, ToolOutcome> {
+    ) -> BoxFuture<'a, ToolReply> {
         Box::pin(async move {
             self.calls
                 .lock()
                 .unwrap()
                 .push((name.to_string(), Value::Object(arguments.clone())));
-            match name {
+            if name == "delegate" {
+                // A delegated agent that spent 1000 tokens and $0.01 on its own model calls.
+                return ToolReply {
+                    outcome: ToolOutcome::Ok("the sub-agent's answer".into()),
+                    usage: concord_llm::Usage {
+                        input_tokens: 900,
+                        output_tokens: 100,
+                    },
+                    cost_usd: 0.01,
+                };
+            }
+            let outcome = match name {
                 "read_file" => match arguments.get("path").and_then(Value::as_str) {
                     Some("a.txt") => ToolOutcome::Ok("alpha".into()),
                     Some("b.txt") => ToolOutcome::Ok("beta".into()),
@@ -169,7 +186,8 @@ impl ToolBox for Files {
                     *self.cancelled.lock().unwrap() = true;
                     ToolOutcome::Error("cancelled".into())
                 }
-            }
+            };
+            outcome.into()
         })
     }
 }
@@ -304,7 +322,7 @@ async fn unknown_tools_and_malformed_arguments_go_back_to_the_model() {
     let told = tool_messages(&requests[3]);
     assert!(
         told[0].contains("there is no tool named \"delete_everything\"")
-            && told[0].contains("read_file, wait"),
+            && told[0].contains("read_file, delegate, wait"),
         "{told:?}"
     );
     assert!(told[1].contains("are not valid JSON"), "{told:?}");
@@ -522,4 +540,30 @@ async fn a_provider_that_fails_ends_the_run_with_its_error() {
         report.ending
     );
     assert_eq!(report.attempts.len(), 1);
+}
+
+#[tokio::test]
+async fn what_a_delegated_call_spent_counts_against_the_budget() {
+    let (model, script) = scripted(vec![Turn::Call("delegate", "{}")], false, true).await;
+    let limits = Limits {
+        tokens: Some(800),
+        ..Limits::default()
+    };
+    let report = run_quietly(
+        &agent(10, None),
+        "delegate",
+        &model,
+        &Files::default(),
+        limits,
+        &CancellationToken::new(),
+    )
+    .await;
+    // 120 tokens of its own turn + 1000 spent by the delegate: over 800 before the next turn.
+    assert!(
+        matches!(&report.ending, Ending::BudgetExhausted { budget } if budget.starts_with("tokens (1120 of 800")),
+        "{:?}",
+        report.ending
+    );
+    assert_eq!(script.requests.lock().unwrap().len(), 1);
+    assert!((report.cost_usd - (0.01 + (100.0 + 40.0) / 1e6)).abs() < 1e-12);
 }

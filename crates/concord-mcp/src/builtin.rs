@@ -34,6 +34,20 @@ pub struct Caller {
     pub identity: Option<crate::access::Identity>,
     /// The W3C `traceparent` of the call, when the client sent one.
     pub trace_id: Option<String>,
+    /// Agents that delegated this call, outermost first (empty for a call from a client).
+    pub delegation: Vec<String>,
+    /// What the delegating agent left for this call to spend.
+    pub budget: Option<DelegatedBudget>,
+    /// Cancelled when the caller cancels the call.
+    pub cancel: tokio_util::sync::CancellationToken,
+}
+
+/// A budget carved from a delegating agent's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DelegatedBudget {
+    pub tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// A built-in tool's answer: structured content, and whether it is a tool error the model

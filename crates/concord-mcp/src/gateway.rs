@@ -1084,6 +1084,18 @@ impl Gateway {
         name: &str,
         arguments: serde_json::Map<String, serde_json::Value>,
     ) -> Result<serde_json::Value, GatewayError> {
+        self.call_tool_as(name, arguments, crate::builtin::Caller::default())
+            .await
+    }
+
+    /// [`Self::call_tool`] on behalf of `caller`, which tools served in process (built-ins,
+    /// agents) see: an agent calling another agent passes its delegation chain and budget.
+    pub async fn call_tool_as(
+        &self,
+        name: &str,
+        arguments: serde_json::Map<String, serde_json::Value>,
+        caller: crate::builtin::Caller,
+    ) -> Result<serde_json::Value, GatewayError> {
         let route = self
             .shared
             .catalog()
@@ -1091,6 +1103,27 @@ impl Gateway {
             .get(name)
             .cloned()
             .ok_or_else(|| GatewayError::UnknownTool(name.to_string()))?;
+        let local = self
+            .shared
+            .locals
+            .iter()
+            .find(|(n, _, _)| *n == route.server)
+            .map(|(_, provider, _)| provider.clone())
+            .or_else(|| {
+                self.shared
+                    .builtins
+                    .clone()
+                    .filter(|_| route.server == self.shared.builtin_name)
+            });
+        if let Some(provider) = local {
+            let outcome = provider.call(&route.name, arguments, caller).await;
+            let text = serde_json::to_string(&outcome.structured).unwrap_or_default();
+            return Ok(serde_json::json!({
+                "content": [{"type": "text", "text": text}],
+                "structuredContent": outcome.structured,
+                "isError": outcome.is_error,
+            }));
+        }
         let (upstream, pass) =
             self.shared
                 .pick(&route.server, &[])

@@ -732,6 +732,8 @@ impl GatewaySession {
             },
             identity,
             trace_id: context.meta.get_traceparent().map(str::to_string),
+            cancel: context.ct.clone(),
+            ..Caller::default()
         };
         let span = tracing::info_span!("tools/call", server = BUILTIN_NAMESPACE, tool = %name);
         let outcome = builtins

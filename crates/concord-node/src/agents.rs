@@ -8,10 +8,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use concord_agents::{AgentSpec, LoopContext, LoopEvent, ProviderChain, ToolBox, ToolOutcome};
+use concord_agents::{
+    AgentSpec, LoopContext, LoopEvent, ProviderChain, ToolBox, ToolOutcome, ToolReply,
+};
 use concord_config::{AgentSettings, ProviderApi, ProviderSpec};
 use concord_llm::{Api, Message, Provider, ProviderConfig, ToolSpec};
-use concord_mcp::builtin::{BuiltinFuture, BuiltinOutcome, BuiltinTool, BuiltinTools, Caller};
+use concord_mcp::builtin::{
+    BuiltinFuture, BuiltinOutcome, BuiltinTool, BuiltinTools, Caller, DelegatedBudget,
+};
 use concord_mesh::{Registration, resolve};
 use concord_store::Store;
 use futures::future::BoxFuture;
@@ -119,6 +123,8 @@ struct Conversation {
 
 pub struct Agents {
     agents: Vec<AgentSettings>,
+    /// How many agents deep a delegation chain may go.
+    max_depth: usize,
     providers: HashMap<String, Arc<Provider>>,
     store: Store,
     gateway: Arc<OnceLock<concord_mcp::Gateway>>,
@@ -129,6 +135,7 @@ pub struct Agents {
 impl Agents {
     pub fn new(
         agents: Vec<AgentSettings>,
+        max_depth: u32,
         providers: &[ProviderSpec],
         store: Store,
         gateway: Arc<OnceLock<concord_mcp::Gateway>>,
@@ -139,6 +146,7 @@ impl Agents {
         }
         Ok(Self {
             agents,
+            max_depth: max_depth as usize,
             providers: built,
             store,
             gateway,
@@ -195,7 +203,13 @@ impl Agents {
         Ok(chosen)
     }
 
-    fn toolbox(&self, agent: &AgentSettings) -> Result<GatewayTools, String> {
+    fn toolbox(
+        &self,
+        agent: &AgentSettings,
+        caller: &Caller,
+        limits: concord_agents::Limits,
+        spent: Arc<Mutex<(u64, f64)>>,
+    ) -> Result<GatewayTools, String> {
         let gateway = self
             .gateway
             .get()
@@ -212,7 +226,17 @@ impl Agents {
                 parameters,
             })
             .collect();
-        Ok(GatewayTools { gateway, tools })
+        let mut chain = caller.delegation.clone();
+        chain.push(agent.name.clone());
+        Ok(GatewayTools {
+            gateway,
+            tools,
+            principal: caller.principal.clone(),
+            identity: caller.identity.clone(),
+            chain,
+            limits,
+            spent,
+        })
     }
 
     async fn run_agent(
@@ -224,6 +248,20 @@ impl Agents {
         let Some(task) = arguments.get("task").and_then(Value::as_str) else {
             return failure("missing argument: task (what the agent should do)");
         };
+        if caller.delegation.contains(&agent.name) {
+            let mut chain = caller.delegation.clone();
+            chain.push(agent.name.clone());
+            return failure(format!("delegation cycle refused: {}", chain.join(" → ")));
+        }
+        if caller.delegation.len() >= self.max_depth {
+            return failure(format!(
+                "delegation too deep: {} → {} would be {} levels (max_depth {})",
+                caller.delegation.join(" → "),
+                agent.name,
+                caller.delegation.len() + 1,
+                self.max_depth
+            ));
+        }
         let conversation_id = arguments
             .get("conversation_id")
             .and_then(Value::as_str)
@@ -243,7 +281,19 @@ impl Agents {
             Ok(providers) => providers,
             Err(e) => return failure(e),
         };
-        let tools = match self.toolbox(agent) {
+        // The agent's own budget, within what a delegating agent left for this call.
+        let delegated = caller.budget.unwrap_or_default();
+        let limits = concord_agents::Limits {
+            tokens: tighter(agent.budget.tokens, delegated.tokens),
+            cost_usd: tighter(agent.budget.cost_usd, delegated.cost_usd),
+            tool_calls: agent.budget.tool_calls,
+            deadline: tighter(
+                agent.budget.deadline.map(|d| Instant::now() + d),
+                delegated.deadline,
+            ),
+        };
+        let spent = Arc::new(Mutex::new((0u64, 0f64)));
+        let tools = match self.toolbox(agent, &caller, limits, spent.clone()) {
             Ok(tools) => tools,
             Err(e) => return failure(e),
         };
@@ -253,16 +303,14 @@ impl Agents {
             max_iterations: agent.max_iterations,
             output_schema: agent.output_schema.clone(),
         };
-        let limits = concord_agents::Limits {
-            tokens: agent.budget.tokens,
-            cost_usd: agent.budget.cost_usd,
-            tool_calls: agent.budget.tool_calls,
-            deadline: agent.budget.deadline.map(|d| Instant::now() + d),
-        };
         let model = ProviderChain(providers);
-        let cancel = CancellationToken::new();
-        let progress =
-            |event: LoopEvent| tracing::info!(agent = %agent.name, ?event, "agent progress");
+        let cancel = caller.cancel.clone();
+        let progress = |event: LoopEvent| {
+            if let LoopEvent::Spent { tokens, cost_usd } = event {
+                *spent.lock() = (tokens, cost_usd);
+            }
+            tracing::debug!(agent = %agent.name, ?event, "agent progress");
+        };
         let span = tracing::info_span!("agent", agent = %agent.name, principal = %caller.principal);
         let report = tracing::Instrument::instrument(
             concord_agents::run(
@@ -401,6 +449,14 @@ fn failure(message: impl Into<String>) -> BuiltinOutcome {
     }
 }
 
+/// The smaller of two optional limits (a missing one does not limit).
+fn tighter<T: PartialOrd>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b < a { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Whether `tool` (an exposed name) is in the agent's list: exact names, or `SERVER__*`.
 fn allowed(patterns: &[String], tool: &str) -> bool {
     patterns.iter().any(|p| match p.strip_suffix('*') {
@@ -456,10 +512,29 @@ impl BuiltinTools for AgentTools {
     }
 }
 
-/// The tools an agent may call, through the gateway.
+/// The tools an agent may call, through the gateway, on behalf of its caller. Another agent
+/// gets the delegation chain and what is left of this run's budget.
 struct GatewayTools {
     gateway: concord_mcp::Gateway,
     tools: Vec<ToolSpec>,
+    principal: String,
+    identity: Option<concord_mcp::Identity>,
+    /// The delegation chain including this agent.
+    chain: Vec<String>,
+    limits: concord_agents::Limits,
+    /// Tokens and cost this run has spent so far.
+    spent: Arc<Mutex<(u64, f64)>>,
+}
+
+impl GatewayTools {
+    fn remaining(&self) -> DelegatedBudget {
+        let (tokens, cost) = *self.spent.lock();
+        DelegatedBudget {
+            tokens: self.limits.tokens.map(|t| t.saturating_sub(tokens)),
+            cost_usd: self.limits.cost_usd.map(|c| (c - cost).max(0.0)),
+            deadline: self.limits.deadline,
+        }
+    }
 }
 
 impl ToolBox for GatewayTools {
@@ -472,42 +547,75 @@ impl ToolBox for GatewayTools {
         name: &'a str,
         arguments: Map<String, Value>,
         cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, ToolOutcome> {
+    ) -> BoxFuture<'a, ToolReply> {
         Box::pin(async move {
-            let call = self.gateway.call_tool(name, arguments);
+            let delegating = name.starts_with(&format!("{AGENTS_NAMESPACE}__"));
+            let caller = Caller {
+                principal: self.principal.clone(),
+                identity: self.identity.clone(),
+                delegation: self.chain.clone(),
+                budget: delegating.then(|| self.remaining()),
+                cancel: cancel.child_token(),
+                ..Caller::default()
+            };
+            let call = self.gateway.call_tool_as(name, arguments, caller);
             let result = tokio::select! {
                 result = call => result,
-                _ = cancel.cancelled() => return ToolOutcome::Error("cancelled".into()),
+                _ = cancel.cancelled() => return ToolOutcome::Error("cancelled".into()).into(),
             };
-            match result {
-                Ok(value) => {
-                    let text = value["content"]
-                        .as_array()
-                        .map(|blocks| {
-                            blocks
-                                .iter()
-                                .filter_map(|b| b["text"].as_str())
-                                .collect::<Vec<_>>()
-                                .join("\n")
-                        })
-                        .unwrap_or_default();
-                    let text = if text.is_empty() {
-                        value
-                            .get("structuredContent")
-                            .map(Value::to_string)
-                            .unwrap_or_default()
-                    } else {
-                        text
-                    };
-                    if value["isError"] == true {
-                        ToolOutcome::Error(text)
-                    } else {
-                        ToolOutcome::Ok(text)
-                    }
-                }
-                Err(e) => ToolOutcome::Error(e.to_string()),
+            let value = match result {
+                Ok(value) => value,
+                Err(e) => return ToolOutcome::Error(e.to_string()).into(),
+            };
+            let failed = value["isError"] == true;
+            if delegating {
+                return delegated_reply(&value["structuredContent"], failed);
+            }
+            let text = value["content"]
+                .as_array()
+                .map(|blocks| {
+                    blocks
+                        .iter()
+                        .filter_map(|b| b["text"].as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .filter(|text| !text.is_empty())
+                .unwrap_or_else(|| {
+                    value
+                        .get("structuredContent")
+                        .map(Value::to_string)
+                        .unwrap_or_default()
+                });
+            if failed {
+                ToolOutcome::Error(text).into()
+            } else {
+                ToolOutcome::Ok(text).into()
             }
         })
+    }
+}
+
+/// What a delegated agent answered, as the delegating model reads it, and what it spent.
+fn delegated_reply(answer: &Value, failed: bool) -> ToolReply {
+    let usage = concord_llm::Usage {
+        input_tokens: answer["usage"]["input_tokens"].as_u64().unwrap_or(0),
+        output_tokens: answer["usage"]["output_tokens"].as_u64().unwrap_or(0),
+    };
+    let cost_usd = answer["usage"]["cost_usd"].as_f64().unwrap_or(0.0);
+    let outcome = if failed {
+        let why = answer["error"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("the agent ended with {}", answer["ending"]));
+        ToolOutcome::Error(why)
+    } else {
+        ToolOutcome::Ok(answer["answer"].as_str().unwrap_or_default().to_string())
+    };
+    ToolReply {
+        outcome,
+        usage,
+        cost_usd,
     }
 }
 

@@ -179,6 +179,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
     let agents = Arc::new(
         agents::Agents::new(
             config.agents.clone(),
+            config.budgets.max_depth,
             &config.providers,
             state.store().clone(),
             late_gateway.clone(),
