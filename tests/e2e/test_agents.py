@@ -139,8 +139,17 @@ async def test_an_agent_is_a_tool_that_runs_the_loop_through_the_gateway(
     try:
         async with connect(node.url) as client:
             assert "agents__helper" in await tool_names(client)
-            result = await client.call_tool("agents__helper", {"task": "Echo 'hello agents' please."})
+            steps: list[tuple[float, str | None]] = []
+
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                steps.append((progress, message))
+
+            result = await client.call_tool(
+                "agents__helper", {"task": "Echo 'hello agents' please."}, progress_callback=on_progress
+            )
             assert not result.is_error, result
+            # Progress per iteration and per tool call, in order, before the result.
+            assert steps == [(1, "iteration 1 of 4"), (2, "calling fx__echo"), (3, "iteration 2 of 4")], steps
             answer = result.structured_content
             assert answer["answer"] == "The fixture echoed: hello agents."
             assert answer["ending"] == {"kind": "answer"}

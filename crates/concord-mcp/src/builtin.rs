@@ -40,6 +40,25 @@ pub struct Caller {
     pub budget: Option<DelegatedBudget>,
     /// Cancelled when the caller cancels the call.
     pub cancel: tokio_util::sync::CancellationToken,
+    /// Where progress goes, when the caller asked for it (a progress token).
+    pub progress: Option<ProgressSink>,
+}
+
+/// Reports progress of a running tool to its caller: how far (increasing), out of how much if
+/// known, and a message. Sent in order, all before the result.
+#[derive(Clone)]
+pub struct ProgressSink(pub Arc<dyn Fn(f64, Option<f64>, String) + Send + Sync>);
+
+impl ProgressSink {
+    pub fn report(&self, progress: f64, total: Option<f64>, message: impl Into<String>) {
+        (self.0)(progress, total, message.into());
+    }
+}
+
+impl std::fmt::Debug for ProgressSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressSink")
+    }
 }
 
 /// A budget carved from a delegating agent's own.

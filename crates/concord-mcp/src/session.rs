@@ -720,6 +720,30 @@ impl GatewaySession {
         started: Instant,
     ) -> CallToolResponse {
         let identity = identity_of(context);
+        // Progress the tool reports goes out in order, from one task, and all of it before the
+        // result (the task is awaited once the tool is done and its sink dropped).
+        let (progress, forwarder) = match context.meta.get_progress_token() {
+            Some(token) => {
+                let (tx, mut rx) =
+                    tokio::sync::mpsc::unbounded_channel::<(f64, Option<f64>, String)>();
+                let peer = context.peer.clone();
+                let forwarder = tokio::spawn(async move {
+                    while let Some((progress, total, message)) = rx.recv().await {
+                        let mut params = ProgressNotificationParam::new(token.clone(), progress);
+                        params.total = total;
+                        params.message = Some(message);
+                        if peer.notify_progress(params).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let sink = crate::builtin::ProgressSink(Arc::new(move |p, t, m| {
+                    let _ = tx.send((p, t, m));
+                }));
+                (Some(sink), Some(forwarder))
+            }
+            None => (None, None),
+        };
         let caller = Caller {
             principal: match &identity {
                 Some(identity) => identity.principal.clone(),
@@ -733,6 +757,7 @@ impl GatewaySession {
             identity,
             trace_id: context.meta.get_traceparent().map(str::to_string),
             cancel: context.ct.clone(),
+            progress,
             ..Caller::default()
         };
         let span = tracing::info_span!("tools/call", server = BUILTIN_NAMESPACE, tool = %name);
@@ -740,6 +765,9 @@ impl GatewaySession {
             .call(name, arguments, caller)
             .instrument(span)
             .await;
+        if let Some(forwarder) = forwarder {
+            let _ = forwarder.await;
+        }
         let text = serde_json::to_string(&outcome.structured).unwrap_or_default();
         let mut result = if outcome.is_error {
             CallToolResult::structured_error(outcome.structured)

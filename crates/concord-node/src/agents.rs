@@ -305,11 +305,23 @@ impl Agents {
         };
         let model = ProviderChain(providers);
         let cancel = caller.cancel.clone();
+        // Each iteration and tool call is a progress step for a caller who asked for progress.
+        let steps = std::sync::atomic::AtomicU64::new(0);
+        let sink = caller.progress.clone();
         let progress = |event: LoopEvent| {
-            if let LoopEvent::Spent { tokens, cost_usd } = event {
-                *spent.lock() = (tokens, cost_usd);
-            }
             tracing::debug!(agent = %agent.name, ?event, "agent progress");
+            let message = match event {
+                LoopEvent::Spent { tokens, cost_usd } => {
+                    *spent.lock() = (tokens, cost_usd);
+                    return;
+                }
+                LoopEvent::Iteration { number, limit } => format!("iteration {number} of {limit}"),
+                LoopEvent::ToolCall { name } => format!("calling {name}"),
+            };
+            if let Some(sink) = &sink {
+                let step = steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                sink.report(step as f64, None, message);
+            }
         };
         let span = tracing::info_span!("agent", agent = %agent.name, principal = %caller.principal);
         let report = tracing::Instrument::instrument(
