@@ -315,10 +315,16 @@ struct RawAgentBudget {
 fn providers(
     raw: BTreeMap<String, RawProvider>,
     file: &Path,
+    lookup: Lookup<'_>,
 ) -> Result<Vec<ProviderSpec>, ConfigError> {
     let mut out = Vec::new();
-    for (name, p) in raw {
+    for (name, mut p) in raw {
         let key = |field: &str| format!("providers.{name}.{field}");
+        // URLs and models often come from the environment (`${OPENAI_BASE_URL:-…}`).
+        p.base_url = expand_vars(&p.base_url, lookup)
+            .map_err(|m| ConfigError::invalid(file, key("base_url"), m))?;
+        p.model = expand_vars(&p.model, lookup)
+            .map_err(|m| ConfigError::invalid(file, key("model"), m))?;
         validate_server_name(&name)
             .map_err(|m| ConfigError::invalid(file, format!("providers.{name}"), m))?;
         if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
@@ -965,7 +971,7 @@ impl TomlFile {
         let audit = self.audit.into_settings();
         let budgets = self.budgets.into_settings(file)?;
         let routing = self.routing.into_settings(file)?;
-        let providers = providers(self.providers, file)?;
+        let providers = providers(self.providers, file, lookup)?;
         let agents = agents(self.agents, file)?;
         let registry = registrations(self.registry, file)?;
         let mut servers = Vec::new();

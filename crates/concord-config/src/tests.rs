@@ -385,3 +385,75 @@ fn routing_table_and_per_tool_settings() {
         assert!(error.contains(key), "{bad}: {error}");
     }
 }
+
+#[test]
+fn providers_and_agents() {
+    let config = toml(
+        r#"
+        [providers.claude]
+        api = "anthropic"
+        base_url = "https://api.anthropic.com"
+        model = "claude-sonnet-4-5"
+        api_key_env = "ANTHROPIC_API_KEY"
+        tags = ["remote"]
+        price_input = 3.0
+        price_output = 15.0
+
+        [providers.local]
+        api = "openai"
+        base_url = "http://${HOST:-127.0.0.1}:8080/v1"
+        model = "local"
+
+        [agents.reader]
+        instructions = "Read."
+        provider = { tags = ["+remote"] }
+        tools = ["fs__read_file", "exec__*"]
+        output_schema = { type = "object", required = ["answer"] }
+        budget = { tokens = 1000, deadline = "5m" }
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.providers.len(), 2);
+    let claude = &config.providers[0];
+    assert_eq!(claude.api, ProviderApi::Anthropic);
+    assert_eq!(claude.api_key_env.as_deref(), Some("ANTHROPIC_API_KEY"));
+    assert_eq!(claude.version, "1.0.0");
+    assert_eq!(config.providers[1].base_url, "http://127.0.0.1:8080/v1");
+    let reader = &config.agents[0];
+    assert_eq!(reader.provider.capability, "llm");
+    assert_eq!(reader.provider.tags, vec!["+remote"]);
+    assert_eq!(reader.max_iterations, 8);
+    assert_eq!(
+        reader.output_schema,
+        Some(serde_json::json!({"type": "object", "required": ["answer"]}))
+    );
+    assert_eq!(reader.budget.tokens, Some(1000));
+    assert_eq!(reader.budget.deadline, Some(Duration::from_secs(300)));
+
+    for (bad, key) in [
+        (
+            "[providers.p]\napi = \"cohere\"\nbase_url = \"http://x\"\nmodel = \"m\"",
+            "providers",
+        ),
+        (
+            "[providers.p]\napi = \"openai\"\nbase_url = \"ftp://x\"\nmodel = \"m\"",
+            "providers.p.base_url",
+        ),
+        (
+            "[providers.p]\napi = \"openai\"\nbase_url = \"http://x\"\nmodel = \"m\"\nversion = \"one\"",
+            "providers.p.version",
+        ),
+        (
+            "[agents.a]\ninstructions = \"x\"\nmax_iterations = 0",
+            "agents.a.max_iterations",
+        ),
+        (
+            "[agents.a]\ninstructions = \"x\"\noutput_schema = \"{not json\"",
+            "agents.a.output_schema",
+        ),
+        ("[agents.a]\ndescription = \"no instructions\"", "agents"),
+    ] {
+        let error = toml(bad).unwrap_err().to_string();
+        assert!(error.contains(key), "{bad}: {error}");
+    }
+}
