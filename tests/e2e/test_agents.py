@@ -314,3 +314,47 @@ tools = ["agents__ping"]
     finally:
         node.stop()
         model.close()
+
+
+async def test_a_workflow_is_a_tool_evaluator_optimizer(concord: NodeFactory) -> None:
+    model = ScriptedModel(
+        [
+            {"text": "draft one"},
+            {"text": "FAIL: too short"},
+            {"text": "draft two, longer"},
+            {"text": "PASS, good"},
+        ]
+    )
+    config = one_provider(model) + """
+[agents.writer]
+instructions = "WRITER."
+
+[agents.critic]
+instructions = "CRITIC."
+
+[workflows.polish]
+kind = "evaluator"
+description = "Write, review, rewrite until the critic passes it"
+generator = "writer"
+evaluator = "critic"
+max_rounds = 3
+"""
+    node = concord.start("workflows", {}, extra_config=config)
+    try:
+        async with connect(node.url) as client:
+            assert "workflows__polish" in await tool_names(client)
+            result = await client.call_tool("workflows__polish", {"task": "Write a haiku."})
+        assert not result.is_error, result.structured_content
+        report = result.structured_content
+        assert report["answer"] == "draft two, longer"
+        assert [(s["agent"], s["label"]) for s in report["steps"]] == [
+            ("writer", "draft 1"),
+            ("critic", "review 1"),
+            ("writer", "draft 2"),
+            ("critic", "review 2"),
+        ]
+        rewrite = requests_of(model, "WRITER.")[1]["messages"][-1]["content"]
+        assert "Reviewer feedback:\nFAIL: too short" in rewrite, rewrite
+    finally:
+        node.stop()
+        model.close()

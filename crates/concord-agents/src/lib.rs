@@ -8,6 +8,7 @@
 
 mod chain;
 mod run;
+pub mod workflow;
 
 pub use chain::ProviderChain;
 

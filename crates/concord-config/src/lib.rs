@@ -28,7 +28,7 @@ pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 /// Default number of items per page in aggregated list results.
 pub const DEFAULT_PAGE_SIZE: usize = 200;
 /// Names that Concord keeps for its own built-in tools.
-pub const RESERVED_SERVER_NAMES: &[&str] = &["concord", "agents"];
+pub const RESERVED_SERVER_NAMES: &[&str] = &["concord", "agents", "workflows"];
 /// Separator between a server name and a tool or prompt name in the gateway's namespace.
 pub const NAMESPACE_SEPARATOR: &str = "__";
 
@@ -49,6 +49,8 @@ pub struct Config {
     pub providers: Vec<ProviderSpec>,
     /// Agents (`[agents.NAME]`), sorted by name.
     pub agents: Vec<AgentSettings>,
+    /// Workflows over agents (`[workflows.NAME]`), sorted by name.
+    pub workflows: Vec<WorkflowSettings>,
     /// Entities declared in the config (`[registry.NAME]`): registered at start and kept alive
     /// by the node itself, beside those that register over HTTP.
     pub registry: Vec<concord_mesh::Registration>,
@@ -190,6 +192,113 @@ pub struct AgentSettings {
     pub max_iterations: u32,
     pub output_schema: Option<serde_json::Value>,
     pub budget: AgentBudget,
+}
+
+/// A workflow over agents (`[workflows.NAME]`), exposed as the tool `workflows__NAME`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorkflowKind {
+    /// One agent picked by the first rule whose words all appear in the task, else by
+    /// `router_agent` among `agents`, else `fallback`.
+    Router {
+        #[serde(default)]
+        routes: Vec<WorkflowRoute>,
+        router_agent: Option<String>,
+        #[serde(default)]
+        agents: Vec<String>,
+        fallback: Option<String>,
+    },
+    /// Every agent at once; `combine` merges the answers.
+    Parallel {
+        agents: Vec<String>,
+        combine: Option<String>,
+    },
+    /// A task DAG over workers, each task to the least-loaded worker with its capability.
+    Orchestrator {
+        workers: Vec<WorkflowWorker>,
+        tasks: Vec<WorkflowTask>,
+    },
+    /// Generator and evaluator until the evaluator says PASS (at most `max_rounds`).
+    Evaluator {
+        generator: String,
+        evaluator: String,
+        #[serde(default = "three")]
+        max_rounds: u32,
+    },
+}
+
+fn three() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowRoute {
+    pub contains: Vec<String>,
+    pub agent: String,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowWorker {
+    pub agent: String,
+    pub capabilities: Vec<String>,
+    #[serde(default = "one")]
+    pub max_concurrency: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowTask {
+    pub id: String,
+    pub capability: String,
+    pub task: String,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowSettings {
+    pub name: String,
+    pub description: String,
+    pub kind: WorkflowKind,
+}
+
+impl WorkflowKind {
+    /// Every agent the workflow names.
+    pub fn agents(&self) -> Vec<&str> {
+        match self {
+            WorkflowKind::Router {
+                routes,
+                router_agent,
+                agents,
+                fallback,
+            } => routes
+                .iter()
+                .map(|r| r.agent.as_str())
+                .chain(router_agent.as_deref())
+                .chain(agents.iter().map(String::as_str))
+                .chain(fallback.as_deref())
+                .collect(),
+            WorkflowKind::Parallel { agents, combine } => agents
+                .iter()
+                .map(String::as_str)
+                .chain(combine.as_deref())
+                .collect(),
+            WorkflowKind::Orchestrator { workers, .. } => {
+                workers.iter().map(|w| w.agent.as_str()).collect()
+            }
+            WorkflowKind::Evaluator {
+                generator,
+                evaluator,
+                ..
+            } => vec![generator.as_str(), evaluator.as_str()],
+        }
+    }
 }
 
 /// What one run of an agent may spend.

@@ -12,7 +12,7 @@ use crate::{
     ConfigError, Effect, LimitSettings, NAMESPACE_SEPARATOR, NodeSettings, PolicyRule,
     PolicySettings, PrefixMode, ProviderApi, ProviderSpec, RESERVED_SERVER_NAMES, Rate,
     RoutingSettings, ServerSpec, StateSettings, StaticKey, ToolSettings, TransportSpec,
-    expand_vars, parse_duration,
+    WorkflowKind, WorkflowSettings, expand_vars, parse_duration,
 };
 
 type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -40,6 +40,8 @@ pub(crate) struct TomlFile {
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     agents: BTreeMap<String, RawAgent>,
+    #[serde(default)]
+    workflows: BTreeMap<String, toml::Table>,
     /// `[registry.NAME]`: a registration without its name (the key is the name).
     #[serde(default)]
     registry: BTreeMap<String, toml::Table>,
@@ -368,6 +370,57 @@ fn providers(
             timeout,
             stream: p.stream,
             max_tokens: p.max_tokens.unwrap_or(1024),
+        });
+    }
+    Ok(out)
+}
+
+fn workflows(
+    raw: BTreeMap<String, toml::Table>,
+    agents: &[AgentSettings],
+    file: &Path,
+) -> Result<Vec<WorkflowSettings>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, mut table) in raw {
+        let key = format!("workflows.{name}");
+        validate_server_name(&name).map_err(|m| ConfigError::invalid(file, key.clone(), m))?;
+        let description = match table.remove("description") {
+            Some(toml::Value::String(text)) => text,
+            Some(_) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{key}.description"),
+                    "expected a string",
+                ));
+            }
+            None => String::new(),
+        };
+        let kind: WorkflowKind = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let at = e.path().to_string();
+                ConfigError::invalid(
+                    file,
+                    if at == "." {
+                        key.clone()
+                    } else {
+                        format!("{key}.{at}")
+                    },
+                    e.into_inner().to_string(),
+                )
+            })?;
+        for agent in kind.agents() {
+            if !agents.iter().any(|a| a.name == agent) {
+                return Err(ConfigError::invalid(
+                    file,
+                    key.clone(),
+                    format!("names agent {agent:?}, which no [agents.{agent}] table defines"),
+                ));
+            }
+        }
+        out.push(WorkflowSettings {
+            name,
+            description,
+            kind,
         });
     }
     Ok(out)
@@ -973,6 +1026,7 @@ impl TomlFile {
         let routing = self.routing.into_settings(file)?;
         let providers = providers(self.providers, file, lookup)?;
         let agents = agents(self.agents, file)?;
+        let workflows = workflows(self.workflows, &agents, file)?;
         let registry = registrations(self.registry, file)?;
         let mut servers = Vec::new();
         for (name, raw) in self.servers {
@@ -1042,6 +1096,7 @@ impl TomlFile {
             routing,
             providers,
             agents,
+            workflows,
             registry,
             servers,
         })

@@ -457,3 +457,40 @@ fn providers_and_agents() {
         assert!(error.contains(key), "{bad}: {error}");
     }
 }
+
+#[test]
+fn workflows_name_known_agents() {
+    let config = toml(
+        r#"
+        [agents.dev]
+        instructions = "x"
+        [agents.qa]
+        instructions = "y"
+        [workflows.build]
+        kind = "orchestrator"
+        workers = [{ agent = "dev", capabilities = ["code"], max_concurrency = 2 }]
+        tasks = [{ id = "a", capability = "code", task = "write" }, { id = "b", capability = "code", task = "test", depends_on = ["a"] }]
+        [workflows.polish]
+        kind = "evaluator"
+        generator = "dev"
+        evaluator = "qa"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.workflows.len(), 2);
+    assert!(matches!(
+        &config.workflows[1].kind,
+        WorkflowKind::Evaluator { max_rounds: 3, .. }
+    ));
+    let error = toml("[agents.dev]\ninstructions = \"x\"\n[workflows.w]\nkind = \"parallel\"\nagents = [\"dev\", \"ghost\"]")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("workflows.w") && error.contains("\"ghost\""),
+        "{error}"
+    );
+    let error = toml("[workflows.w]\nkind = \"dance\"")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("workflows.w"), "{error}");
+}

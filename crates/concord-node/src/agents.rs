@@ -122,7 +122,7 @@ struct Conversation {
 }
 
 pub struct Agents {
-    agents: Vec<AgentSettings>,
+    pub(crate) agents: Vec<AgentSettings>,
     /// How many agents deep a delegation chain may go.
     max_depth: usize,
     providers: HashMap<String, Arc<Provider>>,
@@ -239,7 +239,7 @@ impl Agents {
         })
     }
 
-    async fn run_agent(
+    pub(crate) async fn run_agent(
         &self,
         agent: &AgentSettings,
         arguments: Map<String, Value>,
@@ -454,7 +454,7 @@ pub async fn usage_api(
     .into_response()
 }
 
-fn failure(message: impl Into<String>) -> BuiltinOutcome {
+pub(crate) fn failure(message: impl Into<String>) -> BuiltinOutcome {
     BuiltinOutcome {
         structured: json!({"error": message.into()}),
         is_error: true,

@@ -26,6 +26,7 @@ mod registry;
 mod rest;
 mod state_tools;
 mod validator;
+mod workflows;
 
 /// How long start-up waits for every upstream's first connection attempt before it reports
 /// readiness anyway (slow `npx` downloads should not keep a node from serving the others).
@@ -186,15 +187,23 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         )
         .map_err(NodeError::Agents)?,
     );
-    let local_namespaces: Vec<(String, Arc<dyn concord_mcp::builtin::BuiltinTools>)> =
-        if config.agents.is_empty() {
-            Vec::new()
-        } else {
-            vec![(
-                agents::AGENTS_NAMESPACE.to_string(),
-                Arc::new(agents::AgentTools(agents.clone())),
-            )]
-        };
+    let mut local_namespaces: Vec<(String, Arc<dyn concord_mcp::builtin::BuiltinTools>)> =
+        Vec::new();
+    if !config.agents.is_empty() {
+        local_namespaces.push((
+            agents::AGENTS_NAMESPACE.to_string(),
+            Arc::new(agents::AgentTools(agents.clone())),
+        ));
+    }
+    if !config.workflows.is_empty() {
+        local_namespaces.push((
+            workflows::WORKFLOWS_NAMESPACE.to_string(),
+            Arc::new(workflows::WorkflowTools {
+                agents: agents.clone(),
+                workflows: config.workflows.clone(),
+            }),
+        ));
+    }
     let gateway = Gateway::with_builtins(
         config,
         GatewayOptions {
