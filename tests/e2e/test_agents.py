@@ -358,3 +358,53 @@ max_rounds = 3
     finally:
         node.stop()
         model.close()
+
+
+async def test_with_auth_on_an_agent_uses_only_the_tools_the_policy_gives_it(concord: NodeFactory) -> None:
+    from test_governance import AUDIENCE, ISSUER, SECRET, as_principal, token_for
+
+    model = ScriptedModel(
+        [
+            {"call": ("fx__log", {"message": "sneaky"})},
+            {"call": ("fx__echo", {"message": "allowed"})},
+            {"text": "done"},
+        ]
+    )
+    config = one_provider(model) + f"""
+[auth]
+enabled = true
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+[[auth.keys]]
+kid = "e2e"
+algorithm = "HS256"
+secret = "{SECRET}"
+
+[policy]
+[[policy.rules]]
+name = "users-call-agents"
+effect = "allow"
+when = '"user" in principal.roles && server == "agents"'
+[[policy.rules]]
+name = "agents-echo-only"
+effect = "allow"
+when = 'principal.kind == "agent" && tool == "fx__echo"'
+
+[agents.worker]
+instructions = "WORKER."
+tools = ["fx__echo", "fx__log"]
+"""
+    node = concord.start("agents-policy", {"fx": fixture_server("fx")}, extra_config=config)
+    try:
+        async with as_principal(node.url, token_for("alice", ["user"])) as client:
+            result = await client.call_tool("agents__worker", {"task": "log then echo"})
+        assert not result.is_error, result.structured_content
+        first, second = model.requests[0], model.requests[1]
+        # The model never saw fx__log: the policy gives agents fx__echo only.
+        assert [t["function"]["name"] for t in first["tools"]] == ["fx__echo"], first["tools"]
+        told = [m["content"] for m in second["messages"] if m["role"] == "tool"]
+        assert told[0].startswith("Error: there is no tool named \"fx__log\""), told
+        assert result.structured_content["tool_calls"] == 1
+    finally:
+        node.stop()
+        model.close()

@@ -128,6 +128,9 @@ pub struct Agents {
     providers: HashMap<String, Arc<Provider>>,
     store: Store,
     gateway: Arc<OnceLock<concord_mcp::Gateway>>,
+    /// The policy engine (auth on): an agent may use only the tools the policy lets it use,
+    /// as itself (`agent:NAME`, kind `agent`) on behalf of its caller.
+    access: Option<Arc<dyn concord_mcp::AccessControl>>,
     conversations: Mutex<HashMap<String, Conversation>>,
     ledger: Mutex<Vec<UsageRecord>>,
 }
@@ -139,6 +142,7 @@ impl Agents {
         providers: &[ProviderSpec],
         store: Store,
         gateway: Arc<OnceLock<concord_mcp::Gateway>>,
+        access: Option<Arc<dyn concord_mcp::AccessControl>>,
     ) -> Result<Self, String> {
         let mut built = HashMap::new();
         for spec in providers {
@@ -150,6 +154,7 @@ impl Agents {
             providers: built,
             store,
             gateway,
+            access,
             conversations: Mutex::default(),
             ledger: Mutex::default(),
         })
@@ -173,6 +178,17 @@ impl Agents {
     }
 
     /// The configured providers the agent's selector resolves to now, best first.
+    /// Whether the policy lets the agent use `tool` (always, with auth off).
+    fn permits(
+        &self,
+        identity: Option<&concord_mcp::Identity>,
+        tool: &str,
+        arguments: Option<&Map<String, Value>>,
+        listing: bool,
+    ) -> bool {
+        permits(self.access.as_deref(), identity, tool, arguments, listing)
+    }
+
     async fn resolve_providers(&self, agent: &AgentSettings) -> Result<Vec<Arc<Provider>>, String> {
         let entities = crate::registry::entities(&self.store)
             .await
@@ -216,10 +232,12 @@ impl Agents {
             .cloned()
             .ok_or("the gateway is not running yet")?;
         let own_tool = format!("{AGENTS_NAMESPACE}__{}", agent.name);
+        let identity = self.access.as_ref().map(|_| agent_identity(agent, caller));
         let tools: Vec<ToolSpec> = gateway
             .tool_catalog()
             .into_iter()
             .filter(|(name, _, _)| *name != own_tool && allowed(&agent.tools, name))
+            .filter(|(name, _, _)| self.permits(identity.as_ref(), name, None, true))
             .map(|(name, description, parameters)| ToolSpec {
                 name,
                 description,
@@ -230,6 +248,8 @@ impl Agents {
         chain.push(agent.name.clone());
         Ok(GatewayTools {
             gateway,
+            access: self.access.clone(),
+            agent_identity: identity,
             tools,
             principal: caller.principal.clone(),
             identity: caller.identity.clone(),
@@ -461,6 +481,47 @@ pub(crate) fn failure(message: impl Into<String>) -> BuiltinOutcome {
     }
 }
 
+/// Who an agent is to the policy: `agent:NAME` of kind `agent`, acting on behalf of the chain
+/// that reached it (the caller's own chain, then the caller).
+fn agent_identity(agent: &AgentSettings, caller: &Caller) -> concord_mcp::Identity {
+    let mut chain = caller
+        .identity
+        .as_ref()
+        .map(|i| i.chain.clone())
+        .unwrap_or_default();
+    chain.push(caller.principal.clone());
+    concord_mcp::Identity {
+        principal: format!("agent:{}", agent.name),
+        kind: "agent".into(),
+        roles: vec!["agent".into()],
+        chain,
+        method: "delegation".into(),
+    }
+}
+
+fn permits(
+    access: Option<&dyn concord_mcp::AccessControl>,
+    identity: Option<&concord_mcp::Identity>,
+    tool: &str,
+    arguments: Option<&Map<String, Value>>,
+    listing: bool,
+) -> bool {
+    let Some(access) = access else {
+        return true;
+    };
+    let server = tool.split_once("__").map_or("", |(server, _)| server);
+    access.allows(
+        identity,
+        &concord_mcp::AccessRequest {
+            method: "tools/call",
+            server,
+            name: tool,
+            arguments,
+            listing,
+        },
+    )
+}
+
 /// The smaller of two optional limits (a missing one does not limit).
 fn tighter<T: PartialOrd>(a: Option<T>, b: Option<T>) -> Option<T> {
     match (a, b) {
@@ -528,6 +589,9 @@ impl BuiltinTools for AgentTools {
 /// gets the delegation chain and what is left of this run's budget.
 struct GatewayTools {
     gateway: concord_mcp::Gateway,
+    access: Option<Arc<dyn concord_mcp::AccessControl>>,
+    /// Who the agent is to the policy (auth on).
+    agent_identity: Option<concord_mcp::Identity>,
     tools: Vec<ToolSpec>,
     principal: String,
     identity: Option<concord_mcp::Identity>,
@@ -561,6 +625,16 @@ impl ToolBox for GatewayTools {
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, ToolReply> {
         Box::pin(async move {
+            // Checked again with the arguments: a rule may look at them.
+            if !permits(
+                self.access.as_deref(),
+                self.agent_identity.as_ref(),
+                name,
+                Some(&arguments),
+                false,
+            ) {
+                return ToolOutcome::Error(format!("unknown tool: {name}")).into();
+            }
             let delegating = name.starts_with(&format!("{AGENTS_NAMESPACE}__"));
             let caller = Caller {
                 principal: self.principal.clone(),

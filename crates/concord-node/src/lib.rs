@@ -184,6 +184,9 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
             &config.providers,
             state.store().clone(),
             late_gateway.clone(),
+            governance.clone().map(|g| {
+                Arc::new(governance::PolicyAccess(g)) as Arc<dyn concord_mcp::AccessControl>
+            }),
         )
         .map_err(NodeError::Agents)?,
     );
