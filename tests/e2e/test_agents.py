@@ -217,6 +217,11 @@ provider = { tags = ["gpu"] }
             assert "no configured provider satisfies the selector" in result.structured_content["error"]
             missing = await client.call_tool("agents__lonely", {})
             assert missing.is_error and "missing argument: task" in missing.structured_content["error"]
+        # The agent's own MCP endpoint serves just its tool.
+        async with connect(node.url.removesuffix("/mcp") + "/agents/lonely/mcp") as own:
+            assert await tool_names(own) == {"agents__lonely"}
+            result = await own.call_tool("agents__lonely", {"task": "hi"})
+            assert result.is_error and "no configured provider" in result.structured_content["error"]
     finally:
         node.stop()
 

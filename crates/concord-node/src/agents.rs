@@ -160,6 +160,11 @@ impl Agents {
         })
     }
 
+    /// The configured agents' names.
+    pub fn names(&self) -> Vec<String> {
+        self.agents.iter().map(|a| a.name.clone()).collect()
+    }
+
     /// The ledger, newest last, filtered.
     pub fn usage(
         &self,
@@ -545,14 +550,24 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-/// The agents as the gateway's `agents__*` tools.
-pub struct AgentTools(pub Arc<Agents>);
+/// The agents as the gateway's `agents__*` tools (or, with `only`, one agent's own endpoint).
+pub struct AgentTools {
+    pub agents: Arc<Agents>,
+    pub only: Option<String>,
+}
+
+impl AgentTools {
+    pub fn all(agents: Arc<Agents>) -> Self {
+        Self { agents, only: None }
+    }
+}
 
 impl BuiltinTools for AgentTools {
     fn tools(&self) -> Vec<BuiltinTool> {
-        self.0
+        self.agents
             .agents
             .iter()
+            .filter(|agent| self.only.as_ref().is_none_or(|only| *only == agent.name))
             .map(|agent| BuiltinTool {
                 name: agent.name.clone(),
                 description: if agent.description.is_empty() {
@@ -576,11 +591,18 @@ impl BuiltinTools for AgentTools {
     }
 
     fn call(&self, name: &str, arguments: Map<String, Value>, caller: Caller) -> BuiltinFuture {
-        let Some(agent) = self.0.agents.iter().find(|a| a.name == name).cloned() else {
+        let listed = self.only.as_ref().is_none_or(|only| only == name);
+        let Some(agent) = self
+            .agents
+            .agents
+            .iter()
+            .find(|a| a.name == name && listed)
+            .cloned()
+        else {
             let name = name.to_string();
             return Box::pin(async move { failure(format!("unknown agent {name}")) });
         };
-        let agents = self.0.clone();
+        let agents = self.agents.clone();
         Box::pin(async move { agents.run_agent(&agent, arguments, caller).await })
     }
 }

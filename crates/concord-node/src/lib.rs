@@ -195,7 +195,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
     if !config.agents.is_empty() {
         local_namespaces.push((
             agents::AGENTS_NAMESPACE.to_string(),
-            Arc::new(agents::AgentTools(agents.clone())),
+            Arc::new(agents::AgentTools::all(agents.clone())),
         ));
     }
     if !config.workflows.is_empty() {
@@ -386,7 +386,7 @@ fn router(
 ) -> Router {
     let usage_api = Router::new()
         .route("/api/v1/usage", get(agents::usage_api))
-        .with_state(agents);
+        .with_state(agents.clone());
     let registry_api = Router::new()
         .route(
             "/api/v1/registry",
@@ -414,14 +414,34 @@ fn router(
         })
         .merge(registry_api)
         .merge(usage_api);
-    let mut mcp =
-        state
-            .gateway
-            .http_router("/mcp", edge, shutdown)
-            .layer(middleware::from_fn_with_state(
-                edge::BodyLimit(edge.max_body_bytes),
-                edge::jsonrpc_edge,
-            ));
+    let mut mcp = state.gateway.http_router("/mcp", edge, shutdown.clone());
+    // Every agent also has an MCP endpoint of its own, serving just its tool.
+    for name in agents.names() {
+        let own = Gateway::with_builtins(
+            &concord_config::Config::default(),
+            GatewayOptions {
+                access: governance.clone().map(|g| {
+                    Arc::new(governance::PolicyAccess(g)) as Arc<dyn concord_mcp::AccessControl>
+                }),
+                local_namespaces: vec![(
+                    agents::AGENTS_NAMESPACE.to_string(),
+                    Arc::new(agents::AgentTools {
+                        agents: agents.clone(),
+                        only: Some(name.clone()),
+                    }),
+                )],
+                ..GatewayOptions::default()
+            },
+            state.metrics.clone(),
+            None,
+        );
+        own.start();
+        mcp = mcp.merge(own.http_router(&format!("/agents/{name}/mcp"), edge, shutdown.clone()));
+    }
+    let mut mcp = mcp.layer(middleware::from_fn_with_state(
+        edge::BodyLimit(edge.max_body_bytes),
+        edge::jsonrpc_edge,
+    ));
     let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
