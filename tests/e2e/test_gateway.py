@@ -109,9 +109,9 @@ def test_readyz_reports_every_upstream_healthy(gateway: Gateway) -> None:
         assert server["tools"] > 0, f"{name}: {server}"
     assert servers["everything"]["transport"] == "stdio"
     assert servers["everything_sse"]["transport"] == "sse"
-    # Every upstream tool, plus the node's own built-in state tools.
+    # Every upstream tool, plus the node's own built-in tools (state, and reading truncated results).
     builtins = {"state_get", "state_list", "state_put", "state_propose", "state_commit", "state_history",
-                "state_claim", "state_release", "state_changes", "state_diff"}
+                "state_claim", "state_release", "state_changes", "state_diff", "result_page"}
     assert body["tools"] == sum(s["tools"] for s in servers.values()) + len(builtins)
     status, text = http_get(f"{gateway.node.base_url}/healthz")
     assert status == 200 and text.strip() == "ok"
