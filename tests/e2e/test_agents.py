@@ -217,6 +217,9 @@ provider = { tags = ["gpu"] }
             assert "no configured provider satisfies the selector" in result.structured_content["error"]
             missing = await client.call_tool("agents__lonely", {})
             assert missing.is_error and "missing argument: task" in missing.structured_content["error"]
+            # A lone string argument under another name is taken as the task.
+            renamed = await client.call_tool("agents__lonely", {"query": "hi"})
+            assert "no configured provider" in renamed.structured_content["error"], renamed.structured_content
         # The agent's own MCP endpoint serves just its tool.
         async with connect(node.url.removesuffix("/mcp") + "/agents/lonely/mcp") as own:
             assert await tool_names(own) == {"agents__lonely"}

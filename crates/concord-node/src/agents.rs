@@ -270,7 +270,22 @@ impl Agents {
         arguments: Map<String, Value>,
         caller: Caller,
     ) -> BuiltinOutcome {
-        let Some(task) = arguments.get("task").and_then(Value::as_str) else {
+        // Models calling agents sometimes name the one argument differently ("query",
+        // "description"): a lone string argument is taken as the task.
+        let lone_string = || {
+            let mut strings = arguments.values().filter_map(Value::as_str);
+            match (strings.next(), strings.next()) {
+                (Some(only), None) if arguments.len() == 1 => Some(only),
+                _ => None,
+            }
+        };
+        let Some(task) = arguments
+            .get("task")
+            .and_then(Value::as_str)
+            .or_else(lone_string)
+        else {
+            let given = serde_json::Value::Object(arguments.clone()).to_string();
+            tracing::info!(agent = %agent.name, arguments = %given, "agent called without a task");
             return failure("missing argument: task (what the agent should do)");
         };
         if caller.delegation.contains(&agent.name) {
