@@ -248,7 +248,8 @@ def requests_of(model: ScriptedModel, instructions: str) -> list[dict[str, Any]]
 async def test_delegation_carves_budgets_down_a_three_level_chain(concord: NodeFactory) -> None:
     model = ScriptedModel(
         [
-            {"call": ("agents__middle", {"task": "ask the leaf"})},
+            # A delegating model may invent a conversation id: the delegate starts a new one.
+            {"call": ("agents__middle", {"task": "ask the leaf", "conversation_id": "invented"})},
             {"call": ("agents__leaf", {"task": "echo three times"})},
             {"call": ("fx__echo", {"message": "1"})},
             {"call": ("fx__echo", {"message": "2"})},

@@ -302,13 +302,19 @@ impl Agents {
                 self.max_depth
             ));
         }
-        let conversation_id = arguments
+        let mut conversation_id = arguments
             .get("conversation_id")
             .and_then(Value::as_str)
             .map(str::to_string);
         let history = match &conversation_id {
             Some(id) => match self.conversation(id, &caller.principal) {
                 Some(history) => history,
+                // A delegating model sometimes invents an id: it starts a new conversation.
+                None if !caller.delegation.is_empty() => {
+                    tracing::info!(agent = %agent.name, conversation_id = %id, "unknown conversation id from a delegating agent; starting a new one");
+                    conversation_id = None;
+                    Vec::new()
+                }
                 None => {
                     return failure(format!(
                         "unknown or expired conversation_id {id:?} (start without one)"
