@@ -417,3 +417,39 @@ tools = ["fx__echo", "fx__log"]
     finally:
         node.stop()
         model.close()
+
+
+async def test_a_cost_aware_agent_asks_the_cheapest_satisfying_provider_first(concord: NodeFactory) -> None:
+    pricey, cheap = ScriptedModel([{"text": "from pricey"}]), ScriptedModel([{"text": "from cheap"}])
+    config = f"""
+[providers.pricey]
+api = "openai"
+base_url = "{pricey.base_url}"
+model = "big"
+tags = ["remote", "big"]
+price_input = 10.0
+price_output = 30.0
+
+[providers.cheap]
+api = "openai"
+base_url = "{cheap.base_url}"
+model = "small"
+tags = ["remote"]
+price_input = 0.1
+price_output = 0.4
+
+[agents.thrifty]
+instructions = "Answer."
+provider = {{ tags = ["remote", "+big"] }}  # pricey ranks first by tags...
+cost_aware = true                            # ...but the cheaper one is asked first
+"""
+    node = concord.start("agents-cost", {}, extra_config=config)
+    try:
+        async with connect(node.url) as client:
+            result = await client.call_tool("agents__thrifty", {"task": "hi"})
+        assert result.structured_content["answer"] == "from cheap"
+        assert len(cheap.requests) == 1 and not pricey.requests
+    finally:
+        node.stop()
+        pricey.close()
+        cheap.close()

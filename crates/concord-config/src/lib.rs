@@ -192,6 +192,8 @@ pub struct AgentSettings {
     pub max_iterations: u32,
     pub output_schema: Option<serde_json::Value>,
     pub budget: AgentBudget,
+    /// Ask the cheapest provider that satisfies the selector first (by price per token).
+    pub cost_aware: bool,
 }
 
 /// A workflow over agents (`[workflows.NAME]`), exposed as the tool `workflows__NAME`.

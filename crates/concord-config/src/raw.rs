@@ -293,6 +293,8 @@ struct RawAgent {
     output_schema: Option<toml::Value>,
     #[serde(default)]
     budget: RawAgentBudget,
+    #[serde(default)]
+    cost_aware: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -477,6 +479,7 @@ fn agents(raw: BTreeMap<String, RawAgent>, file: &Path) -> Result<Vec<AgentSetti
                 tool_calls: a.budget.tool_calls,
                 deadline,
             },
+            cost_aware: a.cost_aware,
         });
     }
     Ok(out)

@@ -34,7 +34,11 @@ pub async fn chat_with_failover(
 ) -> FailoverOutcome {
     let mut attempts = Vec::new();
     let mut last_error = None;
-    for (index, provider) in providers.iter().enumerate() {
+    // Providers resting after repeated failures go last (still tried if all else fails).
+    let mut order: Vec<usize> = (0..providers.len()).collect();
+    order.sort_by_key(|&i| !providers[i].is_available());
+    for index in order {
+        let provider = &providers[index];
         let left = match deadline {
             Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
                 Some(left) if !left.is_zero() => Some(left),
@@ -50,6 +54,7 @@ pub async fn chat_with_failover(
         let latency = started.elapsed();
         match answer {
             Ok(response) => {
+                provider.record(true);
                 attempts.push(Attempt {
                     provider: provider.config.name.clone(),
                     model: if response.model.is_empty() {
@@ -68,6 +73,7 @@ pub async fn chat_with_failover(
                 };
             }
             Err(error) => {
+                provider.record(false);
                 tracing::warn!(provider = %provider.config.name, %error, "provider failed; trying the next");
                 attempts.push(Attempt {
                     provider: provider.config.name.clone(),

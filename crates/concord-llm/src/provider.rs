@@ -60,6 +60,17 @@ pub enum LlmError {
 pub struct Provider {
     pub config: ProviderConfig,
     client: reqwest::Client,
+    health: parking_lot::Mutex<Health>,
+}
+
+/// Consecutive failures that put a provider aside, and for how long.
+const FAILURES_TO_REST: u32 = 3;
+const REST: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Health {
+    consecutive_failures: u32,
+    resting_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -79,7 +90,34 @@ impl Provider {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| LlmError::Connect(e.to_string()))?;
-        Ok(Self { config, client })
+        Ok(Self {
+            config,
+            client,
+            health: parking_lot::Mutex::default(),
+        })
+    }
+
+    /// False while the provider rests after repeated failures: failover asks the others first.
+    pub fn is_available(&self) -> bool {
+        self.health
+            .lock()
+            .resting_until
+            .is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// Records how a call went; the third failure in a row rests the provider for 30 s.
+    pub fn record(&self, ok: bool) {
+        let mut health = self.health.lock();
+        if ok {
+            *health = Health::default();
+            return;
+        }
+        health.consecutive_failures += 1;
+        if health.consecutive_failures >= FAILURES_TO_REST {
+            health.resting_until = Some(Instant::now() + REST);
+            health.consecutive_failures = 0;
+            tracing::warn!(provider = %self.config.name, rest_s = REST.as_secs(), "provider failed repeatedly; asking the others first");
+        }
     }
 
     /// What `usage` costs at this provider's prices, in US dollars.

@@ -386,3 +386,35 @@ async fn the_deadline_bounds_failover_and_keys_never_show_in_errors() {
     );
     let _ = Role::Tool;
 }
+
+#[tokio::test]
+async fn a_provider_that_keeps_failing_is_asked_last_until_it_has_rested() {
+    let ok_body = json!({"id": "x", "object": "chat.completion", "model": "b-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "from B"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    .to_string();
+    let (a_url, a_seen) = recorded_server(
+        StatusCode::BAD_GATEWAY,
+        "application/json",
+        "{}".into(),
+        Duration::ZERO,
+    )
+    .await;
+    let (b_url, _) =
+        recorded_server(StatusCode::OK, "application/json", ok_body, Duration::ZERO).await;
+    let a = provider("a", Api::OpenAi, &a_url, false);
+    let b = provider("b", Api::OpenAi, &b_url, false);
+    let request = ChatRequest {
+        messages: vec![Message::user("hi")],
+        ..ChatRequest::default()
+    };
+    for round in 1..=5 {
+        let outcome = chat_with_failover(&[a.clone(), b.clone()], &request, None).await;
+        assert_eq!(outcome.result.unwrap().1, 1, "B answers round {round}");
+        let first = &outcome.attempts[0].provider;
+        // Three failures in a row put A aside: from the fourth round on, B is asked first.
+        assert_eq!(first, if round <= 3 { "a" } else { "b" }, "round {round}");
+    }
+    assert_eq!(a_seen.hits.load(Ordering::SeqCst), 3);
+    assert!(!a.is_available() && b.is_available());
+}

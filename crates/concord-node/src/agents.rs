@@ -200,11 +200,18 @@ impl Agents {
             .map_err(|e| format!("reading the registry: {e}"))?;
         let resolution =
             resolve(&agent.provider, &entities, now_ms()).map_err(|e| e.to_string())?;
-        let chosen: Vec<Arc<Provider>> = resolution
+        let mut chosen: Vec<Arc<Provider>> = resolution
             .candidates
             .iter()
             .filter_map(|c| self.providers.get(&c.name).cloned())
             .collect();
+        if agent.cost_aware {
+            // Cheapest first; equal prices keep the resolution's order (the sort is stable).
+            chosen.sort_by(|a, b| {
+                let price = |p: &Provider| p.config.price_input + p.config.price_output;
+                price(a).total_cmp(&price(b))
+            });
+        }
         if chosen.is_empty() {
             let mut why: Vec<String> = resolution
                 .rejected
