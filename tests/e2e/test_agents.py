@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import CONCORD_BIN, NodeFactory, connect, fixture_server, free_port, tool_names
+from test_state import postgres_url  # noqa: F401 - a fixture: a fresh PostgreSQL database per test
 
 pytestmark = pytest.mark.anyio
 
@@ -453,3 +454,42 @@ cost_aware = true                            # ...but the cheaper one is asked f
         node.stop()
         pricey.close()
         cheap.close()
+
+
+async def test_the_usage_ledger_is_in_the_store_and_links_delegated_runs(
+    concord: NodeFactory, postgres_url: str
+) -> None:
+    model = ScriptedModel(
+        [
+            {"call": ("agents__leaf", {"task": "help"})},
+            {"text": "leaf done"},
+            {"text": "top done"},
+        ]
+    )
+    config = one_provider(model) + """
+[agents.top]
+instructions = "TOP."
+tools = ["agents__leaf"]
+
+[agents.leaf]
+instructions = "LEAF."
+"""
+    first = concord.start("ledger-a", {}, extra_config=config, store=postgres_url)
+    second = concord.start("ledger-b", {}, extra_config=config, store=postgres_url)
+    try:
+        async with connect(first.url) as client:
+            result = await client.call_tool("agents__top", {"task": "go"})
+        assert result.structured_content["answer"] == "top done"
+        top_run = result.structured_content["run_id"]
+        first.stop()
+        # Another node on the same PostgreSQL sees every attempt, after the first one stopped.
+        with urllib.request.urlopen(f"{second.url.removesuffix('/mcp')}/api/v1/usage", timeout=10) as response:
+            usage = json.loads(response.read())
+        rows = usage["records"]
+        assert [(r["agent"], r["run_id"] == top_run) for r in rows] == [("leaf", False), ("top", True), ("top", True)], rows
+        assert rows[0]["parent_run"] == top_run, "the delegated run names its parent"
+        assert "parent_run" not in rows[1]
+        assert usage["totals"]["calls"] == 3 and usage["totals"]["input_tokens"] == 600
+    finally:
+        second.stop()
+        model.close()

@@ -38,6 +38,8 @@ pub struct Caller {
     pub delegation: Vec<String>,
     /// What the delegating agent left for this call to spend.
     pub budget: Option<DelegatedBudget>,
+    /// The delegating agent's run (for the usage ledger).
+    pub parent_run: Option<String>,
     /// Cancelled when the caller cancels the call.
     pub cancel: tokio_util::sync::CancellationToken,
     /// Where progress goes, when the caller asked for it (a progress token).

@@ -99,22 +99,6 @@ fn build_provider(spec: &ProviderSpec) -> Result<Provider, String> {
     .map_err(|e| e.to_string())
 }
 
-/// One provider attempt, as the ledger keeps it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct UsageRecord {
-    pub at_ms: u64,
-    pub agent: String,
-    pub principal: String,
-    pub provider: String,
-    pub model: String,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cost_usd: f64,
-    pub latency_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
 struct Conversation {
     owner: String,
     messages: Vec<Message>,
@@ -132,7 +116,6 @@ pub struct Agents {
     /// as itself (`agent:NAME`, kind `agent`) on behalf of its caller.
     access: Option<Arc<dyn concord_mcp::AccessControl>>,
     conversations: Mutex<HashMap<String, Conversation>>,
-    ledger: Mutex<Vec<UsageRecord>>,
 }
 
 impl Agents {
@@ -156,7 +139,6 @@ impl Agents {
             gateway,
             access,
             conversations: Mutex::default(),
-            ledger: Mutex::default(),
         })
     }
 
@@ -165,24 +147,14 @@ impl Agents {
         self.agents.iter().map(|a| a.name.clone()).collect()
     }
 
-    /// The ledger, newest last, filtered.
-    pub fn usage(
+    /// The ledger (in the store), oldest first, filtered.
+    pub async fn usage(
         &self,
-        agent: Option<&str>,
-        model: Option<&str>,
-        since_ms: Option<u64>,
-    ) -> Vec<UsageRecord> {
-        self.ledger
-            .lock()
-            .iter()
-            .filter(|r| agent.is_none_or(|a| r.agent == a))
-            .filter(|r| model.is_none_or(|m| r.model == m || r.provider == m))
-            .filter(|r| since_ms.is_none_or(|s| r.at_ms >= s))
-            .cloned()
-            .collect()
+        filter: &concord_store::UsageFilter,
+    ) -> Result<Vec<concord_store::UsageRow>, concord_store::StoreError> {
+        self.store.usage(filter).await
     }
 
-    /// The configured providers the agent's selector resolves to now, best first.
     /// Whether the policy lets the agent use `tool` (always, with auth off).
     fn permits(
         &self,
@@ -237,6 +209,7 @@ impl Agents {
         caller: &Caller,
         limits: concord_agents::Limits,
         spent: Arc<Mutex<(u64, f64)>>,
+        run_id: &str,
     ) -> Result<GatewayTools, String> {
         let gateway = self
             .gateway
@@ -268,6 +241,7 @@ impl Agents {
             chain,
             limits,
             spent,
+            run_id: run_id.to_string(),
         })
     }
 
@@ -346,7 +320,8 @@ impl Agents {
             ),
         };
         let spent = Arc::new(Mutex::new((0u64, 0f64)));
-        let tools = match self.toolbox(agent, &caller, limits, spent.clone()) {
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        let tools = match self.toolbox(agent, &caller, limits, spent.clone(), &run_id) {
             Ok(tools) => tools,
             Err(e) => return failure(e),
         };
@@ -394,22 +369,26 @@ impl Agents {
         )
         .await;
         let at_ms = now_ms();
-        {
-            let mut ledger = self.ledger.lock();
-            for attempt in &report.attempts {
-                ledger.push(UsageRecord {
-                    at_ms,
-                    agent: agent.name.clone(),
-                    principal: caller.principal.clone(),
-                    provider: attempt.provider.clone(),
-                    model: attempt.model.clone(),
-                    input_tokens: attempt.usage.input_tokens,
-                    output_tokens: attempt.usage.output_tokens,
-                    cost_usd: attempt.cost_usd,
-                    latency_ms: attempt.latency.as_millis() as u64,
-                    error: attempt.error.clone(),
-                });
-            }
+        let rows: Vec<concord_store::UsageRow> = report
+            .attempts
+            .iter()
+            .map(|attempt| concord_store::UsageRow {
+                at_ms,
+                run_id: run_id.clone(),
+                parent_run: caller.parent_run.clone(),
+                agent: agent.name.clone(),
+                principal: caller.principal.clone(),
+                provider: attempt.provider.clone(),
+                model: attempt.model.clone(),
+                input_tokens: attempt.usage.input_tokens,
+                output_tokens: attempt.usage.output_tokens,
+                cost_usd: attempt.cost_usd,
+                latency_ms: attempt.latency.as_millis() as u64,
+                error: attempt.error.clone(),
+            })
+            .collect();
+        if let Err(e) = self.store.record_usage(&rows).await {
+            tracing::error!(agent = %agent.name, error = %e, "the usage ledger could not be written");
         }
         let id = conversation_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         self.remember(&id, &caller.principal, report.transcript.clone());
@@ -420,6 +399,7 @@ impl Agents {
                 "structured": report.structured,
                 "ending": report.ending,
                 "conversation_id": id,
+                "run_id": run_id,
                 "iterations": report.iterations,
                 "tool_calls": report.tool_calls,
                 "usage": {"input_tokens": report.usage.input_tokens, "output_tokens": report.usage.output_tokens,
@@ -492,8 +472,22 @@ pub async fn usage_api(
         },
         None => None,
     };
-    let records = agents.usage(query.agent.as_deref(), query.model.as_deref(), since_ms);
-    let total = |f: fn(&UsageRecord) -> f64| records.iter().map(f).sum::<f64>();
+    let filter = concord_store::UsageFilter {
+        agent: query.agent,
+        model: query.model,
+        since_ms,
+    };
+    let records = match agents.usage(&filter).await {
+        Ok(records) => records,
+        Err(e) => {
+            return (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"error": format!("usage ledger: {e}")})),
+            )
+                .into_response();
+        }
+    };
+    let total = |f: fn(&concord_store::UsageRow) -> f64| records.iter().map(f).sum::<f64>();
     axum::Json(json!({
         "totals": {
             "calls": records.len(),
@@ -650,6 +644,7 @@ struct GatewayTools {
     limits: concord_agents::Limits,
     /// Tokens and cost this run has spent so far.
     spent: Arc<Mutex<(u64, f64)>>,
+    run_id: String,
 }
 
 impl GatewayTools {
@@ -691,6 +686,7 @@ impl ToolBox for GatewayTools {
                 identity: self.identity.clone(),
                 delegation: self.chain.clone(),
                 budget: delegating.then(|| self.remaining()),
+                parent_run: Some(self.run_id.clone()),
                 cancel: cancel.child_token(),
                 ..Caller::default()
             };

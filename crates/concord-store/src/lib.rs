@@ -13,6 +13,7 @@ mod group_commit;
 mod postgres_batch;
 mod registry;
 mod sqlite_batch;
+mod usage;
 mod value_cache;
 
 use std::any::Any;
@@ -33,6 +34,7 @@ use postgres_batch::PostgresWriter;
 pub use registry::RegistryRow;
 use sqlite_batch::SqliteWriter;
 use std::sync::Arc;
+pub use usage::{UsageFilter, UsageRow};
 use value_cache::ValueCache;
 
 #[derive(Debug, thiserror::Error)]
@@ -914,12 +916,14 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0002_leases.sql"),
     include_str!("../migrations/sqlite/0003_governance.sql"),
     include_str!("../migrations/sqlite/0004_registry.sql"),
+    include_str!("../migrations/sqlite/0005_usage.sql"),
 ];
 const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0001_state.sql"),
     include_str!("../migrations/postgres/0002_leases.sql"),
     include_str!("../migrations/postgres/0003_governance.sql"),
     include_str!("../migrations/postgres/0004_registry.sql"),
+    include_str!("../migrations/postgres/0005_usage.sql"),
 ];
 
 async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
