@@ -71,12 +71,13 @@ base_url = "{local_model}"
 model = "local"
 tags = ["local"]
 timeout = "240s"
+temperature = 0.0   # the most likely tokens: the same run every time
 
 [agents.reader]
 description = "Reads a file and answers"
 instructions = "You can read files with the files__read_text_file tool. Always call it to read a file before answering. After the tool result, answer the user in one short sentence."
 tools = ["files__read_text_file"]
-max_iterations = 4
+max_iterations = 5
 """
     node = concord.start(
         "local-model",

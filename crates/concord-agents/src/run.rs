@@ -214,6 +214,7 @@ pub async fn run(
         iterations: 0,
     };
     let mut reasked = false;
+    let mut nudged = false;
     loop {
         if let Some(budget) = run.exhausted() {
             return run.report(Ending::BudgetExhausted { budget }, String::new(), None);
@@ -254,6 +255,14 @@ pub async fn run(
         };
         let calls = response.message.tool_calls.clone();
         run.messages.push(response.message.clone());
+        if calls.is_empty() && response.message.content.trim().is_empty() && !nudged {
+            // Small models sometimes stop with nothing to say after a tool result: ask once.
+            nudged = true;
+            run.messages.push(Message::user(
+                "Your last reply was empty. Answer the original request now, in one short sentence.",
+            ));
+            continue;
+        }
         if calls.is_empty() {
             let answer = response.message.content;
             let Some(schema) = &spec.output_schema else {

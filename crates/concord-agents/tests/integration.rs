@@ -120,6 +120,7 @@ async fn scripted(turns: Vec<Turn>, stream: bool, repeat_last: bool) -> (Provide
         price_input: 1.0,
         price_output: 2.0,
         default_max_tokens: 512,
+        temperature: None,
     })
     .unwrap();
     (ProviderChain(vec![Arc::new(provider)]), script)
@@ -566,4 +567,26 @@ async fn what_a_delegated_call_spent_counts_against_the_budget() {
     );
     assert_eq!(script.requests.lock().unwrap().len(), 1);
     assert!((report.cost_usd - (0.01 + (100.0 + 40.0) / 1e6)).abs() < 1e-12);
+}
+
+#[tokio::test]
+async fn an_empty_final_reply_is_asked_for_once_more() {
+    let (model, script) = scripted(vec![Turn::Say(""), Turn::Say("finally")], false, false).await;
+    let report = run_quietly(
+        &agent(5, None),
+        "answer",
+        &model,
+        &Files::default(),
+        Limits::default(),
+        &CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(report.ending, Ending::Answer);
+    assert_eq!((report.answer.as_str(), report.iterations), ("finally", 2));
+    let second = script.requests.lock().unwrap()[1].clone();
+    let nudge = second["messages"].as_array().unwrap().last().unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(nudge.contains("Your last reply was empty"), "{nudge}");
 }

@@ -177,6 +177,8 @@ pub struct ProviderSpec {
     pub timeout: Duration,
     pub stream: bool,
     pub max_tokens: u32,
+    /// Sampling temperature unless a request says otherwise.
+    pub temperature: Option<f32>,
 }
 
 /// One agent (`[agents.NAME]`), exposed as the tool `agents__NAME`.

@@ -278,6 +278,7 @@ struct RawProvider {
     #[serde(default)]
     stream: bool,
     max_tokens: Option<u32>,
+    temperature: Option<f32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,6 +373,7 @@ fn providers(
             timeout,
             stream: p.stream,
             max_tokens: p.max_tokens.unwrap_or(1024),
+            temperature: p.temperature,
         });
     }
     Ok(out)

@@ -32,6 +32,9 @@ pub struct ProviderConfig {
     pub price_output: f64,
     /// Output tokens to ask for when the request does not say (Anthropic requires a number).
     pub default_max_tokens: u32,
+    /// Sampling temperature when the request does not say (0: the most likely tokens, the
+    /// same answer each time — what tests of a local model need).
+    pub temperature: Option<f32>,
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -148,6 +151,16 @@ impl Provider {
 
     async fn send(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError> {
         let config = &self.config;
+        let defaulted;
+        let request = if request.temperature.is_none() && config.temperature.is_some() {
+            defaulted = ChatRequest {
+                temperature: config.temperature,
+                ..request.clone()
+            };
+            &defaulted
+        } else {
+            request
+        };
         let stream = config.stream;
         let base = config.base_url.trim_end_matches('/');
         let (url, body) = match config.api {

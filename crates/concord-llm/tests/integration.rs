@@ -179,6 +179,7 @@ fn provider(name: &str, api: Api, base_url: &str, stream: bool) -> Arc<Provider>
             price_input: 3.0,
             price_output: 15.0,
             default_max_tokens: 1024,
+            temperature: None,
         })
         .unwrap(),
     )

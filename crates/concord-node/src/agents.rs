@@ -95,6 +95,7 @@ fn build_provider(spec: &ProviderSpec) -> Result<Provider, String> {
         price_input: spec.price_input,
         price_output: spec.price_output,
         default_max_tokens: spec.max_tokens,
+        temperature: spec.temperature,
     })
     .map_err(|e| e.to_string())
 }
