@@ -192,18 +192,28 @@ struct RawRouting {
     max_result_tokens: Option<u64>,
 }
 
+/// `n` if it is not zero; else an error naming `key` ("must be at least 1" and `why`).
+fn at_least_one<T: Copy + PartialEq + From<u8>>(
+    file: &Path,
+    key: &str,
+    n: T,
+    why: &str,
+) -> Result<T, ConfigError> {
+    if n == T::from(0) {
+        return Err(ConfigError::invalid(
+            file,
+            key,
+            format!("must be at least 1{why}"),
+        ));
+    }
+    Ok(n)
+}
+
 impl RawRouting {
     fn into_settings(self, file: &Path) -> Result<RoutingSettings, ConfigError> {
         let mut settings = RoutingSettings::default();
         if let Some(n) = self.breaker_failures {
-            if n == 0 {
-                return Err(ConfigError::invalid(
-                    file,
-                    "routing.breaker_failures",
-                    "must be at least 1",
-                ));
-            }
-            settings.breaker_failures = n;
+            settings.breaker_failures = at_least_one(file, "routing.breaker_failures", n, "")?;
         }
         if let Some(ratio) = self.breaker_failure_ratio {
             if !(ratio > 0.0 && ratio <= 1.0) {
@@ -216,28 +226,19 @@ impl RawRouting {
             settings.breaker_failure_ratio = ratio;
         }
         if let Some(window) = self.breaker_window {
-            if window == 0 {
-                return Err(ConfigError::invalid(
-                    file,
-                    "routing.breaker_window",
-                    "must be at least 1",
-                ));
-            }
-            settings.breaker_window = window;
+            settings.breaker_window = at_least_one(file, "routing.breaker_window", window, "")?;
         }
         if let Some(text) = self.breaker_cooldown {
             settings.breaker_cooldown = parse_duration(&text)
                 .map_err(|m| ConfigError::invalid(file, "routing.breaker_cooldown", m))?;
         }
         if let Some(n) = self.retry_attempts {
-            if n == 0 {
-                return Err(ConfigError::invalid(
-                    file,
-                    "routing.retry_attempts",
-                    "must be at least 1 (the first attempt counts)",
-                ));
-            }
-            settings.retry_attempts = n;
+            settings.retry_attempts = at_least_one(
+                file,
+                "routing.retry_attempts",
+                n,
+                " (the first attempt counts)",
+            )?;
         }
         if let Some(text) = self.retry_backoff {
             settings.retry_backoff = parse_duration(&text)
@@ -247,14 +248,8 @@ impl RawRouting {
             settings.cache_entries = n;
         }
         if let Some(n) = self.max_result_tokens {
-            if n == 0 {
-                return Err(ConfigError::invalid(
-                    file,
-                    "routing.max_result_tokens",
-                    "must be at least 1",
-                ));
-            }
-            settings.max_result_tokens = Some(n);
+            settings.max_result_tokens =
+                Some(at_least_one(file, "routing.max_result_tokens", n, "")?);
         }
         Ok(settings)
     }

@@ -573,6 +573,31 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
+/// A tool that takes a `task` (and `extra` properties), runs for a while and may act: how
+/// agents and workflows appear in the gateway. `what` is "agent" or "workflow".
+pub(crate) fn task_tool(name: &str, description: &str, what: &str, extra: Value) -> BuiltinTool {
+    let mut properties = Map::new();
+    properties.insert(
+        "task".into(),
+        json!({"type": "string", "description": format!("What the {what} should do")}),
+    );
+    if let Value::Object(extra) = extra {
+        properties.extend(extra);
+    }
+    BuiltinTool {
+        name: name.to_string(),
+        description: if description.is_empty() {
+            format!("The {name} {what}")
+        } else {
+            description.to_string()
+        },
+        input_schema: json!({"type": "object", "properties": properties, "required": ["task"]}),
+        output_schema: None,
+        read_only: false,
+        idempotent: false,
+    }
+}
+
 /// The agents as the gateway's `agents__*` tools (or, with `only`, one agent's own endpoint).
 pub struct AgentTools {
     pub agents: Arc<Agents>,
@@ -591,24 +616,13 @@ impl BuiltinTools for AgentTools {
             .agents
             .iter()
             .filter(|agent| self.only.as_ref().is_none_or(|only| *only == agent.name))
-            .map(|agent| BuiltinTool {
-                name: agent.name.clone(),
-                description: if agent.description.is_empty() {
-                    format!("The {} agent", agent.name)
-                } else {
-                    agent.description.clone()
-                },
-                input_schema: json!({
-                    "type": "object",
-                    "properties": {
-                        "task": {"type": "string", "description": "What the agent should do"},
-                        "conversation_id": {"type": "string", "description": "Continue an earlier conversation (the id a previous answer gave)"}
-                    },
-                    "required": ["task"]
-                }),
-                output_schema: None,
-                read_only: false,
-                idempotent: false,
+            .map(|agent| {
+                task_tool(
+                    &agent.name,
+                    &agent.description,
+                    "agent",
+                    json!({"conversation_id": {"type": "string", "description": "Continue an earlier conversation (the id a previous answer gave)"}}),
+                )
             })
             .collect()
     }

@@ -8,7 +8,7 @@ use concord_mcp::builtin::{BuiltinFuture, BuiltinOutcome, BuiltinTool, BuiltinTo
 use futures::future::BoxFuture;
 use serde_json::{Map, Value, json};
 
-use crate::agents::{Agents, failure};
+use crate::agents::{Agents, failure, task_tool};
 
 /// The namespace workflows are exposed under (`workflows__NAME`).
 pub const WORKFLOWS_NAMESPACE: &str = "workflows";
@@ -110,22 +110,7 @@ impl BuiltinTools for WorkflowTools {
     fn tools(&self) -> Vec<BuiltinTool> {
         self.workflows
             .iter()
-            .map(|w| BuiltinTool {
-                name: w.name.clone(),
-                description: if w.description.is_empty() {
-                    format!("The {} workflow", w.name)
-                } else {
-                    w.description.clone()
-                },
-                input_schema: json!({
-                    "type": "object",
-                    "properties": {"task": {"type": "string", "description": "What the workflow should do"}},
-                    "required": ["task"]
-                }),
-                output_schema: None,
-                read_only: false,
-                idempotent: false,
-            })
+            .map(|w| task_tool(&w.name, &w.description, "workflow", json!({})))
             .collect()
     }
 
