@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
 import pytest
+from mcp import MCPError
 
 from conftest import CONCORD_BIN, NodeFactory, connect, fixture_server, free_port, tool_names
 from test_state import postgres_url  # noqa: F401 - a fixture: a fresh PostgreSQL database per test
@@ -370,17 +372,12 @@ max_rounds = 3
         model.close()
 
 
-async def test_with_auth_on_an_agent_uses_only_the_tools_the_policy_gives_it(concord: NodeFactory) -> None:
-    from test_governance import AUDIENCE, ISSUER, SECRET, as_principal, token_for
+def auth_config(model: ScriptedModel, budget: str = "", tools: tuple[str, ...] | list[str] = ("fx__echo",)) -> str:
+    """One provider, auth on, users may call agents and agents only `fx__echo`; the agent
+    `worker` lists `tools`."""
+    from test_governance import AUDIENCE, ISSUER, SECRET
 
-    model = ScriptedModel(
-        [
-            {"call": ("fx__log", {"message": "sneaky"})},
-            {"call": ("fx__echo", {"message": "allowed"})},
-            {"text": "done"},
-        ]
-    )
-    config = one_provider(model) + f"""
+    return one_provider(model) + f"""
 [auth]
 enabled = true
 issuer = "{ISSUER}"
@@ -399,11 +396,24 @@ when = '"user" in principal.roles && server == "agents"'
 name = "agents-echo-only"
 effect = "allow"
 when = 'principal.kind == "agent" && tool == "fx__echo"'
-
+{budget}
 [agents.worker]
 instructions = "WORKER."
-tools = ["fx__echo", "fx__log"]
+tools = {json.dumps(list(tools))}
 """
+
+
+async def test_with_auth_on_an_agent_uses_only_the_tools_the_policy_gives_it(concord: NodeFactory) -> None:
+    from test_governance import as_principal, token_for
+
+    model = ScriptedModel(
+        [
+            {"call": ("fx__log", {"message": "sneaky"})},
+            {"call": ("fx__echo", {"message": "allowed"})},
+            {"text": "done"},
+        ]
+    )
+    config = auth_config(model, tools=["fx__echo", "fx__log"])
     node = concord.start("agents-policy", {"fx": fixture_server("fx")}, extra_config=config)
     try:
         async with as_principal(node.url, token_for("alice", ["user"])) as client:
@@ -492,4 +502,117 @@ instructions = "LEAF."
         assert usage["totals"]["calls"] == 3 and usage["totals"]["input_tokens"] == 600
     finally:
         second.stop()
+        model.close()
+
+
+async def test_an_agents_spend_settles_against_its_callers_standing_budget(concord: NodeFactory) -> None:
+    """The agent's tool calls go through the gateway's pipeline as the agent (audited, on behalf
+    of its caller), and its model tokens are charged to the caller's standing budget: a second
+    run gets only what is left, and once it is gone the next call is refused at the door."""
+    from test_governance import as_principal, cli, token_for
+
+    model = ScriptedModel(
+        [
+            {"call": ("fx__echo", {"message": "budgeted"})},
+            {"text": "first done"},
+            {"call": ("fx__echo", {"message": "over budget"})},
+            {"text": "never reached"},
+        ]
+    )
+    budget = """
+[budgets.principals.alice]
+tokens = 500
+"""
+    node = concord.start("agents-standing-budget", {"fx": fixture_server("fx")}, extra_config=auth_config(model, budget))
+    try:
+        async with as_principal(node.url, token_for("alice", ["user"])) as client:
+            first = await client.call_tool("agents__worker", {"task": "echo then answer"})
+            assert not first.is_error, first.structured_content
+            # Two model turns of 230 tokens each: 40 of alice's 500 are left.
+            usage = first.meta["concord/usage"]
+            assert (usage["input_tokens"], usage["output_tokens"]) == (400, 60), usage
+            assert abs(usage["cost_usd"] - 2 * (200 * 1.0 + 30 * 2.0) / 1e6) < 1e-12, usage
+            assert first.meta["concord/budget"]["remaining"]["tokens"] == 40, first.meta
+
+            second = await client.call_tool("agents__worker", {"task": "again"})
+            # The run was given the 40 tokens left: one model turn spends them.
+            assert second.is_error and second.structured_content["ending"]["kind"] == "budget_exhausted", (
+                second.structured_content
+            )
+            assert "of 40 used" in second.structured_content["ending"]["budget"], second.structured_content
+            assert len(model.requests) == 3
+
+            with pytest.raises(MCPError) as refused:
+                await client.call_tool("agents__worker", {"task": "once more"})
+            assert refused.value.error.code == -32030
+            assert "tokens budget exhausted: the standing budget of alice allows 500 tokens" in refused.value.error.message
+            assert len(model.requests) == 3, "a refused call reaches no model"
+
+        # The agent's tool call is in the audit trail as the agent, on alice's behalf.
+        deadline = time.monotonic() + 10
+        while True:
+            exported = cli(node, "audit", "export")
+            entries = [json.loads(line) for line in exported.stdout.splitlines() if line.strip()]
+            echo = [e for e in entries if e["kind"] == "tool_call" and e["data"].get("tool") == "echo"]
+            runs = [e for e in entries if e["kind"] == "tool_call" and e["data"].get("server") == "agents"]
+            if (echo and len(runs) == 2) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert echo and echo[0]["principal"] == "agent:worker", echo
+        assert echo[0]["data"]["chain"] == ["alice", "agent:worker"], echo[0]
+        assert [r["principal"] for r in runs] == ["alice", "alice"], runs
+        refusals = [e for e in entries if e["kind"] == "budget_exhausted" and e["principal"] == "alice"]
+        assert refusals, entries[-5:]
+    finally:
+        node.stop()
+        model.close()
+
+
+async def test_cancelling_an_agent_cancels_its_tool_call_upstream(concord: NodeFactory) -> None:
+    import anyio
+
+    from conftest import eventually
+
+    model = ScriptedModel([{"call": ("fx__slow", {"steps": 100})}, {"text": "never reached"}])
+    config = one_provider(model) + """
+[agents.waiter]
+instructions = "WAITER."
+tools = ["fx__slow"]
+"""
+    node = concord.start("agents-cancel", {"fx": fixture_server("fx")}, extra_config=config)
+    try:
+        async with connect(node.url) as client:
+            before = (await client.call_tool("fx__stats", {})).structured_content
+            calling = anyio.Event()
+            outcome: dict[str, Any] = {}
+
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                if message == "calling fx__slow":
+                    calling.set()
+
+            scope = anyio.CancelScope()
+
+            async def run_agent() -> None:
+                with scope:
+                    outcome["result"] = await client.call_tool(
+                        "agents__waiter", {"task": "wait"}, progress_callback=on_progress
+                    )
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_agent)
+                with anyio.fail_after(10):
+                    await calling.wait()
+                await anyio.sleep(0.3)  # the slow call is in flight upstream
+                scope.cancel()  # the SDK sends notifications/cancelled for agents__waiter
+            assert "result" not in outcome and scope.cancelled_caught
+
+            async def upstream_saw_cancel() -> dict[str, Any] | None:
+                stats = (await client.call_tool("fx__stats", {})).structured_content
+                return stats if len(stats["cancelled"]) > len(before["cancelled"]) else None
+
+            stats = await eventually(upstream_saw_cancel, timeout=5, interval=0.1, what="fx to get notifications/cancelled")
+            assert len(stats["cancelled"]) == len(before["cancelled"]) + 1, stats
+        assert len(model.requests) == 1, "the loop stopped: no model call after the cancellation"
+    finally:
+        node.stop()
         model.close()

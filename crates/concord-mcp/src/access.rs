@@ -94,11 +94,14 @@ pub trait AccessControl: Send + Sync + 'static {
     }
 }
 
-/// The identity the node attached to the HTTP request carrying this MCP request.
+/// The identity the node attached to the HTTP request carrying this MCP request (or, for a
+/// call the node makes itself, the identity it acts as).
 pub(crate) fn identity_of(context: &RequestContext<RoleServer>) -> Option<Identity> {
-    context
-        .extensions
-        .get::<http::request::Parts>()
-        .and_then(|parts| parts.extensions.get::<Identity>())
-        .cloned()
+    context.extensions.get::<Identity>().cloned().or_else(|| {
+        context
+            .extensions
+            .get::<http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<Identity>())
+            .cloned()
+    })
 }

@@ -44,6 +44,10 @@ pub struct Caller {
     pub cancel: tokio_util::sync::CancellationToken,
     /// Where progress goes, when the caller asked for it (a progress token).
     pub progress: Option<ProgressSink>,
+    /// The budget envelope the gateway issued for this call (auth on, with budgets): what it
+    /// may still spend (`remaining`, `deadline_in_ms`), and the `id` that calls made on its
+    /// behalf name as their `parent`, so they draw on the same budgets.
+    pub budget_envelope: Option<Value>,
 }
 
 /// Reports progress of a running tool to its caller: how far (increasing), out of how much if
@@ -73,10 +77,14 @@ pub struct DelegatedBudget {
 
 /// A built-in tool's answer: structured content, and whether it is a tool error the model
 /// should read (a conflict, bad arguments) rather than a success.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BuiltinOutcome {
     pub structured: Value,
     pub is_error: bool,
+    /// What the call spent itself (`input_tokens`, `output_tokens`, `cost_usd`: an agent's
+    /// model calls), settled against the caller's budgets like an upstream's
+    /// `_meta["concord/usage"]`.
+    pub usage: Option<Value>,
 }
 
 pub type BuiltinFuture = Pin<Box<dyn Future<Output = BuiltinOutcome> + Send>>;

@@ -14,7 +14,7 @@ use rmcp::model::{
     ClientResult, LoggingLevel, LoggingMessageNotificationParam, ProgressNotificationParam,
     ProgressToken, RequestId, ServerRequest,
 };
-use rmcp::service::{Peer, RoleServer, SubscriptionSink};
+use rmcp::service::{Peer, RoleClient, RoleServer, RunningService, SubscriptionSink};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -184,6 +184,8 @@ pub(crate) struct Shared {
     pub builtin_name: Arc<str>,
     /// Namespaces of tools served in process besides the built-ins (name, provider, lists).
     pub locals: Vec<(Arc<str>, SharedBuiltins, Arc<UpstreamLists>)>,
+    /// Callers of the calls the node makes itself, while they run.
+    pub internal_calls: crate::internal::InternalCalls,
 }
 
 impl Shared {
@@ -192,6 +194,15 @@ impl Shared {
         GatewaySession {
             shared: self.clone(),
             id: self.next_session.fetch_add(1, Ordering::Relaxed),
+            internal: false,
+        }
+    }
+
+    /// The session of the node's own in-process client (see [`crate::internal`]).
+    pub fn new_internal_session(self: &Arc<Self>) -> GatewaySession {
+        GatewaySession {
+            internal: true,
+            ..self.new_session()
         }
     }
 
@@ -832,6 +843,8 @@ pub struct Gateway {
     pub(crate) shared: Arc<Shared>,
     started: Arc<AtomicBool>,
     tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// The node's own MCP client, connected on first use (see [`crate::internal`]).
+    internal_client: Arc<tokio::sync::OnceCell<RunningService<RoleClient, ()>>>,
 }
 
 impl Gateway {
@@ -918,9 +931,11 @@ impl Gateway {
                 builtin_lists,
                 builtin_name: BUILTIN_NAMESPACE.into(),
                 locals,
+                internal_calls: Default::default(),
             }),
             started: Arc::new(AtomicBool::new(false)),
             tasks: Arc::default(),
+            internal_client: Arc::default(),
         }
     }
 
@@ -1076,26 +1091,16 @@ impl Gateway {
         self.shared.catalog().tools.len()
     }
 
-    /// Calls an upstream tool by its exposed name on the node's own behalf (no client session:
-    /// no progress, and sampling or elicitation requests are refused). Returns the
-    /// `tools/call` result as JSON.
+    /// Calls a tool by its exposed name on the node's own behalf, as its configuration says
+    /// (a state validator): no client and no caller, so no policy or budgets apply; no
+    /// progress, and sampling or elicitation requests are refused. Returns the `tools/call`
+    /// result as JSON.
     pub async fn call_tool(
         &self,
         name: &str,
         arguments: serde_json::Map<String, serde_json::Value>,
     ) -> Result<serde_json::Value, GatewayError> {
-        self.call_tool_as(name, arguments, crate::builtin::Caller::default())
-            .await
-    }
-
-    /// [`Self::call_tool`] on behalf of `caller`, which tools served in process (built-ins,
-    /// agents) see: an agent calling another agent passes its delegation chain and budget.
-    pub async fn call_tool_as(
-        &self,
-        name: &str,
-        arguments: serde_json::Map<String, serde_json::Value>,
-        caller: crate::builtin::Caller,
-    ) -> Result<serde_json::Value, GatewayError> {
+        let caller = crate::builtin::Caller::default();
         let route = self
             .shared
             .catalog()
@@ -1156,6 +1161,64 @@ impl Gateway {
             result.as_ref().is_err_and(GatewayError::is_replica_failure),
         );
         serde_json::to_value(result?).map_err(|e| GatewayError::Startup(e.to_string()))
+    }
+
+    /// Calls a tool on behalf of `caller`: through the whole pipeline a client's call
+    /// takes (policy and budgets for `caller.identity`, drawing on `caller.budget_envelope`;
+    /// cache, failover, audit), made by the node's own MCP client. Tools served in process
+    /// (built-ins, agents) see `caller` itself: an agent calling another agent passes its
+    /// delegation chain and budget. Cancelling `caller.cancel` cancels the call upstream.
+    pub async fn call_tool_as(
+        &self,
+        name: &str,
+        arguments: serde_json::Map<String, serde_json::Value>,
+        caller: crate::builtin::Caller,
+    ) -> Result<serde_json::Value, GatewayError> {
+        let client = self
+            .internal_client
+            .get_or_try_init(|| crate::internal::connect(&self.shared))
+            .await?;
+        let mut meta = rmcp::model::RequestMetaObject::new();
+        if let Some(parent) = caller
+            .budget_envelope
+            .as_ref()
+            .and_then(|envelope| envelope.get("id"))
+        {
+            meta.0.0.insert(
+                "concord/budget".into(),
+                serde_json::json!({"parent": parent}),
+            );
+        }
+        if let Some(traceparent) = &caller.trace_id {
+            meta.0
+                .0
+                .insert("traceparent".into(), traceparent.clone().into());
+        }
+        let cancel = caller.cancel.clone();
+        let registration = self.shared.internal_calls.register(caller);
+        meta.0.0.insert(
+            crate::internal::INTERNAL_CALL_META.into(),
+            registration.id.into(),
+        );
+        let mut params = rmcp::model::CallToolRequestParams::new(name.to_string());
+        params.arguments = Some(arguments);
+        params.meta = Some(meta);
+        // Dropping the request (cancellation) sends notifications/cancelled for it.
+        let response = tokio::select! {
+            response = client.call_tool_once(params) => response,
+            _ = cancel.cancelled() => return Err(GatewayError::Cancelled),
+        };
+        drop(registration);
+        match response {
+            Ok(rmcp::model::CallToolResponse::Complete(result)) => {
+                serde_json::to_value(result).map_err(|e| GatewayError::Startup(e.to_string()))
+            }
+            Ok(_) => Err(GatewayError::UnexpectedResult {
+                server: "concord".into(),
+                method: "tools/call".into(),
+            }),
+            Err(e) => Err(GatewayError::from_service("concord", "tools/call", e)),
+        }
     }
 
     /// Tells the clients subscribed to `uri` (a built-in resource) that it changed.

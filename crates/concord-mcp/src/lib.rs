@@ -17,6 +17,7 @@ mod error;
 mod gateway;
 mod http_client;
 mod http_server;
+mod internal;
 mod result_budget;
 mod result_cache;
 mod session;

@@ -47,6 +47,8 @@ use tokio::sync::oneshot;
 pub(crate) struct GatewaySession {
     pub shared: Arc<Shared>,
     pub id: SessionId,
+    /// The node's own client is on the other end (see [`crate::internal`]).
+    pub internal: bool,
 }
 
 /// What the access hook asked of the upstream request of the call being served: extra `_meta`
@@ -63,6 +65,8 @@ tokio::task_local! {
 
 /// The `_meta` namespace the gateway owns (budget envelopes, the authenticated caller).
 const GATEWAY_META_PREFIX: &str = "concord/";
+/// The `_meta` key of the budget envelope a call runs under.
+const BUDGET_META: &str = "concord/budget";
 
 /// `_meta` keys that describe one hop of the protocol (the client's own lifecycle data in the
 /// 2026-07-28 era, and the progress token rmcp re-issues per hop); every other key, such as
@@ -711,18 +715,26 @@ impl GatewaySession {
         )))
     }
 
+    /// Runs a tool the node serves itself. `budget_envelope`: what the gateway issued for the
+    /// call (its sub-calls draw on it). What the tool spent goes into `_meta["concord/usage"]`,
+    /// where settlement finds it as it finds an upstream's.
     async fn call_builtin(
         &self,
         builtins: &dyn BuiltinTools,
         name: &str,
         arguments: rmcp::model::JsonObject,
         context: &RequestContext<RoleServer>,
-        started: Instant,
-    ) -> CallToolResponse {
-        let identity = identity_of(context);
+        budget_envelope: Option<serde_json::Value>,
+    ) -> CallToolResult {
+        let internal = context
+            .extensions
+            .get::<crate::internal::InternalCaller>()
+            .map(|registered| registered.0.clone());
         // Progress the tool reports goes out in order, from one task, and all of it before the
-        // result (the task is awaited once the tool is done and its sink dropped).
+        // result (the task is awaited once the tool is done and its sink dropped). The node's
+        // own calls bring their sink along.
         let (progress, forwarder) = match context.meta.get_progress_token() {
+            Some(_) if internal.is_some() => (None, None),
             Some(token) => {
                 let (tx, mut rx) =
                     tokio::sync::mpsc::unbounded_channel::<(f64, Option<f64>, String)>();
@@ -744,27 +756,35 @@ impl GatewaySession {
             }
             None => (None, None),
         };
-        let caller = Caller {
-            principal: match &identity {
-                Some(identity) => identity.principal.clone(),
-                None => context
-                    .peer
-                    .peer_info()
-                    .map(|info| info.client_info.name.clone())
-                    .filter(|name| !name.is_empty())
-                    .unwrap_or_else(|| "anonymous".to_string()),
+        let caller = match internal {
+            Some(registered) => Caller {
+                // Cancelled when the node's client drops the request.
+                cancel: context.ct.clone(),
+                budget_envelope,
+                ..registered
             },
-            identity,
-            trace_id: context.meta.get_traceparent().map(str::to_string),
-            cancel: context.ct.clone(),
-            progress,
-            ..Caller::default()
+            None => {
+                let identity = identity_of(context);
+                Caller {
+                    principal: match &identity {
+                        Some(identity) => identity.principal.clone(),
+                        None => context
+                            .peer
+                            .peer_info()
+                            .map(|info| info.client_info.name.clone())
+                            .filter(|name| !name.is_empty())
+                            .unwrap_or_else(|| "anonymous".to_string()),
+                    },
+                    identity,
+                    trace_id: context.meta.get_traceparent().map(str::to_string),
+                    cancel: context.ct.clone(),
+                    progress,
+                    budget_envelope,
+                    ..Caller::default()
+                }
+            }
         };
-        let span = tracing::info_span!("tools/call", server = BUILTIN_NAMESPACE, tool = %name);
-        let outcome = builtins
-            .call(name, arguments, caller)
-            .instrument(span)
-            .await;
+        let outcome = builtins.call(name, arguments, caller).await;
         if let Some(forwarder) = forwarder {
             let _ = forwarder.await;
         }
@@ -775,15 +795,14 @@ impl GatewaySession {
             CallToolResult::structured(outcome.structured)
         };
         result.content = vec![rmcp::model::ContentBlock::text(text)];
-        let label = if outcome.is_error {
-            Outcome::ToolError
-        } else {
-            Outcome::Ok
-        };
-        self.shared
-            .metrics
-            .observe_tool_call(BUILTIN_NAMESPACE, name, label, started.elapsed());
-        CallToolResponse::Complete(result)
+        if let Some(usage) = outcome.usage {
+            result
+                .meta
+                .get_or_insert_with(Default::default)
+                .0
+                .insert("concord/usage".into(), usage);
+        }
+        result
     }
 
     /// Resumes a call parked by [`Self::suspend`] with the caller's answers.
@@ -1033,9 +1052,27 @@ impl ServerHandler for GatewaySession {
     async fn call_tool(
         &self,
         params: CallToolRequestParams,
-        context: RequestContext<RoleServer>,
+        mut context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let started = Instant::now();
+        if self.internal {
+            // The node's own call: it acts as the caller it registered.
+            let registered = context
+                .meta
+                .0
+                .0
+                .get(crate::internal::INTERNAL_CALL_META)
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|id| self.shared.internal_calls.caller(id));
+            if let Some(caller) = registered {
+                if let Some(identity) = caller.identity.clone() {
+                    context.extensions.insert(identity);
+                }
+                context
+                    .extensions
+                    .insert(crate::internal::InternalCaller(caller));
+            }
+        }
         let catalog = self.catalog();
         let Some(route) = catalog.tool_routes.get(&*params.name).cloned() else {
             let error = self
@@ -1127,43 +1164,18 @@ impl ServerHandler for GatewaySession {
             }
             self.shared.metrics.count_cache(&route.server, false);
         }
-        if route.server == self.shared.builtin_name && route.name == crate::result_budget::PAGE_TOOL
-        {
-            self.observe("tools/call", &route.server, true);
-            return Ok(CallToolResponse::Complete(
-                self.read_result_page(params.arguments.as_ref(), identity.as_ref()),
-            ));
-        }
-        let local = self
-            .shared
-            .locals
-            .iter()
-            .find(|(name, _, _)| *name == route.server)
-            .map(|(_, provider, _)| provider.clone());
-        if let Some(provider) = local {
-            return Ok(self
-                .call_builtin(
-                    &*provider,
-                    &route.name,
-                    params.arguments.unwrap_or_default(),
-                    &context,
-                    started,
-                )
-                .await);
-        }
-        if let Some(builtins) = self.shared.builtins.clone()
-            && route.server == self.shared.builtin_name
-        {
-            return Ok(self
-                .call_builtin(
-                    &*builtins,
-                    &route.name,
-                    params.arguments.unwrap_or_default(),
-                    &context,
-                    started,
-                )
-                .await);
-        }
+        let is_page = route.server == self.shared.builtin_name
+            && route.name == crate::result_budget::PAGE_TOOL;
+        // Tools the node serves itself: the built-ins and the local namespaces (agents).
+        let served_here = if route.server == self.shared.builtin_name {
+            self.shared.builtins.clone()
+        } else {
+            self.shared
+                .locals
+                .iter()
+                .find(|(name, _, _)| *name == route.server)
+                .map(|(_, provider, _)| provider.clone())
+        };
         let span = tracing::info_span!(
             "tools/call",
             server = %route.server,
@@ -1171,58 +1183,81 @@ impl ServerHandler for GatewaySession {
             outcome = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
         );
-        // A retry carrying a `requestState` this gateway issued resumes the upstream call it
-        // parked; any other state belongs to a 2026-07-28 upstream and goes back to it.
-        let call = async {
-            match params.request_state.as_deref() {
-                Some(state) if state.starts_with(PARKED_STATE_PREFIX) => {
-                    self.resume(state, params.input_responses, &context)
-                        .instrument(span.clone())
-                        .await
-                }
-                _ => {
-                    let mut upstream_params = CallToolRequestParams::new(route.name.clone());
-                    upstream_params.arguments = params.arguments.clone();
-                    upstream_params.request_state = params.request_state;
-                    upstream_params.input_responses = params.input_responses;
-                    let request =
-                        ClientRequest::CallToolRequest(CallToolRequest::new(upstream_params));
-                    let safe = self
-                        .shared
-                        .pool_member(&route.server)
-                        .is_some_and(|u| u.is_retry_safe(&route.name));
-                    let first = self
-                        .forward_with_failover(
-                            &route.server,
-                            "tools/call",
-                            Some(&route.name),
-                            safe,
-                            &|| request.clone(),
-                            &context,
-                        )
-                        .instrument(span.clone())
-                        .await;
-                    match first {
-                        Ok(ServerResult::InputRequiredResult(input)) if !is_modern(&context) => {
-                            self.answer_input_rounds(&route, params.arguments, input, &context)
-                                .instrument(span.clone())
-                                .await
+        let result = if is_page {
+            Ok(ServerResult::CallToolResult(self.read_result_page(
+                params.arguments.as_ref(),
+                identity.as_ref(),
+            )))
+        } else if let Some(provider) = served_here {
+            let envelope = shaping.extra_meta.get(BUDGET_META).cloned();
+            let answer = self
+                .call_builtin(
+                    &*provider,
+                    &route.name,
+                    params.arguments.clone().unwrap_or_default(),
+                    &context,
+                    envelope,
+                )
+                .instrument(span.clone())
+                .await;
+            Ok(ServerResult::CallToolResult(answer))
+        } else {
+            // A retry carrying a `requestState` this gateway issued resumes the upstream call it
+            // parked; any other state belongs to a 2026-07-28 upstream and goes back to it.
+            let call = async {
+                match params.request_state.as_deref() {
+                    Some(state) if state.starts_with(PARKED_STATE_PREFIX) => {
+                        self.resume(state, params.input_responses, &context)
+                            .instrument(span.clone())
+                            .await
+                    }
+                    _ => {
+                        let mut upstream_params = CallToolRequestParams::new(route.name.clone());
+                        upstream_params.arguments = params.arguments.clone();
+                        upstream_params.request_state = params.request_state;
+                        upstream_params.input_responses = params.input_responses;
+                        let request =
+                            ClientRequest::CallToolRequest(CallToolRequest::new(upstream_params));
+                        let safe = self
+                            .shared
+                            .pool_member(&route.server)
+                            .is_some_and(|u| u.is_retry_safe(&route.name));
+                        let first = self
+                            .forward_with_failover(
+                                &route.server,
+                                "tools/call",
+                                Some(&route.name),
+                                safe,
+                                &|| request.clone(),
+                                &context,
+                            )
+                            .instrument(span.clone())
+                            .await;
+                        match first {
+                            Ok(ServerResult::InputRequiredResult(input))
+                                if !is_modern(&context) =>
+                            {
+                                self.answer_input_rounds(&route, params.arguments, input, &context)
+                                    .instrument(span.clone())
+                                    .await
+                            }
+                            other => other,
                         }
-                        other => other,
                     }
                 }
+            };
+            let mut result = CALL_SHAPING.scope(shaping, call).await;
+            if let (Some(left), Err(GatewayError::Timeout { timeout, .. })) = (deadline, &result)
+                && *timeout >= left
+            {
+                // The chain's deadline, not the server's own timeout, ended the call (and rmcp
+                // cancelled it upstream).
+                result = Err(GatewayError::DeadlinePassed {
+                    server: route.server.to_string(),
+                });
             }
+            result
         };
-        let mut result = CALL_SHAPING.scope(shaping, call).await;
-        if let (Some(left), Err(GatewayError::Timeout { timeout, .. })) = (deadline, &result)
-            && *timeout >= left
-        {
-            // The chain's deadline, not the server's own timeout, ended the call (and rmcp
-            // cancelled it upstream).
-            result = Err(GatewayError::DeadlinePassed {
-                server: route.server.to_string(),
-            });
-        }
         if let (Some((ttl, key)), Ok(ServerResult::CallToolResult(answer))) = (&cache, &result)
             && answer.is_error != Some(true)
         {
@@ -1250,7 +1285,9 @@ impl ServerHandler for GatewaySession {
             ),
             Err(e) => (Err(e), Outcome::Error),
         };
-        if let Ok(CallToolResponse::Complete(result)) = &mut response {
+        if let Ok(CallToolResponse::Complete(result)) = &mut response
+            && !is_page
+        {
             self.fit_to_budget(result, &route, &context, identity.as_ref());
         }
         span.record("outcome", format!("{outcome:?}"));

@@ -218,12 +218,13 @@ impl Agents {
             .cloned()
             .ok_or("the gateway is not running yet")?;
         let own_tool = format!("{AGENTS_NAMESPACE}__{}", agent.name);
-        let identity = self.access.as_ref().map(|_| agent_identity(agent, caller));
+        // With auth on the agent acts as itself, on behalf of its caller's chain.
+        let acting_as = self.access.as_ref().map(|_| agent_identity(agent, caller));
         let tools: Vec<ToolSpec> = gateway
             .tool_catalog()
             .into_iter()
             .filter(|(name, _, _)| *name != own_tool && allowed(&agent.tools, name))
-            .filter(|(name, _, _)| self.permits(identity.as_ref(), name, None, true))
+            .filter(|(name, _, _)| self.permits(acting_as.as_ref(), name, None, true))
             .map(|(name, description, parameters)| ToolSpec {
                 name,
                 description,
@@ -234,11 +235,11 @@ impl Agents {
         chain.push(agent.name.clone());
         Ok(GatewayTools {
             gateway,
-            access: self.access.clone(),
-            agent_identity: identity,
             tools,
             principal: caller.principal.clone(),
-            identity: caller.identity.clone(),
+            acting_as,
+            trace_id: caller.trace_id.clone(),
+            budget_envelope: caller.budget_envelope.clone(),
             chain,
             limits,
             spent,
@@ -309,15 +310,26 @@ impl Agents {
             Ok(providers) => providers,
             Err(e) => return failure(e),
         };
-        // The agent's own budget, within what a delegating agent left for this call.
+        // The agent's own budget, within what a delegating agent left for this call and what
+        // the caller's budgets (auth on) have left.
         let delegated = caller.budget.unwrap_or_default();
+        let granted = granted_by_envelope(caller.budget_envelope.as_ref());
         let limits = concord_agents::Limits {
-            tokens: tighter(agent.budget.tokens, delegated.tokens),
-            cost_usd: tighter(agent.budget.cost_usd, delegated.cost_usd),
+            tokens: tighter(
+                tighter(agent.budget.tokens, delegated.tokens),
+                granted.tokens,
+            ),
+            cost_usd: tighter(
+                tighter(agent.budget.cost_usd, delegated.cost_usd),
+                granted.cost_usd,
+            ),
             tool_calls: agent.budget.tool_calls,
             deadline: tighter(
-                agent.budget.deadline.map(|d| Instant::now() + d),
-                delegated.deadline,
+                tighter(
+                    agent.budget.deadline.map(|d| Instant::now() + d),
+                    delegated.deadline,
+                ),
+                granted.deadline,
             ),
         };
         let spent = Arc::new(Mutex::new((0u64, 0f64)));
@@ -394,6 +406,15 @@ impl Agents {
         let id = conversation_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         self.remember(&id, &caller.principal, report.transcript.clone());
         let answered = report.ending == concord_agents::Ending::Answer;
+        // Settled against the caller's budgets: this run's own model calls only (a delegate's
+        // are settled by its own call).
+        let own = report.attempts.iter().fold(
+            (concord_llm::Usage::default(), 0.0),
+            |(mut usage, cost), a| {
+                usage.add(a.usage);
+                (usage, cost + a.cost_usd)
+            },
+        );
         BuiltinOutcome {
             structured: json!({
                 "answer": report.answer,
@@ -409,6 +430,10 @@ impl Agents {
                     "provider": a.provider, "model": a.model, "error": a.error})).collect::<Vec<_>>(),
             }),
             is_error: !answered,
+            usage: Some(
+                json!({"input_tokens": own.0.input_tokens, "output_tokens": own.0.output_tokens,
+                               "cost_usd": own.1}),
+            ),
         }
     }
 
@@ -506,20 +531,38 @@ pub(crate) fn failure(message: impl Into<String>) -> BuiltinOutcome {
     BuiltinOutcome {
         structured: json!({"error": message.into()}),
         is_error: true,
+        usage: None,
     }
 }
 
-/// Who an agent is to the policy: `agent:NAME` of kind `agent`, acting on behalf of the chain
-/// that reached it (the caller's own chain, then the caller).
+/// What the caller's budgets let a run spend: the `remaining` tokens and cost and the deadline
+/// of the envelope the gateway issued for the call (auth on, with budgets).
+fn granted_by_envelope(envelope: Option<&Value>) -> DelegatedBudget {
+    let Some(envelope) = envelope else {
+        return DelegatedBudget::default();
+    };
+    DelegatedBudget {
+        tokens: envelope["remaining"]["tokens"].as_u64(),
+        cost_usd: envelope["remaining"]["cost_usd"].as_f64(),
+        deadline: envelope["deadline_in_ms"]
+            .as_u64()
+            .map(|ms| Instant::now() + Duration::from_millis(ms)),
+    }
+}
+
+/// Who an agent is to the policy: `agent:NAME` of kind `agent`, at the end of the chain that
+/// reached it (its caller's chain, which ends with the caller: a user, or a delegating agent).
 fn agent_identity(agent: &AgentSettings, caller: &Caller) -> concord_mcp::Identity {
+    let principal = format!("agent:{}", agent.name);
     let mut chain = caller
         .identity
         .as_ref()
         .map(|i| i.chain.clone())
-        .unwrap_or_default();
-    chain.push(caller.principal.clone());
+        .filter(|chain| !chain.is_empty())
+        .unwrap_or_else(|| vec![caller.principal.clone()]);
+    chain.push(principal.clone());
     concord_mcp::Identity {
-        principal: format!("agent:{}", agent.name),
+        principal,
         kind: "agent".into(),
         roles: vec!["agent".into()],
         chain,
@@ -644,16 +687,19 @@ impl BuiltinTools for AgentTools {
     }
 }
 
-/// The tools an agent may call, through the gateway, on behalf of its caller. Another agent
-/// gets the delegation chain and what is left of this run's budget.
+/// The tools an agent may call, through the gateway's pipeline, on behalf of its caller.
+/// Another agent gets the delegation chain and what is left of this run's budget.
 struct GatewayTools {
     gateway: concord_mcp::Gateway,
-    access: Option<Arc<dyn concord_mcp::AccessControl>>,
-    /// Who the agent is to the policy (auth on).
-    agent_identity: Option<concord_mcp::Identity>,
     tools: Vec<ToolSpec>,
+    /// Whom the run is for (conversations and the ledger are theirs).
     principal: String,
-    identity: Option<concord_mcp::Identity>,
+    /// Who the policy and budgets see making the calls (auth on): the agent itself.
+    acting_as: Option<concord_mcp::Identity>,
+    trace_id: Option<String>,
+    /// The envelope the gateway issued for this run (auth on, with budgets): every call the
+    /// run makes draws on it.
+    budget_envelope: Option<Value>,
     /// The delegation chain including this agent.
     chain: Vec<String>,
     limits: concord_agents::Limits,
@@ -685,24 +731,16 @@ impl ToolBox for GatewayTools {
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, ToolReply> {
         Box::pin(async move {
-            // Checked again with the arguments: a rule may look at them.
-            if !permits(
-                self.access.as_deref(),
-                self.agent_identity.as_ref(),
-                name,
-                Some(&arguments),
-                false,
-            ) {
-                return ToolOutcome::Error(format!("unknown tool: {name}")).into();
-            }
             let delegating = name.starts_with(&format!("{AGENTS_NAMESPACE}__"));
             let caller = Caller {
                 principal: self.principal.clone(),
-                identity: self.identity.clone(),
+                identity: self.acting_as.clone(),
+                trace_id: self.trace_id.clone(),
                 delegation: self.chain.clone(),
                 budget: delegating.then(|| self.remaining()),
                 parent_run: Some(self.run_id.clone()),
                 cancel: cancel.child_token(),
+                budget_envelope: self.budget_envelope.clone(),
                 ..Caller::default()
             };
             let call = self.gateway.call_tool_as(name, arguments, caller);

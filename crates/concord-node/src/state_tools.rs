@@ -93,6 +93,7 @@ fn forbidden(reason: String) -> BuiltinOutcome {
     BuiltinOutcome {
         structured: json!({"conflict": false, "forbidden": true, "error": reason}),
         is_error: true,
+        usage: None,
     }
 }
 
@@ -159,6 +160,7 @@ fn refused(error: StateError) -> BuiltinOutcome {
     BuiltinOutcome {
         structured: error_details(&error),
         is_error: true,
+        usage: None,
     }
 }
 
@@ -166,6 +168,7 @@ fn ok(structured: Value) -> BuiltinOutcome {
     BuiltinOutcome {
         structured,
         is_error: false,
+        usage: None,
     }
 }
 
@@ -173,6 +176,7 @@ fn bad_arguments(message: String) -> BuiltinOutcome {
     BuiltinOutcome {
         structured: json!({"conflict": false, "error": message}),
         is_error: true,
+        usage: None,
     }
 }
 
