@@ -18,6 +18,7 @@ import pytest
 from mcp import MCPError
 
 from conftest import CONCORD_BIN, NodeFactory, connect, fixture_server, free_port, tool_names
+from test_registry import replicas  # noqa: F401 - a fixture: two concord-fixture servers over HTTP
 from test_state import postgres_url  # noqa: F401 - a fixture: a fresh PostgreSQL database per test
 
 pytestmark = pytest.mark.anyio
@@ -91,6 +92,15 @@ class ScriptedModel:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+def deps_show(node: Any, name: str) -> str:
+    """`concord deps show NAME`: what each of its dependencies resolves to."""
+    deps = subprocess.run(
+        [str(CONCORD_BIN), "deps", "show", name, "--url", node.url], capture_output=True, text=True, timeout=30
+    )
+    assert deps.returncode == 0, deps.stdout + deps.stderr
+    return deps.stdout
 
 
 @pytest.fixture
@@ -196,12 +206,18 @@ async def test_an_agent_is_a_tool_that_runs_the_loop_through_the_gateway(
         assert "helper\tbackup/scripted-1\t3\t0\t600\t90\t0.000780" in costs.stdout, costs.stdout
         assert "helper\tprimary/big-model\t3\t3\t0\t0\t0.000000" in costs.stdout, costs.stdout
 
-        # Providers and agents are registry entities; the agent's dependency resolves to them.
-        deps = subprocess.run(
-            [str(CONCORD_BIN), "deps", "show", "helper", "--url", node.url], capture_output=True, text=True, timeout=30
-        )
-        assert deps.returncode == 0, deps.stdout + deps.stderr
-        assert "llm: primary" in deps.stdout, deps.stdout
+        # Providers and agents are registry entities. The primary failed three times in a row,
+        # so the node reports it degraded and resolution ranks the backup first.
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(f"{base}/api/v1/registry", timeout=10) as response:
+                statuses = {e["name"]: e["status"] for e in json.loads(response.read())["entities"]}
+            if statuses.get("primary") == "degraded" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert statuses["primary"] == "degraded" and statuses["backup"] == "healthy", statuses
+        assert statuses["fx"] == "healthy", "configured servers are listed with their upstream's health"
+        assert "llm: backup" in deps_show(node, "helper")
     finally:
         node.stop()
 
@@ -541,6 +557,8 @@ tokens = 500
             )
             assert "of 40 used" in second.structured_content["ending"]["budget"], second.structured_content
             assert len(model.requests) == 3
+            # Each turn may write at most what is left: 500, then 270, then the 40 left.
+            assert [r.get("max_tokens") for r in model.requests] == [500, 270, 40], model.requests
 
             with pytest.raises(MCPError) as refused:
                 await client.call_tool("agents__worker", {"task": "once more"})
@@ -613,6 +631,54 @@ tools = ["fx__slow"]
             stats = await eventually(upstream_saw_cancel, timeout=5, interval=0.1, what="fx to get notifications/cancelled")
             assert len(stats["cancelled"]) == len(before["cancelled"]) + 1, stats
         assert len(model.requests) == 1, "the loop stopped: no model call after the cancellation"
+    finally:
+        node.stop()
+        model.close()
+
+
+async def test_an_agent_picks_tools_by_tags_through_the_mesh(
+    concord: NodeFactory, replicas: list[Any]  # noqa: F811 - the fixture imported above
+) -> None:
+    """Tool selectors resolve over configured servers (their `capabilities` and `tags`) and
+    servers registered in the mesh alike; names still work beside them."""
+    from conftest import eventually
+
+    model = ScriptedModel([{"text": "looked at my tools"}])
+    config = one_provider(model) + f"""
+[registry.finder]
+version = "2.0.0"
+kind = "server"
+capabilities = ["search"]
+tags = ["prod"]
+endpoint = {{ url = "http://127.0.0.1:{replicas[0].port}/mcp" }}
+
+[agents.picker]
+instructions = "PICKER."
+tools = [{{ tags = ["sandbox", "-retired"] }}, {{ capability = "search", tags = ["prod"] }}, "fy__echo"]
+"""
+    servers = {
+        "fx": fixture_server("fx", tags=["sandbox"]),
+        "fy": fixture_server("fy", tags=["prod"], capabilities=["echo"]),
+        "old": fixture_server("old", tags=["sandbox", "retired"]),
+    }
+    node = concord.start("agents-tool-tags", servers, extra_config=config)
+    try:
+        async with connect(node.url) as client:
+
+            async def everything_routed() -> bool:
+                names = await tool_names(client)
+                return {"finder__echo", "fx__echo", "fy__echo", "old__echo"} <= names
+
+            await eventually(everything_routed, timeout=15, what="the configured and registered servers' tools")
+            all_tools = await tool_names(client)
+            result = await client.call_tool("agents__picker", {"task": "what can you use?"})
+        assert not result.is_error, result.structured_content
+        offered = {t["function"]["name"] for t in model.requests[0]["tools"]}
+        expected = {n for n in all_tools if n.startswith(("fx__", "finder__"))} | {"fy__echo"}
+        assert offered == expected, sorted(offered ^ expected)
+
+        # The selectors are the agent's dependencies, resolved like any other.
+        assert "tools_2: finder" in deps_show(node, "picker")
     finally:
         node.stop()
         model.close()

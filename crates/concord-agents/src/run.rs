@@ -228,10 +228,16 @@ pub async fn run(
             number: run.iterations,
             limit: spec.max_iterations,
         });
+        // With a token budget the model may write at most what is left of it: a turn can still
+        // overshoot, but only by its prompt.
+        let max_tokens = run
+            .limits
+            .tokens
+            .map(|max| u32::try_from(max.saturating_sub(run.usage.total())).unwrap_or(u32::MAX));
         let request = ChatRequest {
             messages: run.messages.clone(),
             tools: tool_specs.clone(),
-            max_tokens: None,
+            max_tokens,
             temperature: None,
         };
         // Cancellation wins over an answer that arrives at the same moment.

@@ -379,9 +379,18 @@ async fn budgets_running_out_mid_loop_stop_it() {
         "{:?}",
         report.ending
     );
-    assert_eq!(script.requests.lock().unwrap().len(), 3);
+    // Each turn may write at most what is left of the budget (capped by the provider's own
+    // max_tokens, 512 here).
+    let asked: Vec<Value> = script
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r["max_tokens"].clone())
+        .collect();
+    assert_eq!(asked, vec![json!(250), json!(130), json!(10)]);
 
-    let (model, _) = scripted(
+    let (model, script) = scripted(
         vec![Turn::Call("read_file", r#"{"path": "a.txt"}"#)],
         false,
         true,
@@ -411,6 +420,12 @@ async fn budgets_running_out_mid_loop_stop_it() {
         files.calls.lock().unwrap().len(),
         2,
         "the third call was refused before it ran"
+    );
+    assert!(
+        script.requests.lock().unwrap()[0]
+            .get("max_tokens")
+            .is_none(),
+        "no token budget: the model's own limit applies"
     );
 }
 

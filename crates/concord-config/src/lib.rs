@@ -191,6 +191,9 @@ pub struct AgentSettings {
     pub provider: concord_mesh::Selector,
     /// Tools it may call, by exposed name (`SERVER__TOOL`) or whole servers (`SERVER__*`).
     pub tools: Vec<String>,
+    /// Every tool of the servers these selectors resolve to (through the mesh: registered
+    /// servers and configured ones, by their `capabilities` and `tags`).
+    pub tool_servers: Vec<concord_mesh::Selector>,
     pub max_iterations: u32,
     pub output_schema: Option<serde_json::Value>,
     pub budget: AgentBudget,
@@ -491,6 +494,10 @@ pub struct ServerSpec {
     pub cache_ttl: Option<Duration>,
     /// Per-tool settings, by the tool's own (unprefixed) name.
     pub tools: BTreeMap<String, ToolSettings>,
+    /// What the server offers and how it is labelled, as the mesh lists it: agents pick tools
+    /// by selectors over them (every server also offers `mcp`).
+    pub capabilities: Vec<String>,
+    pub tags: Vec<String>,
 }
 
 /// How to reach an upstream server.

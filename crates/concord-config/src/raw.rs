@@ -284,13 +284,22 @@ struct RawAgent {
     instructions: String,
     provider: Option<RawSelector>,
     #[serde(default)]
-    tools: Vec<String>,
+    tools: Vec<RawToolChoice>,
     max_iterations: Option<u32>,
     output_schema: Option<toml::Value>,
     #[serde(default)]
     budget: RawAgentBudget,
     #[serde(default)]
     cost_aware: bool,
+}
+
+/// One entry of an agent's `tools`: a name (`SERVER__TOOL`, `SERVER__*`) or a selector of
+/// servers resolved through the mesh.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawToolChoice {
+    Name(String),
+    Servers(RawSelector),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -457,6 +466,26 @@ fn agents(raw: BTreeMap<String, RawAgent>, file: &Path) -> Result<Vec<AgentSetti
             ),
             None => None,
         };
+        let mut tools = Vec::new();
+        let mut tool_servers = Vec::new();
+        for choice in a.tools {
+            match choice {
+                RawToolChoice::Name(name) => tools.push(name),
+                RawToolChoice::Servers(selector) => {
+                    let selector = concord_mesh::Selector {
+                        capability: selector
+                            .capability
+                            .unwrap_or_else(|| concord_mesh::ANY_SERVER_CAPABILITY.to_string()),
+                        tags: selector.tags,
+                        version: selector.version,
+                        namespace: selector.namespace,
+                    };
+                    concord_mesh::resolve(&selector, &[], 0)
+                        .map_err(|e| ConfigError::invalid(file, key("tools"), e.to_string()))?;
+                    tool_servers.push(selector);
+                }
+            }
+        }
         out.push(AgentSettings {
             name,
             description: a.description,
@@ -467,7 +496,8 @@ fn agents(raw: BTreeMap<String, RawAgent>, file: &Path) -> Result<Vec<AgentSetti
                 version: selector.version,
                 namespace: selector.namespace,
             },
-            tools: a.tools,
+            tools,
+            tool_servers,
             max_iterations,
             output_schema,
             budget: AgentBudget {
@@ -882,6 +912,11 @@ struct TomlServer {
     cache_ttl: Option<String>,
     #[serde(default)]
     tools: BTreeMap<String, RawTool>,
+    /// What the server offers and how it is labelled, for agents that pick tools by selector.
+    #[serde(default)]
+    capabilities: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -1007,6 +1042,8 @@ struct CommonServer {
     forward_roots: bool,
     cache_ttl: Option<std::time::Duration>,
     tools: BTreeMap<String, ToolSettings>,
+    capabilities: Vec<String>,
+    tags: Vec<String>,
 }
 
 impl TomlFile {
@@ -1081,6 +1118,8 @@ impl TomlFile {
                     None => None,
                 },
                 tools,
+                capabilities: raw.capabilities,
+                tags: raw.tags,
             };
             servers.push(common.into_spec(&name, "servers", file, base_dir, &node, lookup)?);
         }
@@ -1136,6 +1175,8 @@ impl JsonFile {
                 forward_roots: false,
                 cache_ttl: None,
                 tools: BTreeMap::new(),
+                capabilities: Vec::new(),
+                tags: Vec::new(),
             };
             servers.push(common.into_spec(&name, "mcpServers", file, base_dir, &node, lookup)?);
         }
@@ -1332,8 +1373,33 @@ impl CommonServer {
             forward_roots: self.forward_roots,
             cache_ttl: self.cache_ttl,
             tools: self.tools,
+            capabilities: checked_words(self.capabilities, file, &key(".capabilities"))?,
+            tags: checked_words(self.tags, file, &key(".tags"))?,
         })
     }
+}
+
+/// Capabilities or tags: words of letters, digits and `-_.:/`, none starting with `+` or `-`
+/// (those mark preferred and excluded tags in selectors).
+fn checked_words(words: Vec<String>, file: &Path, key: &str) -> Result<Vec<String>, ConfigError> {
+    for word in &words {
+        let ok = !word.is_empty()
+            && word.len() <= 128
+            && !word.starts_with(['+', '-'])
+            && word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'));
+        if !ok {
+            return Err(ConfigError::invalid(
+                file,
+                key,
+                format!(
+                    "{word:?} is not a valid word (letters, digits, '-', '_', '.', ':', '/'; not starting with '+' or '-')"
+                ),
+            ));
+        }
+    }
+    Ok(words)
 }
 
 fn validate_server_name(name: &str) -> Result<(), String> {

@@ -407,7 +407,7 @@ fn providers_and_agents() {
         [agents.reader]
         instructions = "Read."
         provider = { tags = ["+remote"] }
-        tools = ["fs__read_file", "exec__*"]
+        tools = ["fs__read_file", "exec__*", { tags = ["sandbox"] }, { capability = "search", tags = ["+prod"], version = "^2" }]
         output_schema = { type = "object", required = ["answer"] }
         budget = { tokens = 1000, deadline = "5m" }
         "#,
@@ -423,6 +423,23 @@ fn providers_and_agents() {
     assert_eq!(reader.provider.capability, "llm");
     assert_eq!(reader.provider.tags, vec!["+remote"]);
     assert_eq!(reader.max_iterations, 8);
+    assert_eq!(reader.tools, vec!["fs__read_file", "exec__*"]);
+    assert_eq!(
+        reader.tool_servers,
+        vec![
+            concord_mesh::Selector {
+                capability: "mcp".into(),
+                tags: vec!["sandbox".into()],
+                ..Default::default()
+            },
+            concord_mesh::Selector {
+                capability: "search".into(),
+                tags: vec!["+prod".into()],
+                version: Some("^2".into()),
+                namespace: None,
+            },
+        ]
+    );
     assert_eq!(
         reader.output_schema,
         Some(serde_json::json!({"type": "object", "required": ["answer"]}))
@@ -452,6 +469,18 @@ fn providers_and_agents() {
             "agents.a.output_schema",
         ),
         ("[agents.a]\ndescription = \"no instructions\"", "agents"),
+        (
+            "[agents.a]\ninstructions = \"x\"\ntools = [{ tags = [\"a\"], version = \"two\" }]",
+            "agents.a.tools",
+        ),
+        (
+            "[servers.s]\ncommand = \"x\"\ntags = [\"+prod\"]",
+            "servers.s.tags",
+        ),
+        (
+            "[servers.s]\ncommand = \"x\"\ncapabilities = [\"has space\"]",
+            "servers.s.capabilities",
+        ),
     ] {
         let error = toml(bad).unwrap_err().to_string();
         assert!(error.contains(key), "{bad}: {error}");

@@ -30,7 +30,8 @@ pub struct ProviderConfig {
     /// US dollars per million input / output tokens.
     pub price_input: f64,
     pub price_output: f64,
-    /// Output tokens to ask for when the request does not say (Anthropic requires a number).
+    /// Output tokens to ask for when the request does not say (Anthropic requires a number),
+    /// and the most a request may ask for.
     pub default_max_tokens: u32,
     /// Sampling temperature when the request does not say (0: the most likely tokens, the
     /// same answer each time — what tests of a local model need).
@@ -151,10 +152,19 @@ impl Provider {
 
     async fn send(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError> {
         let config = &self.config;
+        // The provider's own settings fill in what the request leaves open, and its
+        // `max_tokens` caps what a request asks (a budget's remainder may be larger than the
+        // model allows).
+        let capped = request
+            .max_tokens
+            .map(|asked| asked.min(config.default_max_tokens));
         let defaulted;
-        let request = if request.temperature.is_none() && config.temperature.is_some() {
+        let request = if (request.temperature.is_none() && config.temperature.is_some())
+            || capped != request.max_tokens
+        {
             defaulted = ChatRequest {
-                temperature: config.temperature,
+                temperature: request.temperature.or(config.temperature),
+                max_tokens: capped,
                 ..request.clone()
             };
             &defaulted

@@ -126,6 +126,8 @@ pub async fn run_stdio_bridge(url: &str, token: Option<&str>) -> Result<(), crat
             forward_roots: false,
             cache_ttl: None,
             tools: Default::default(),
+            capabilities: Vec::new(),
+            tags: Vec::new(),
         }],
         ..Config::default()
     };

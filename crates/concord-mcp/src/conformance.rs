@@ -76,6 +76,8 @@ pub async fn run_client(scenario: &str, url: &str) -> Result<(), GatewayError> {
             forward_roots: false,
             cache_ttl: None,
             tools: Default::default(),
+            capabilities: Vec::new(),
+            tags: Vec::new(),
         }],
         ..Config::default()
     };

@@ -69,6 +69,18 @@ impl Default for GatewayOptions {
     }
 }
 
+/// One tool the gateway exposes.
+#[derive(Debug, Clone)]
+pub struct ExposedTool {
+    /// The exposed (namespaced) name.
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments.
+    pub input_schema: serde_json::Value,
+    /// The logical server it belongs to (the built-in and local namespaces included).
+    pub server: String,
+}
+
 /// A snapshot of one upstream's state, for status endpoints and the CLI.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UpstreamStatus {
@@ -1070,18 +1082,21 @@ impl Gateway {
             .collect()
     }
 
-    /// Every tool currently exposed: its name, description and input schema (JSON).
-    pub fn tool_catalog(&self) -> Vec<(String, String, serde_json::Value)> {
-        self.shared
-            .catalog()
+    /// Every tool currently exposed, with the (logical) server that serves it.
+    pub fn tool_catalog(&self) -> Vec<ExposedTool> {
+        let catalog = self.shared.catalog();
+        catalog
             .tools
             .iter()
-            .map(|t| {
-                (
-                    t.name.to_string(),
-                    t.description.as_deref().unwrap_or_default().to_string(),
-                    serde_json::Value::Object((*t.input_schema).clone()),
-                )
+            .map(|t| ExposedTool {
+                name: t.name.to_string(),
+                description: t.description.as_deref().unwrap_or_default().to_string(),
+                input_schema: serde_json::Value::Object((*t.input_schema).clone()),
+                server: catalog
+                    .tool_routes
+                    .get(&*t.name)
+                    .map(|route| route.server.to_string())
+                    .unwrap_or_default(),
             })
             .collect()
     }

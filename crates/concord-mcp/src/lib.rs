@@ -29,5 +29,5 @@ mod upstream;
 pub use access::{AccessControl, AccessRequest, Admission, CallOutcome, Identity, Throttled};
 pub use client::{ClientError, NodeClient, run_stdio_bridge};
 pub use error::{GatewayError, codes};
-pub use gateway::{Gateway, GatewayOptions, UpstreamStatus};
+pub use gateway::{ExposedTool, Gateway, GatewayOptions, UpstreamStatus};
 pub use http_server::EdgeOptions;

@@ -243,6 +243,8 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
                 forward_roots: false,
                 cache_ttl: None,
                 tools: Default::default(),
+                capabilities: Vec::new(),
+                tags: Vec::new(),
             },
             ServerSpec {
                 name: "modern".into(),
@@ -255,6 +257,8 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
                 forward_roots: false,
                 cache_ttl: None,
                 tools: Default::default(),
+                capabilities: Vec::new(),
+                tags: Vec::new(),
             },
         ],
         ..Config::default()

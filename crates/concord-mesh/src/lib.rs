@@ -281,6 +281,10 @@ pub struct Resolution {
     pub not_considered: Vec<String>,
 }
 
+/// The capability every server offers (MCP itself), so a selector may pick servers by tags
+/// alone: `{ capability = "mcp", tags = ["sandbox"] }`.
+pub const ANY_SERVER_CAPABILITY: &str = "mcp";
+
 const PREFERRED_TAG: i64 = 10;
 const DEGRADED: i64 = -30;
 
@@ -304,9 +308,20 @@ impl Catalog {
             *per_namespace
                 .entry(registration.namespace.clone())
                 .or_default() += 1;
-            for capability in &registration.capabilities {
+            let implied = (registration.kind == Kind::Server
+                && !registration
+                    .capabilities
+                    .iter()
+                    .any(|c| c == ANY_SERVER_CAPABILITY))
+            .then_some(ANY_SERVER_CAPABILITY);
+            for capability in registration
+                .capabilities
+                .iter()
+                .map(String::as_str)
+                .chain(implied)
+            {
                 by_offer
-                    .entry((registration.namespace.clone(), capability.clone()))
+                    .entry((registration.namespace.clone(), capability.to_string()))
                     .or_default()
                     .push(index);
             }

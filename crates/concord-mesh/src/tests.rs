@@ -289,3 +289,26 @@ fn bad_registrations_and_selectors_are_named() {
             .starts_with("version: \"about two\" is not a version requirement")
     );
 }
+
+#[test]
+fn every_server_offers_mcp_so_tags_alone_pick_servers() {
+    let mut entities = fleet();
+    let mut provider = entity("llm@1", "1.0.0", &["prod"], "default", Health::Healthy);
+    provider.registration.kind = Kind::Llm;
+    provider.registration.capabilities = vec!["llm".into()];
+    entities.push(provider);
+    let by_tags = Selector {
+        capability: ANY_SERVER_CAPABILITY.into(),
+        tags: vec!["prod".into(), "-gpu".into()],
+        ..Selector::default()
+    };
+    let resolution = resolve(&by_tags, &entities, NOW).unwrap();
+    // Servers of any capability ("search", "kv") qualify; an LLM provider never does.
+    assert_eq!(ranked(&resolution), vec!["cache@1", "alpha@1"]);
+    assert!(
+        resolution.candidates[0]
+            .reasons
+            .contains(&"has capability mcp".to_string())
+    );
+    assert_eq!(rejection(&resolution, "beta@1"), ["has excluded tag gpu"]);
+}

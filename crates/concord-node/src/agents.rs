@@ -4,7 +4,7 @@
 //! and unhealthy or expired providers are skipped; tool calls go through the gateway. Every
 //! provider attempt is kept in the usage ledger, with the agent, the caller and the outcome.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +16,7 @@ use concord_llm::{Api, Message, Provider, ProviderConfig, ToolSpec};
 use concord_mcp::builtin::{
     BuiltinFuture, BuiltinOutcome, BuiltinTool, BuiltinTools, Caller, DelegatedBudget,
 };
-use concord_mesh::{Registration, resolve};
+use concord_mesh::{Entity, Registration, resolve};
 use concord_store::Store;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
@@ -62,11 +62,26 @@ pub fn agent_registrations(agents: &[AgentSettings]) -> Vec<Registration> {
                 "capabilities": ["agent"],
                 "endpoint": {},
                 "metadata": {"description": a.description, "tool": format!("{AGENTS_NAMESPACE}__{}", a.name)},
-                "dependencies": {"llm": a.provider},
+                "dependencies": dependencies_of(a),
             }))
             .ok()
         })
         .collect()
+}
+
+/// What an agent needs from the mesh: its provider (`llm`) and the servers its tool selectors
+/// pick (`tools`, `tools_2`, ...).
+fn dependencies_of(agent: &AgentSettings) -> Map<String, Value> {
+    let mut needs = Map::new();
+    needs.insert("llm".into(), json!(agent.provider));
+    for (index, selector) in agent.tool_servers.iter().enumerate() {
+        let key = match index {
+            0 => "tools".to_string(),
+            n => format!("tools_{}", n + 1),
+        };
+        needs.insert(key, json!(selector));
+    }
+    needs
 }
 
 fn build_provider(spec: &ProviderSpec) -> Result<Provider, String> {
@@ -167,12 +182,39 @@ impl Agents {
         permits(self.access.as_deref(), identity, tool, arguments, listing)
     }
 
-    async fn resolve_providers(&self, agent: &AgentSettings) -> Result<Vec<Arc<Provider>>, String> {
-        let entities = crate::registry::entities(&self.store)
-            .await
-            .map_err(|e| format!("reading the registry: {e}"))?;
-        let resolution =
-            resolve(&agent.provider, &entities, now_ms()).map_err(|e| e.to_string())?;
+    /// The servers whose every tool the agent's `tool_servers` selectors give it: registered
+    /// and configured servers (the node lists those in the registry too), resolved like any
+    /// dependency.
+    fn selected_servers(
+        &self,
+        agent: &AgentSettings,
+        entities: &[Entity],
+    ) -> Result<HashSet<String>, String> {
+        if agent.tool_servers.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let now = now_ms();
+        let catalog = concord_mesh::Catalog::new(entities.to_vec());
+        let mut names = HashSet::new();
+        for selector in &agent.tool_servers {
+            let resolution = catalog.resolve(selector, now).map_err(|e| e.to_string())?;
+            names.extend(resolution.candidates.into_iter().map(|c| c.name));
+        }
+        Ok(names)
+    }
+
+    /// Whether the provider `name` is being asked first (not resting after failures), for the
+    /// health the node reports of it in the registry.
+    pub fn provider_available(&self, name: &str) -> Option<bool> {
+        self.providers.get(name).map(|p| p.is_available())
+    }
+
+    fn resolve_providers(
+        &self,
+        agent: &AgentSettings,
+        entities: &[Entity],
+    ) -> Result<Vec<Arc<Provider>>, String> {
+        let resolution = resolve(&agent.provider, entities, now_ms()).map_err(|e| e.to_string())?;
         let mut chosen: Vec<Arc<Provider>> = resolution
             .candidates
             .iter()
@@ -207,6 +249,7 @@ impl Agents {
     fn toolbox(
         &self,
         agent: &AgentSettings,
+        servers: &HashSet<String>,
         caller: &Caller,
         limits: concord_agents::Limits,
         spent: Arc<Mutex<(u64, f64)>>,
@@ -223,12 +266,15 @@ impl Agents {
         let tools: Vec<ToolSpec> = gateway
             .tool_catalog()
             .into_iter()
-            .filter(|(name, _, _)| *name != own_tool && allowed(&agent.tools, name))
-            .filter(|(name, _, _)| self.permits(acting_as.as_ref(), name, None, true))
-            .map(|(name, description, parameters)| ToolSpec {
-                name,
-                description,
-                parameters,
+            .filter(|t| {
+                t.name != own_tool
+                    && (allowed(&agent.tools, &t.name) || servers.contains(&t.server))
+            })
+            .filter(|t| self.permits(acting_as.as_ref(), &t.name, None, true))
+            .map(|t| ToolSpec {
+                name: t.name,
+                description: t.description,
+                parameters: t.input_schema,
             })
             .collect();
         let mut chain = caller.delegation.clone();
@@ -306,8 +352,16 @@ impl Agents {
             },
             None => Vec::new(),
         };
-        let providers = match self.resolve_providers(agent).await {
+        let entities = match crate::registry::entities(&self.store).await {
+            Ok(entities) => entities,
+            Err(e) => return failure(format!("reading the registry: {e}")),
+        };
+        let providers = match self.resolve_providers(agent, &entities) {
             Ok(providers) => providers,
+            Err(e) => return failure(e),
+        };
+        let servers = match self.selected_servers(agent, &entities) {
+            Ok(servers) => servers,
             Err(e) => return failure(e),
         };
         // The agent's own budget, within what a delegating agent left for this call and what
@@ -334,7 +388,7 @@ impl Agents {
         };
         let spent = Arc::new(Mutex::new((0u64, 0f64)));
         let run_id = uuid::Uuid::new_v4().simple().to_string();
-        let tools = match self.toolbox(agent, &caller, limits, spent.clone(), &run_id) {
+        let tools = match self.toolbox(agent, &servers, &caller, limits, spent.clone(), &run_id) {
             Ok(tools) => tools,
             Err(e) => return failure(e),
         };

@@ -260,22 +260,38 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
             shutdown.clone(),
         ));
     }
-    // Providers and agents are registry entities too: agents resolve providers by tags, and
-    // `concord agents list` / `deps show` see them.
-    let declared: Vec<concord_mesh::Registration> = config
+    // Providers, agents and configured servers are registry entities too: agents resolve
+    // providers and tool servers by tags, and `concord agents list` / `deps show` see them.
+    let mut declared: Vec<(concord_mesh::Registration, registry::Liveness)> = config
         .registry
         .iter()
-        .cloned()
-        .chain(agents::provider_registrations(&config.providers))
-        .chain(agents::agent_registrations(&config.agents))
+        .map(|r| (r.clone(), registry::Liveness::Declared))
         .collect();
-    let configured_entities = registry::register_configured(state_for_watch.store(), &declared)
-        .await
-        .map_err(NodeError::Store)?;
+    declared.extend(
+        agents::provider_registrations(&config.providers)
+            .into_iter()
+            .map(|r| (r.clone(), registry::Liveness::Provider(r.name))),
+    );
+    declared.extend(
+        agents::agent_registrations(&config.agents)
+            .into_iter()
+            .map(|r| (r, registry::Liveness::Declared)),
+    );
+    declared.extend(
+        registry::server_registrations(&config.servers)
+            .into_iter()
+            .map(|r| (r.clone(), registry::Liveness::Upstream(r.name))),
+    );
+    let (registrations, liveness): (Vec<_>, Vec<_>) = declared.into_iter().unzip();
+    let configured_entities =
+        registry::register_configured(state_for_watch.store(), &registrations)
+            .await
+            .map_err(NodeError::Store)?;
     tokio::spawn(registry::sync_upstreams(
         registry_state,
         gateway.clone(),
-        configured_entities,
+        agents.clone(),
+        configured_entities.into_iter().zip(liveness).collect(),
         config.servers.iter().map(|s| s.name.clone()).collect(),
         config.node.request_timeout,
         shutdown.clone(),

@@ -132,6 +132,49 @@ async fn probe(registration: &Registration) -> Result<(), String> {
 
 /// Registers the entities declared in the config (no handshake probe: they may start after the
 /// node) and returns their ids, which the sync loop keeps alive.
+/// What the node reports as the health of an entity it keeps alive itself.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Liveness {
+    /// Declared in `[registry.NAME]`: healthy while the node runs.
+    Declared,
+    /// A configured server: healthy while its upstream is connected (degraded while it starts).
+    Upstream(String),
+    /// A configured LLM provider: degraded while it rests after repeated failures.
+    Provider(String),
+}
+
+/// The configured servers as the mesh lists them (kind `server`, their `capabilities` and
+/// `tags`, version 0.0.0: unversioned), so selectors resolve over them and registered servers
+/// alike. They are never routed as registered replicas: the gateway has them already.
+pub fn server_registrations(servers: &[concord_config::ServerSpec]) -> Vec<Registration> {
+    servers
+        .iter()
+        .filter_map(|spec| {
+            let endpoint = match &spec.transport {
+                concord_config::TransportSpec::Stdio { command, args, .. } => {
+                    json!({"command": std::iter::once(command).chain(args).collect::<Vec<_>>()})
+                }
+                concord_config::TransportSpec::StreamableHttp { url, .. }
+                | concord_config::TransportSpec::Sse { url, .. } => json!({"url": url}),
+            };
+            let capabilities = if spec.capabilities.is_empty() {
+                vec![concord_mesh::ANY_SERVER_CAPABILITY.to_string()]
+            } else {
+                spec.capabilities.clone()
+            };
+            serde_json::from_value(json!({
+                "name": spec.name,
+                "version": "0.0.0",
+                "kind": "server",
+                "capabilities": capabilities,
+                "tags": spec.tags,
+                "endpoint": endpoint,
+            }))
+            .ok()
+        })
+        .collect()
+}
+
 pub async fn register_configured(
     store: &Store,
     registrations: &[Registration],
@@ -345,7 +388,8 @@ fn compatibility_line(version: &semver::Version) -> (u64, u64) {
 pub async fn sync_upstreams(
     registry: RegistryState,
     gateway: concord_mcp::Gateway,
-    configured_entities: Vec<String>,
+    agents: std::sync::Arc<crate::agents::Agents>,
+    configured_entities: Vec<(String, Liveness)>,
     configured: Vec<String>,
     request_timeout: Duration,
     stop: tokio_util::sync::CancellationToken,
@@ -357,12 +401,28 @@ pub async fn sync_upstreams(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(SYNC_EVERY) => {}
         }
-        // Entities declared in the config live as long as the node does.
+        // Entities declared in the config live as long as the node does, with the health the
+        // node sees of them.
         {
             let now = now_ms();
+            let upstreams = gateway.status();
+            let upstream_health =
+                |name: &str| match upstreams.iter().find(|u| u.name == name).map(|u| u.state) {
+                    Some("healthy") => Health::Healthy,
+                    Some("starting") => Health::Degraded,
+                    _ => Health::Unhealthy,
+                };
             let mut pending = registry.beats.pending.lock();
-            for id in &configured_entities {
-                pending.insert(id.clone(), (Health::Healthy, now));
+            for (id, liveness) in &configured_entities {
+                let health = match liveness {
+                    Liveness::Declared => Health::Healthy,
+                    Liveness::Upstream(name) => upstream_health(name),
+                    Liveness::Provider(name) => match agents.provider_available(name) {
+                        Some(false) => Health::Degraded,
+                        _ => Health::Healthy,
+                    },
+                };
+                pending.insert(id.clone(), (health, now));
             }
         }
         if let Err(e) = registry.beats.flush(&registry.store).await {
@@ -437,6 +497,8 @@ pub async fn sync_upstreams(
                 forward_roots: false,
                 cache_ttl: None,
                 tools: Default::default(),
+                capabilities: Vec::new(),
+                tags: Vec::new(),
             };
             match gateway.add_replica(spec, Some(&pool)) {
                 Ok(()) => {
