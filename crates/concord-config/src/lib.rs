@@ -500,6 +500,28 @@ pub struct ServerSpec {
     pub tags: Vec<String>,
 }
 
+impl ServerSpec {
+    /// A server with the defaults a `[servers.NAME]` table that names only its transport gets
+    /// (prefix `always`, no roots, no cache, no per-tool settings, no tags).
+    pub fn new(
+        name: impl Into<String>,
+        transport: TransportSpec,
+        request_timeout: Duration,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            transport,
+            prefix: PrefixMode::default(),
+            request_timeout,
+            forward_roots: false,
+            cache_ttl: None,
+            tools: BTreeMap::new(),
+            capabilities: Vec::new(),
+            tags: Vec::new(),
+        }
+    }
+}
+
 /// How to reach an upstream server.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TransportSpec {

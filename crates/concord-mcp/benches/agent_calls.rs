@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use concord_config::{Config, PrefixMode, ServerSpec, TransportSpec};
+use concord_config::{Config, ServerSpec, TransportSpec};
 use concord_mcp::builtin::Caller;
 use concord_mcp::{Gateway, GatewayOptions};
 use serde_json::{Map, Value, json};
@@ -32,22 +32,16 @@ async fn main() {
         .unwrap_or(4);
     let fixture = concord_testkit::workspace_bin("concord-fixture");
     let config = Config {
-        servers: vec![ServerSpec {
-            name: "fx".into(),
-            transport: TransportSpec::Stdio {
+        servers: vec![ServerSpec::new(
+            "fx",
+            TransportSpec::Stdio {
                 command: fixture.to_string_lossy().into_owned(),
                 args: vec!["--name".into(), "fx".into()],
                 env: BTreeMap::new(),
                 cwd: None,
             },
-            prefix: PrefixMode::Always,
-            request_timeout: Duration::from_secs(20),
-            forward_roots: false,
-            cache_ttl: None,
-            tools: Default::default(),
-            capabilities: Vec::new(),
-            tags: Vec::new(),
-        }],
+            Duration::from_secs(20),
+        )],
         ..Config::default()
     };
     let gateway = Gateway::new(&config, GatewayOptions::default(), Default::default());

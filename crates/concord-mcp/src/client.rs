@@ -116,18 +116,15 @@ fn bearer_header(token: Option<&str>) -> BTreeMap<String, String> {
 pub async fn run_stdio_bridge(url: &str, token: Option<&str>) -> Result<(), crate::GatewayError> {
     let config = Config {
         servers: vec![ServerSpec {
-            name: "node".to_string(),
-            transport: TransportSpec::StreamableHttp {
-                url: url.to_string(),
-                headers: bearer_header(token),
-            },
             prefix: PrefixMode::Never,
-            request_timeout: Duration::from_secs(600),
-            forward_roots: false,
-            cache_ttl: None,
-            tools: Default::default(),
-            capabilities: Vec::new(),
-            tags: Vec::new(),
+            ..ServerSpec::new(
+                "node",
+                TransportSpec::StreamableHttp {
+                    url: url.to_string(),
+                    headers: bearer_header(token),
+                },
+                Duration::from_secs(600),
+            )
         }],
         ..Config::default()
     };

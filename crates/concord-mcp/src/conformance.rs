@@ -66,18 +66,15 @@ pub(crate) fn schema_defaults(schema: &Value) -> Value {
 pub async fn run_client(scenario: &str, url: &str) -> Result<(), GatewayError> {
     let config = Config {
         servers: vec![ServerSpec {
-            name: "server".to_string(),
-            transport: TransportSpec::StreamableHttp {
-                url: url.to_string(),
-                headers: BTreeMap::new(),
-            },
             prefix: PrefixMode::Never,
-            request_timeout: Duration::from_secs(30),
-            forward_roots: false,
-            cache_ttl: None,
-            tools: Default::default(),
-            capabilities: Vec::new(),
-            tags: Vec::new(),
+            ..ServerSpec::new(
+                "server",
+                TransportSpec::StreamableHttp {
+                    url: url.to_string(),
+                    headers: BTreeMap::new(),
+                },
+                Duration::from_secs(30),
+            )
         }],
         ..Config::default()
     };

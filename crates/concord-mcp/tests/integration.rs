@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use concord_config::{Config, PrefixMode, ServerSpec, TransportSpec};
+use concord_config::{Config, ServerSpec, TransportSpec};
 use concord_mcp::{EdgeOptions, Gateway, GatewayOptions};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
@@ -230,36 +230,24 @@ async fn start_gateway(modern_url: &str, stop: CancellationToken) -> (Gateway, S
     let fixture = concord_testkit::workspace_bin("concord-fixture");
     let config = Config {
         servers: vec![
-            ServerSpec {
-                name: "legacy".into(),
-                transport: TransportSpec::Stdio {
+            ServerSpec::new(
+                "legacy",
+                TransportSpec::Stdio {
                     command: fixture.to_string_lossy().into_owned(),
                     args: vec!["--name".into(), "legacy".into()],
                     env: BTreeMap::new(),
                     cwd: None,
                 },
-                prefix: PrefixMode::Always,
-                request_timeout: Duration::from_secs(20),
-                forward_roots: false,
-                cache_ttl: None,
-                tools: Default::default(),
-                capabilities: Vec::new(),
-                tags: Vec::new(),
-            },
-            ServerSpec {
-                name: "modern".into(),
-                transport: TransportSpec::StreamableHttp {
+                Duration::from_secs(20),
+            ),
+            ServerSpec::new(
+                "modern",
+                TransportSpec::StreamableHttp {
                     url: modern_url.to_string(),
                     headers: BTreeMap::new(),
                 },
-                prefix: PrefixMode::Always,
-                request_timeout: Duration::from_secs(20),
-                forward_roots: false,
-                cache_ttl: None,
-                tools: Default::default(),
-                capabilities: Vec::new(),
-                tags: Vec::new(),
-            },
+                Duration::from_secs(20),
+            ),
         ],
         ..Config::default()
     };

@@ -486,20 +486,14 @@ pub async fn sync_upstreams(
             if routed.contains_key(&name) {
                 continue;
             }
-            let spec = concord_config::ServerSpec {
-                name: name.clone(),
-                transport: concord_config::TransportSpec::StreamableHttp {
+            let spec = concord_config::ServerSpec::new(
+                name.clone(),
+                concord_config::TransportSpec::StreamableHttp {
                     url: url.clone(),
                     headers: Default::default(),
                 },
-                prefix: concord_config::PrefixMode::Always,
                 request_timeout,
-                forward_roots: false,
-                cache_ttl: None,
-                tools: Default::default(),
-                capabilities: Vec::new(),
-                tags: Vec::new(),
-            };
+            );
             match gateway.add_replica(spec, Some(&pool)) {
                 Ok(()) => {
                     routed.insert(name, (pool, url));
