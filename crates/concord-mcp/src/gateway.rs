@@ -1210,7 +1210,10 @@ impl Gateway {
                 .insert("traceparent".into(), traceparent.clone().into());
         }
         let cancel = caller.cancel.clone();
-        let registration = self.shared.internal_calls.register(caller);
+        let registration = self
+            .shared
+            .internal_calls
+            .register(caller, tracing::Span::current());
         meta.0.0.insert(
             crate::internal::INTERNAL_CALL_META.into(),
             registration.id.into(),

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use rmcp::ServiceExt;
 use rmcp::service::{RoleClient, RunningService};
+use tracing::Instrument;
 
 use crate::builtin::Caller;
 use crate::error::GatewayError;
@@ -25,18 +26,21 @@ pub(crate) const INTERNAL_CALL_META: &str = "concord/internal_call";
 #[derive(Default)]
 pub(crate) struct InternalCalls {
     next: AtomicU64,
-    callers: Mutex<HashMap<u64, Caller>>,
+    callers: Mutex<HashMap<u64, InternalCaller>>,
 }
 
 impl InternalCalls {
-    /// Keeps `caller` until the returned registration is dropped (the call is over).
-    pub fn register(&self, caller: Caller) -> Registration<'_> {
+    /// Keeps `caller` (and the span the call was made in) until the returned registration is
+    /// dropped (the call is over).
+    pub fn register(&self, caller: Caller, span: tracing::Span) -> Registration<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.callers.lock().insert(id, caller);
+        self.callers
+            .lock()
+            .insert(id, InternalCaller { caller, span });
         Registration { calls: self, id }
     }
 
-    pub fn caller(&self, id: u64) -> Option<Caller> {
+    pub fn caller(&self, id: u64) -> Option<InternalCaller> {
         self.callers.lock().get(&id).cloned()
     }
 }
@@ -52,12 +56,27 @@ impl Drop for Registration<'_> {
     }
 }
 
-/// The caller of an internal call, put into its request context by the internal session.
+/// The caller of an internal call, put into its request context by the internal session, and
+/// the span it was made in (the call's own span nests under it: an agent's tool calls and
+/// delegations show inside the agent's span).
 #[derive(Clone)]
-pub(crate) struct InternalCaller(pub Caller);
+pub(crate) struct InternalCaller {
+    pub caller: Caller,
+    pub span: tracing::Span,
+}
 
-/// Connects the in-process client to a new internal session of `shared`.
+/// Connects the in-process client to a new internal session of `shared`. The connection's
+/// tasks live as long as the node, so they belong to a root span of their own, not to the span
+/// of whichever call happened to connect first.
 pub(crate) async fn connect(
+    shared: &Arc<Shared>,
+) -> Result<RunningService<RoleClient, ()>, GatewayError> {
+    connect_unscoped(shared)
+        .instrument(tracing::info_span!(parent: None, "internal_client"))
+        .await
+}
+
+async fn connect_unscoped(
     shared: &Arc<Shared>,
 ) -> Result<RunningService<RoleClient, ()>, GatewayError> {
     let (client_end, server_end) = tokio::io::duplex(1 << 20);

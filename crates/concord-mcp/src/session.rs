@@ -729,7 +729,7 @@ impl GatewaySession {
         let internal = context
             .extensions
             .get::<crate::internal::InternalCaller>()
-            .map(|registered| registered.0.clone());
+            .map(|registered| registered.caller.clone());
         // Progress the tool reports goes out in order, from one task, and all of it before the
         // result (the task is awaited once the tool is done and its sink dropped). The node's
         // own calls bring their sink along.
@@ -1064,13 +1064,11 @@ impl ServerHandler for GatewaySession {
                 .get(crate::internal::INTERNAL_CALL_META)
                 .and_then(serde_json::Value::as_u64)
                 .and_then(|id| self.shared.internal_calls.caller(id));
-            if let Some(caller) = registered {
-                if let Some(identity) = caller.identity.clone() {
+            if let Some(registered) = registered {
+                if let Some(identity) = registered.caller.identity.clone() {
                     context.extensions.insert(identity);
                 }
-                context
-                    .extensions
-                    .insert(crate::internal::InternalCaller(caller));
+                context.extensions.insert(registered);
             }
         }
         let catalog = self.catalog();
@@ -1176,7 +1174,13 @@ impl ServerHandler for GatewaySession {
                 .find(|(name, _, _)| *name == route.server)
                 .map(|(_, provider, _)| provider.clone())
         };
+        // The node's own calls nest under the span they were made in (an agent's run).
+        let parent = context
+            .extensions
+            .get::<crate::internal::InternalCaller>()
+            .map_or_else(tracing::Span::current, |registered| registered.span.clone());
         let span = tracing::info_span!(
+            parent: &parent,
             "tools/call",
             server = %route.server,
             tool = %route.name,
