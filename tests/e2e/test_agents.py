@@ -616,11 +616,20 @@ tools = ["fx__slow"]
                         "agents__waiter", {"task": "wait"}, progress_callback=on_progress
                     )
 
+            polls = 0
+
+            async def slow_call_in_flight() -> bool:
+                # Every tools/call counts, these polls included: one more means fx__slow arrived.
+                nonlocal polls
+                polls += 1
+                stats = (await client.call_tool("fx__stats", {})).structured_content
+                return stats["calls"] - before["calls"] - polls >= 1
+
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run_agent)
                 with anyio.fail_after(10):
                     await calling.wait()
-                await anyio.sleep(0.3)  # the slow call is in flight upstream
+                await eventually(slow_call_in_flight, timeout=10, interval=0.05, what="fx__slow to be running")
                 scope.cancel()  # the SDK sends notifications/cancelled for agents__waiter
             assert "result" not in outcome and scope.cancelled_caught
 
