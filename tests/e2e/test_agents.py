@@ -482,7 +482,7 @@ cost_aware = true                            # ...but the cheaper one is asked f
         cheap.close()
 
 
-async def test_the_usage_ledger_is_in_the_store_and_links_delegated_runs(
+async def test_the_ledger_and_conversations_are_in_the_store_for_every_node(
     concord: NodeFactory, postgres_url: str
 ) -> None:
     model = ScriptedModel(
@@ -490,6 +490,7 @@ async def test_the_usage_ledger_is_in_the_store_and_links_delegated_runs(
             {"call": ("agents__leaf", {"task": "help"})},
             {"text": "leaf done"},
             {"text": "top done"},
+            {"text": "top remembers"},
         ]
     )
     config = one_provider(model) + """
@@ -516,6 +517,17 @@ instructions = "LEAF."
         assert rows[0]["parent_run"] == top_run, "the delegated run names its parent"
         assert "parent_run" not in rows[1]
         assert usage["totals"]["calls"] == 3 and usage["totals"]["input_tokens"] == 600
+
+        # The conversation continues on the other node: its turns are in the store too.
+        conversation = result.structured_content["conversation_id"]
+        async with connect(second.url) as client:
+            again = await client.call_tool("agents__top", {"task": "and then?", "conversation_id": conversation})
+            assert again.structured_content["answer"] == "top remembers", again.structured_content
+            # A conversation is with one agent: another agent does not know the id.
+            other = await client.call_tool("agents__leaf", {"task": "hi", "conversation_id": conversation})
+            assert other.is_error and "unknown or expired conversation_id" in other.structured_content["error"]
+        seen = [(m["role"], m.get("content")) for m in model.requests[-1]["messages"]]
+        assert ("user", "go") in seen and ("assistant", "top done") in seen and seen[-1] == ("user", "and then?"), seen
     finally:
         second.stop()
         model.close()

@@ -25,9 +25,10 @@ use tokio_util::sync::CancellationToken;
 
 /// The namespace agents are exposed under (`agents__NAME`).
 pub const AGENTS_NAMESPACE: &str = "agents";
-/// Conversations kept (the oldest leaves first) and for how long.
-const MAX_CONVERSATIONS: usize = 1024;
+/// How long a conversation is kept after its last turn, and how often the expired ones are
+/// deleted from the store.
 const CONVERSATION_TTL: Duration = Duration::from_secs(3600);
+const FORGET_EVERY: Duration = Duration::from_secs(60);
 
 /// The providers as registry entities (capability `llm`), so agents resolve them by tags.
 pub fn provider_registrations(providers: &[ProviderSpec]) -> Vec<Registration> {
@@ -115,12 +116,6 @@ fn build_provider(spec: &ProviderSpec) -> Result<Provider, String> {
     .map_err(|e| e.to_string())
 }
 
-struct Conversation {
-    owner: String,
-    messages: Vec<Message>,
-    touched: Instant,
-}
-
 pub struct Agents {
     pub(crate) agents: Vec<AgentSettings>,
     /// How many agents deep a delegation chain may go.
@@ -131,7 +126,8 @@ pub struct Agents {
     /// The policy engine (auth on): an agent may use only the tools the policy lets it use,
     /// as itself (`agent:NAME`, kind `agent`) on behalf of its caller.
     access: Option<Arc<dyn concord_mcp::AccessControl>>,
-    conversations: Mutex<HashMap<String, Conversation>>,
+    /// When expired conversations were last deleted.
+    last_forget: Mutex<Instant>,
 }
 
 impl Agents {
@@ -154,7 +150,7 @@ impl Agents {
             store,
             gateway,
             access,
-            conversations: Mutex::default(),
+            last_forget: Mutex::new(Instant::now()),
         })
     }
 
@@ -336,22 +332,24 @@ impl Agents {
             .and_then(Value::as_str)
             .map(str::to_string);
         let history = match &conversation_id {
-            Some(id) => match self.conversation(id, &caller.principal) {
-                Some(history) => history,
+            Some(id) => match self.conversation(id, &caller.principal, &agent.name).await {
+                Ok(Some(history)) => history,
                 // A delegating model sometimes invents an id: it starts a new conversation.
-                None if !caller.delegation.is_empty() => {
+                Ok(None) if !caller.delegation.is_empty() => {
                     tracing::info!(agent = %agent.name, conversation_id = %id, "unknown conversation id from a delegating agent; starting a new one");
                     conversation_id = None;
                     Vec::new()
                 }
-                None => {
+                Ok(None) => {
                     return failure(format!(
                         "unknown or expired conversation_id {id:?} (start without one)"
                     ));
                 }
+                Err(e) => return failure(format!("reading the conversation: {e}")),
             },
             None => Vec::new(),
         };
+        let earlier_messages = history.len();
         let entities = match crate::registry::entities(&self.store).await {
             Ok(entities) => entities,
             Err(e) => return failure(format!("reading the registry: {e}")),
@@ -458,7 +456,17 @@ impl Agents {
             tracing::error!(agent = %agent.name, error = %e, "the usage ledger could not be written");
         }
         let id = conversation_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-        self.remember(&id, &caller.principal, report.transcript.clone());
+        // The transcript starts with the history it was given: only this turn's messages are new.
+        let new_messages = report
+            .transcript
+            .get(earlier_messages..)
+            .unwrap_or_default();
+        if let Err(e) = self
+            .remember(&id, &caller.principal, &agent.name, new_messages)
+            .await
+        {
+            tracing::error!(agent = %agent.name, error = %e, "the conversation could not be kept");
+        }
         let answered = report.ending == concord_agents::Ending::Answer;
         // Settled against the caller's budgets: this run's own model calls only (a delegate's
         // are settled by its own call).
@@ -491,32 +499,67 @@ impl Agents {
         }
     }
 
-    fn conversation(&self, id: &str, owner: &str) -> Option<Vec<Message>> {
-        let conversations = self.conversations.lock();
-        let kept = conversations.get(id)?;
-        (kept.owner == owner && kept.touched.elapsed() < CONVERSATION_TTL)
-            .then(|| kept.messages.clone())
+    /// The messages of `owner`'s conversation `id` with `agent`, if it exists and has not
+    /// expired.
+    async fn conversation(
+        &self,
+        id: &str,
+        owner: &str,
+        agent: &str,
+    ) -> Result<Option<Vec<Message>>, String> {
+        let turns = self
+            .store
+            .conversation(id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let expired_before = now_ms().saturating_sub(CONVERSATION_TTL.as_millis() as u64);
+        let Some(last) = turns.last() else {
+            return Ok(None);
+        };
+        if turns[0].owner != owner || turns[0].agent != agent || last.at_ms < expired_before {
+            return Ok(None);
+        }
+        let mut messages = Vec::new();
+        for turn in &turns {
+            let added: Vec<Message> =
+                serde_json::from_str(&turn.messages).map_err(|e| e.to_string())?;
+            messages.extend(added);
+        }
+        Ok(Some(messages))
     }
 
-    fn remember(&self, id: &str, owner: &str, messages: Vec<Message>) {
-        let mut conversations = self.conversations.lock();
-        conversations.retain(|_, c| c.touched.elapsed() < CONVERSATION_TTL);
-        if conversations.len() >= MAX_CONVERSATIONS
-            && let Some(oldest) = conversations
-                .iter()
-                .min_by_key(|(_, c)| c.touched)
-                .map(|(k, _)| k.clone())
-        {
-            conversations.remove(&oldest);
-        }
-        conversations.insert(
-            id.to_string(),
-            Conversation {
+    /// Appends this turn's messages to the conversation (and, once a minute, deletes the
+    /// conversations whose last turn has expired).
+    async fn remember(
+        &self,
+        id: &str,
+        owner: &str,
+        agent: &str,
+        messages: &[Message],
+    ) -> Result<(), concord_store::StoreError> {
+        let now = now_ms();
+        self.store
+            .append_turn(&concord_store::Turn {
+                conversation_id: id.to_string(),
                 owner: owner.to_string(),
-                messages,
-                touched: Instant::now(),
-            },
-        );
+                agent: agent.to_string(),
+                at_ms: now,
+                messages: serde_json::to_string(messages).unwrap_or_else(|_| "[]".into()),
+            })
+            .await?;
+        let forget = {
+            let mut last = self.last_forget.lock();
+            let due = last.elapsed() >= FORGET_EVERY;
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        if forget {
+            let cutoff = now.saturating_sub(CONVERSATION_TTL.as_millis() as u64);
+            self.store.forget_conversations(cutoff).await?;
+        }
+        Ok(())
     }
 }
 

@@ -695,3 +695,41 @@ both_backends!(
         f.finish().await;
     }
 );
+
+// Agents' conversations live in the same store: turns append in order, concurrent turns of one
+// conversation are all kept, and a conversation whose last turn is old is forgotten whole.
+both_backends!(
+    conversation_turns_append_and_expire_whole,
+    |backend| async move {
+        let f = Fixture::new(backend, StateOptions::default()).await;
+        let store = f.state.store();
+        let turn = |id: &str, at_ms: u64, text: &str| concord_store::Turn {
+            conversation_id: id.into(),
+            owner: "alice".into(),
+            agent: "helper".into(),
+            at_ms,
+            messages: json!([{"role": "user", "content": text}]).to_string(),
+        };
+        assert!(store.conversation("c1").await.unwrap().is_empty());
+        let turns: Vec<_> = (0..8)
+            .map(|i| turn("c1", 1_000 + i, &format!("t{i}")))
+            .collect();
+        for result in futures::future::join_all(turns.iter().map(|t| store.append_turn(t))).await {
+            result.unwrap();
+        }
+        store.append_turn(&turn("c2", 10, "old")).await.unwrap();
+        store.append_turn(&turn("c3", 10, "old")).await.unwrap();
+        store
+            .append_turn(&turn("c3", 5_000, "recent"))
+            .await
+            .unwrap();
+        let c1 = store.conversation("c1").await.unwrap();
+        assert_eq!(c1.len(), 8, "no concurrent turn was lost");
+        assert_eq!(c1[0].owner, "alice");
+        // c2's last turn is older than the cutoff; c3 has a recent one, so all of it stays.
+        assert_eq!(store.forget_conversations(500).await.unwrap(), 1);
+        assert!(store.conversation("c2").await.unwrap().is_empty());
+        assert_eq!(store.conversation("c3").await.unwrap().len(), 2);
+        f.finish().await;
+    }
+);

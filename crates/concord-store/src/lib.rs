@@ -8,6 +8,7 @@
 //! refusal), and writes them with a new global commit sequence number. What the values mean
 //! (patches, merge policies) is the state crate's business, not the store's.
 
+mod conversations;
 mod governance;
 mod group_commit;
 mod postgres_batch;
@@ -28,6 +29,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Connection, Row};
 
+pub use conversations::Turn;
 pub use governance::{ApiKeyRecord, AuditDraft, AuditRow, GENESIS_HASH};
 use group_commit::{Decide, GroupCommitter};
 use postgres_batch::PostgresWriter;
@@ -917,6 +919,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0003_governance.sql"),
     include_str!("../migrations/sqlite/0004_registry.sql"),
     include_str!("../migrations/sqlite/0005_usage.sql"),
+    include_str!("../migrations/sqlite/0006_conversations.sql"),
 ];
 const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0001_state.sql"),
@@ -924,6 +927,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0003_governance.sql"),
     include_str!("../migrations/postgres/0004_registry.sql"),
     include_str!("../migrations/postgres/0005_usage.sql"),
+    include_str!("../migrations/postgres/0006_conversations.sql"),
 ];
 
 async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
