@@ -21,6 +21,26 @@ pub mod codes {
     pub const BUDGET_EXHAUSTED: i32 = -32030;
 }
 
+/// A JSON-RPC error as a peer sent it: its message, then its code.
+#[derive(Debug)]
+pub struct PeerError(pub(crate) McpError);
+
+impl PeerError {
+    pub fn code(&self) -> i32 {
+        self.0.code.0
+    }
+
+    pub fn message(&self) -> &str {
+        &self.0.message
+    }
+}
+
+impl std::fmt::Display for PeerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (JSON-RPC error {})", self.0.message, self.0.code.0)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("unknown tool: {0}")]
@@ -49,9 +69,10 @@ pub enum GatewayError {
     },
     #[error("server '{server}' answered {method} with an unexpected result")]
     UnexpectedResult { server: String, method: String },
-    /// The upstream's own JSON-RPC error, passed through unchanged.
+    /// A peer's own JSON-RPC error (an upstream's, or the gateway's answer to the node's own
+    /// client), passed through unchanged.
     #[error("{0}")]
-    Upstream(McpError),
+    Upstream(PeerError),
     #[error("request cancelled by the client")]
     Cancelled,
     #[error(
@@ -89,7 +110,7 @@ impl GatewayError {
             GatewayError::Unavailable { .. }
             | GatewayError::Timeout { .. }
             | GatewayError::ConnectionLost { .. } => true,
-            GatewayError::Upstream(e) => e.code == rmcp::model::ErrorCode::INTERNAL_ERROR,
+            GatewayError::Upstream(e) => e.0.code == rmcp::model::ErrorCode::INTERNAL_ERROR,
             _ => false,
         }
     }
@@ -97,7 +118,7 @@ impl GatewayError {
     /// Converts an rmcp client error from a request to `server` into a gateway error.
     pub(crate) fn from_service(server: &str, method: &str, error: ServiceError) -> Self {
         match error {
-            ServiceError::McpError(e) => GatewayError::Upstream(e),
+            ServiceError::McpError(e) => GatewayError::Upstream(PeerError(e)),
             ServiceError::Timeout { timeout } => GatewayError::Timeout {
                 server: server.to_string(),
                 method: method.to_string(),
@@ -159,7 +180,7 @@ impl From<GatewayError> for McpError {
             GatewayError::UnexpectedResult { server, .. } => {
                 McpError::internal_error(message, Some(json!({ "server": server })))
             }
-            GatewayError::Upstream(e) => e,
+            GatewayError::Upstream(e) => e.0,
             GatewayError::Cancelled => McpError::new(ErrorCode(-32800), message, None),
             GatewayError::UnknownRequestState => McpError::invalid_params(message, None),
             GatewayError::Startup(_) => McpError::internal_error(message, None),

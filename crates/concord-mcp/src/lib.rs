@@ -28,6 +28,6 @@ mod upstream;
 
 pub use access::{AccessControl, AccessRequest, Admission, CallOutcome, Identity, Throttled};
 pub use client::{ClientError, NodeClient, run_stdio_bridge};
-pub use error::{GatewayError, codes};
+pub use error::{GatewayError, PeerError, codes};
 pub use gateway::{ExposedTool, Gateway, GatewayOptions, UpstreamStatus};
 pub use http_server::EdgeOptions;

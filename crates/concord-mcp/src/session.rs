@@ -28,7 +28,7 @@ use tracing::Instrument;
 use crate::access::{AccessRequest, CallOutcome, identity_of};
 use crate::builtin::{BUILTIN_NAMESPACE, BuiltinTools, Caller};
 use crate::catalog::Catalog;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, PeerError};
 use crate::gateway::{
     CallEvent, CallGuard, NameKind, ReplicaTicket, Shared, server_request_method, severity,
 };
@@ -681,7 +681,7 @@ impl GatewaySession {
                 };
                 let answer = ask_client(&context.peer, request)
                     .await
-                    .map_err(GatewayError::Upstream)?;
+                    .map_err(|e| GatewayError::Upstream(PeerError(e)))?;
                 let value = match answer {
                     ClientResult::CreateMessageResult(r) => serde_json::to_value(r),
                     ClientResult::ElicitResult(r) => serde_json::to_value(r),
@@ -689,7 +689,7 @@ impl GatewaySession {
                     other => serde_json::to_value(other),
                 }
                 .map_err(|e| {
-                    GatewayError::Upstream(McpError::internal_error(e.to_string(), None))
+                    GatewayError::Upstream(PeerError(McpError::internal_error(e.to_string(), None)))
                 })?;
                 responses.insert(key, value);
             }
@@ -706,13 +706,13 @@ impl GatewaySession {
                 done => return Ok(done),
             }
         }
-        Err(GatewayError::Upstream(McpError::internal_error(
+        Err(GatewayError::Upstream(PeerError(McpError::internal_error(
             format!(
                 "server '{}' kept asking for input after {MAX_INPUT_ROUNDS} rounds",
                 route.server
             ),
             None,
-        )))
+        ))))
     }
 
     /// Runs a tool the node serves itself. `budget_envelope`: what the gateway issued for the
