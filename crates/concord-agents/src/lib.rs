@@ -13,6 +13,6 @@ pub mod workflow;
 pub use chain::ProviderChain;
 
 pub use run::{
-    AgentSpec, ChatModel, Ending, Limits, LoopContext, LoopEvent, ModelTurn, Report, ToolBox,
-    ToolOutcome, ToolReply, run,
+    AgentSpec, ChatModel, Ending, Left, Limits, LoopContext, LoopEvent, ModelTurn, Report,
+    SharedBudget, ToolBox, ToolOutcome, ToolReply, run,
 };

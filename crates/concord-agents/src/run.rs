@@ -58,6 +58,33 @@ pub trait ToolBox: Send + Sync {
     ) -> BoxFuture<'a, ToolReply>;
 }
 
+/// Budgets a run shares with other calls (its caller's, kept by whoever admitted the run):
+/// each model turn's spend is charged at once, and what is left bounds the next turn, so
+/// concurrent runs of one caller cannot together overspend by more than their turns in flight.
+pub trait SharedBudget: Send + Sync {
+    /// Charges this run's own spend (zero to only ask) and says what is left.
+    fn charge(&self, tokens: u64, cost_usd: f64) -> Left;
+}
+
+/// What a shared budget has left; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Left {
+    pub tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+}
+
+impl Left {
+    fn exhausted(&self) -> Option<String> {
+        if self.tokens == Some(0) {
+            return Some("tokens (the caller's budget has none left)".into());
+        }
+        if self.cost_usd.is_some_and(|c| c <= 0.0) {
+            return Some("cost (the caller's budget has none left)".into());
+        }
+        None
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
     pub name: String,
@@ -181,6 +208,8 @@ pub struct LoopContext<'a> {
     pub tools: &'a dyn ToolBox,
     pub cancel: &'a CancellationToken,
     pub progress: &'a (dyn Fn(LoopEvent) + Send + Sync),
+    /// The caller's budgets, charged as the run goes (none: only `limits` apply).
+    pub shared: Option<&'a dyn SharedBudget>,
 }
 
 /// Runs the loop for `task`, after `history` (earlier turns of the same conversation).
@@ -196,6 +225,7 @@ pub async fn run(
         tools,
         cancel,
         progress,
+        shared,
     } = context;
     let tool_specs = tools.tools();
     let mut messages = Vec::with_capacity(history.len() + 2);
@@ -216,7 +246,9 @@ pub async fn run(
     let mut reasked = false;
     let mut nudged = false;
     loop {
-        if let Some(budget) = run.exhausted() {
+        // What the caller's budget has left now, other calls' spending included.
+        let left = shared.map(|s| s.charge(0, 0.0)).unwrap_or_default();
+        if let Some(budget) = run.exhausted().or_else(|| left.exhausted()) {
             return run.report(Ending::BudgetExhausted { budget }, String::new(), None);
         }
         if run.iterations >= spec.max_iterations {
@@ -230,10 +262,15 @@ pub async fn run(
         });
         // With a token budget the model may write at most what is left of it: a turn can still
         // overshoot, but only by its prompt.
-        let max_tokens = run
+        let own_left = run
             .limits
             .tokens
-            .map(|max| u32::try_from(max.saturating_sub(run.usage.total())).unwrap_or(u32::MAX));
+            .map(|max| max.saturating_sub(run.usage.total()));
+        let max_tokens = [own_left, left.tokens]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
         let request = ChatRequest {
             messages: run.messages.clone(),
             tools: tool_specs.clone(),
@@ -246,9 +283,16 @@ pub async fn run(
             _ = cancel.cancelled() => return run.report(Ending::Cancelled, String::new(), None),
             turn = model.chat(&request, run.limits.deadline) => turn,
         };
+        let mut turn_usage = Usage::default();
+        let mut turn_cost = 0.0;
         for attempt in &turn.attempts {
-            run.usage.add(attempt.usage);
-            run.cost_usd += attempt.cost_usd;
+            turn_usage.add(attempt.usage);
+            turn_cost += attempt.cost_usd;
+        }
+        run.usage.add(turn_usage);
+        run.cost_usd += turn_cost;
+        if let Some(shared) = shared {
+            shared.charge(turn_usage.total(), turn_cost);
         }
         run.attempts.extend(turn.attempts);
         progress(LoopEvent::Spent {

@@ -218,8 +218,30 @@ async fn run_quietly(
         tools,
         cancel,
         progress: &quiet,
+        shared: None,
     };
     run(spec, task, Vec::new(), limits, context).await
+}
+
+/// What each request asked as `max_tokens`, in order.
+fn asked_max_tokens(script: &Script) -> Vec<Value> {
+    script
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r["max_tokens"].clone())
+        .collect()
+}
+
+/// A model that asks to read a.txt every turn, for as long as it is asked.
+async fn endless_reader() -> (ProviderChain, Script) {
+    scripted(
+        vec![Turn::Call("read_file", r#"{"path": "a.txt"}"#)],
+        false,
+        true,
+    )
+    .await
 }
 
 fn tool_messages(request: &Value) -> Vec<String> {
@@ -257,6 +279,7 @@ async fn multi_step_tool_use_with_streamed_and_plain_turns() {
             tools: &files,
             cancel: &CancellationToken::new(),
             progress: &record,
+            shared: None,
         },
     )
     .await;
@@ -332,12 +355,7 @@ async fn unknown_tools_and_malformed_arguments_go_back_to_the_model() {
 
 #[tokio::test]
 async fn the_iteration_limit_ends_the_loop() {
-    let (model, script) = scripted(
-        vec![Turn::Call("read_file", r#"{"path": "a.txt"}"#)],
-        false,
-        true,
-    )
-    .await;
+    let (model, script) = endless_reader().await;
     let report = run_quietly(
         &agent(3, None),
         "loop",
@@ -355,12 +373,7 @@ async fn the_iteration_limit_ends_the_loop() {
 #[tokio::test]
 async fn budgets_running_out_mid_loop_stop_it() {
     // Each turn uses 120 tokens: the third would start past 250.
-    let (model, script) = scripted(
-        vec![Turn::Call("read_file", r#"{"path": "a.txt"}"#)],
-        false,
-        true,
-    )
-    .await;
+    let (model, script) = endless_reader().await;
     let limits = Limits {
         tokens: Some(250),
         ..Limits::default()
@@ -381,21 +394,10 @@ async fn budgets_running_out_mid_loop_stop_it() {
     );
     // Each turn may write at most what is left of the budget (capped by the provider's own
     // max_tokens, 512 here).
-    let asked: Vec<Value> = script
-        .requests
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| r["max_tokens"].clone())
-        .collect();
+    let asked = asked_max_tokens(&script);
     assert_eq!(asked, vec![json!(250), json!(130), json!(10)]);
 
-    let (model, script) = scripted(
-        vec![Turn::Call("read_file", r#"{"path": "a.txt"}"#)],
-        false,
-        true,
-    )
-    .await;
+    let (model, script) = endless_reader().await;
     let limits = Limits {
         tool_calls: Some(2),
         ..Limits::default()
@@ -604,4 +606,66 @@ async fn an_empty_final_reply_is_asked_for_once_more() {
         .unwrap()
         .to_string();
     assert!(nudge.contains("Your last reply was empty"), "{nudge}");
+}
+
+/// A caller's budget shared with another run of the same caller, which spends from it too.
+struct CallersBudget {
+    tokens_left: Mutex<u64>,
+    charges: Mutex<Vec<u64>>,
+}
+
+impl concord_agents::SharedBudget for CallersBudget {
+    fn charge(&self, tokens: u64, _cost_usd: f64) -> concord_agents::Left {
+        self.charges.lock().unwrap().push(tokens);
+        let mut left = self.tokens_left.lock().unwrap();
+        *left = left.saturating_sub(tokens);
+        concord_agents::Left {
+            tokens: Some(*left),
+            cost_usd: None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_shared_budget_is_charged_every_turn_and_ends_the_run_when_others_spent_it() {
+    // Each turn spends 120 tokens. The caller has 400; while this run's tool calls run another
+    // run of the same caller spends 200, so only 80 are left for the second turn, and none
+    // after it.
+    let (model, script) = endless_reader().await;
+    let budget = CallersBudget {
+        tokens_left: Mutex::new(400),
+        charges: Mutex::new(Vec::new()),
+    };
+    let files = Files::default();
+    let other_run_spends = |event: LoopEvent| {
+        if matches!(event, LoopEvent::ToolCall { .. }) {
+            let mut left = budget.tokens_left.lock().unwrap();
+            *left = left.saturating_sub(200);
+        }
+    };
+    let report = run(
+        &agent(10, None),
+        "spend",
+        Vec::new(),
+        Limits::default(),
+        LoopContext {
+            model: &model,
+            tools: &files,
+            cancel: &CancellationToken::new(),
+            progress: &other_run_spends,
+            shared: Some(&budget),
+        },
+    )
+    .await;
+    assert_eq!(
+        report.ending,
+        Ending::BudgetExhausted {
+            budget: "tokens (the caller's budget has none left)".into()
+        }
+    );
+    // Asked before each turn (and once more, finding nothing left), charged after each.
+    assert_eq!(*budget.charges.lock().unwrap(), vec![0, 120, 0, 120, 0]);
+    let asked = asked_max_tokens(&script);
+    // The second turn may write at most the 80 the caller had left (the provider caps at 512).
+    assert_eq!(asked, vec![json!(400), json!(80)]);
 }

@@ -356,6 +356,41 @@ impl Ledger {
         })
     }
 
+    /// Charges what a running call spends itself (an agent's model turns) to the envelope `id`
+    /// issued for it and to every budget above it, at once rather than when the call settles,
+    /// so concurrent calls see it. Returns what is left: for each limit, the least remainder
+    /// along the chain (an absent key is unlimited); `None` if the envelope is unknown or
+    /// closed.
+    pub fn charge(&self, id: &str, tokens: u64, cost_usd: f64) -> Option<Map<String, Value>> {
+        let mut books = self.budgets.lock();
+        let now = Instant::now();
+        if books.map.get(id).is_none_or(|b| b.expires_at <= now) {
+            return None;
+        }
+        let mut left = Map::new();
+        let mut cursor = Some(id.to_string());
+        let mut hops = 0;
+        while let Some(current) = cursor
+            && hops < 64
+        {
+            let Some(budget) = books.map.get_mut(&current) else {
+                break;
+            };
+            budget.used.tokens += tokens;
+            budget.used.cost_usd += cost_usd;
+            for (key, value) in budget.remaining() {
+                let smaller = match left.get(&key) {
+                    Some(current) if current.as_f64() <= value.as_f64() => current.clone(),
+                    _ => value,
+                };
+                left.insert(key, smaller);
+            }
+            cursor = budget.parent.clone();
+            hops += 1;
+        }
+        Some(left)
+    }
+
     /// Settles a finished call with the usage its upstream reported, and reports what is left.
     pub fn finish(&self, ticket: &Ticket, usage: Option<&Value>) -> Report {
         let tokens = usage
@@ -520,5 +555,42 @@ mod tests {
             late.message.contains("deadline has passed") || late.message.contains("expired"),
             "{late:?}"
         );
+    }
+
+    #[test]
+    fn spend_inside_a_call_is_charged_at_once_up_the_chain() {
+        let ledger = Ledger::new(0.8, 8);
+        let standing = Some((
+            "erin",
+            Limits {
+                tokens: Some(1000),
+                cost_usd: Some(1.0),
+                ..Limits::default()
+            },
+            None,
+            None,
+        ));
+        // Two calls of one principal run at once (two agent runs).
+        let a = ledger.begin("erin", standing, None, 0).unwrap();
+        let b = ledger.begin("erin", standing, None, 0).unwrap();
+        let id = |t: &Ticket| t.upstream_envelope["id"].as_str().unwrap().to_string();
+        let left = ledger.charge(&id(&a), 600, 0.25).unwrap();
+        assert_eq!(
+            (left["tokens"].clone(), left["cost_usd"].clone()),
+            (json!(400), json!(0.75))
+        );
+        // b sees a's spend before a settles, and its own on top.
+        let left = ledger.charge(&id(&b), 300, 0.0).unwrap();
+        assert_eq!(left["tokens"], 100);
+        // Settling without usage adds nothing more; the standing budget keeps both charges.
+        ledger.finish(&a, None);
+        ledger.finish(&b, None);
+        assert_eq!(ledger.charge(&id(&b), 0, 0.0).unwrap()["tokens"], 100);
+        let refused = ledger.begin("erin", standing, None, 200).unwrap_err();
+        assert!(
+            refused.message.contains("tokens budget exhausted"),
+            "{refused:?}"
+        );
+        assert!(ledger.charge("no-such-envelope", 1, 0.0).is_none());
     }
 }

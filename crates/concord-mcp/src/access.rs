@@ -81,6 +81,19 @@ pub trait AccessControl: Send + Sync + 'static {
         Ok(Admission::default())
     }
 
+    /// Charges what a running call spends itself (an agent's model turns) to the budget
+    /// envelope the gateway issued for it, at once rather than when it settles; returns what its
+    /// budgets have left (`tokens`, `cost_usd`; an absent key is unlimited), or `None` if the
+    /// envelope is unknown or closed.
+    fn spend(
+        &self,
+        _envelope: &serde_json::Value,
+        _tokens: u64,
+        _cost_usd: f64,
+    ) -> Option<JsonObject> {
+        None
+    }
+
     /// Called after every admitted tool call with its admission's ticket and the result's
     /// `_meta`; returns entries to add to the result's `_meta` (say, what is left of a budget).
     fn record(

@@ -362,27 +362,28 @@ impl Agents {
             Ok(servers) => servers,
             Err(e) => return failure(e),
         };
-        // The agent's own budget, within what a delegating agent left for this call and what
-        // the caller's budgets (auth on) have left.
+        // The agent's own budget, within what a delegating agent left for this call; the
+        // caller's budgets (auth on) are charged turn by turn through the call's envelope, and
+        // its deadline applies.
         let delegated = caller.budget.unwrap_or_default();
-        let granted = granted_by_envelope(caller.budget_envelope.as_ref());
         let limits = concord_agents::Limits {
-            tokens: tighter(
-                tighter(agent.budget.tokens, delegated.tokens),
-                granted.tokens,
-            ),
-            cost_usd: tighter(
-                tighter(agent.budget.cost_usd, delegated.cost_usd),
-                granted.cost_usd,
-            ),
+            tokens: tighter(agent.budget.tokens, delegated.tokens),
+            cost_usd: tighter(agent.budget.cost_usd, delegated.cost_usd),
             tool_calls: agent.budget.tool_calls,
             deadline: tighter(
                 tighter(
                     agent.budget.deadline.map(|d| Instant::now() + d),
                     delegated.deadline,
                 ),
-                granted.deadline,
+                envelope_deadline(caller.budget_envelope.as_ref()),
             ),
+        };
+        let callers_budget = match (&self.access, &caller.budget_envelope) {
+            (Some(access), Some(envelope)) => Some(EnvelopeBudget {
+                access: access.clone(),
+                envelope: envelope.clone(),
+            }),
+            _ => None,
         };
         let spent = Arc::new(Mutex::new((0u64, 0f64)));
         let run_id = uuid::Uuid::new_v4().simple().to_string();
@@ -428,6 +429,9 @@ impl Agents {
                     tools: &tools,
                     cancel: &cancel,
                     progress: &progress,
+                    shared: callers_budget
+                        .as_ref()
+                        .map(|b| b as &dyn concord_agents::SharedBudget),
                 },
             ),
             span,
@@ -468,8 +472,8 @@ impl Agents {
             tracing::error!(agent = %agent.name, error = %e, "the conversation could not be kept");
         }
         let answered = report.ending == concord_agents::Ending::Answer;
-        // Settled against the caller's budgets: this run's own model calls only (a delegate's
-        // are settled by its own call).
+        // For settlement at the end of the call: this run's own model calls (a delegate's are
+        // its own call's), unless they were charged to the caller's budgets as they happened.
         let own = report.attempts.iter().fold(
             (concord_llm::Usage::default(), 0.0),
             |(mut usage, cost), a| {
@@ -477,6 +481,10 @@ impl Agents {
                 (usage, cost + a.cost_usd)
             },
         );
+        let unsettled = callers_budget.is_none().then(|| {
+            json!({"input_tokens": own.0.input_tokens, "output_tokens": own.0.output_tokens,
+                   "cost_usd": own.1})
+        });
         BuiltinOutcome {
             structured: json!({
                 "answer": report.answer,
@@ -492,10 +500,7 @@ impl Agents {
                     "provider": a.provider, "model": a.model, "error": a.error})).collect::<Vec<_>>(),
             }),
             is_error: !answered,
-            usage: Some(
-                json!({"input_tokens": own.0.input_tokens, "output_tokens": own.0.output_tokens,
-                               "cost_usd": own.1}),
-            ),
+            usage: unsettled,
         }
     }
 
@@ -632,18 +637,31 @@ pub(crate) fn failure(message: impl Into<String>) -> BuiltinOutcome {
     }
 }
 
-/// What the caller's budgets let a run spend: the `remaining` tokens and cost and the deadline
-/// of the envelope the gateway issued for the call (auth on, with budgets).
-fn granted_by_envelope(envelope: Option<&Value>) -> DelegatedBudget {
-    let Some(envelope) = envelope else {
-        return DelegatedBudget::default();
-    };
-    DelegatedBudget {
-        tokens: envelope["remaining"]["tokens"].as_u64(),
-        cost_usd: envelope["remaining"]["cost_usd"].as_f64(),
-        deadline: envelope["deadline_in_ms"]
-            .as_u64()
-            .map(|ms| Instant::now() + Duration::from_millis(ms)),
+/// The call chain's deadline, from the envelope the gateway issued for the call.
+fn envelope_deadline(envelope: Option<&Value>) -> Option<Instant> {
+    envelope?["deadline_in_ms"]
+        .as_u64()
+        .map(|ms| Instant::now() + Duration::from_millis(ms))
+}
+
+/// The caller's budgets (auth on), through the envelope the gateway issued for the run's call:
+/// each model turn is charged at once, so concurrent runs of one principal see each other's
+/// spending.
+struct EnvelopeBudget {
+    access: Arc<dyn concord_mcp::AccessControl>,
+    envelope: Value,
+}
+
+impl concord_agents::SharedBudget for EnvelopeBudget {
+    fn charge(&self, tokens: u64, cost_usd: f64) -> concord_agents::Left {
+        let left = self
+            .access
+            .spend(&self.envelope, tokens, cost_usd)
+            .unwrap_or_default();
+        concord_agents::Left {
+            tokens: left.get("tokens").and_then(Value::as_u64),
+            cost_usd: left.get("cost_usd").and_then(Value::as_f64),
+        }
     }
 }
 

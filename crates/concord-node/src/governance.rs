@@ -146,6 +146,16 @@ fn identity_of(principal: &Principal) -> Identity {
 pub(crate) struct PolicyAccess(pub Arc<Governance>);
 
 impl AccessControl for PolicyAccess {
+    fn spend(
+        &self,
+        envelope: &serde_json::Value,
+        tokens: u64,
+        cost_usd: f64,
+    ) -> Option<serde_json::Map<String, serde_json::Value>> {
+        let id = envelope.get("id")?.as_str()?;
+        self.0.ledger.charge(id, tokens, cost_usd)
+    }
+
     fn allows(&self, identity: Option<&Identity>, request: &AccessRequest<'_>) -> bool {
         // Auth is on whenever this hook is installed: a request without an identity did not
         // come through authentication and gets nothing.
