@@ -480,6 +480,7 @@ fn agents(raw: BTreeMap<String, RawAgent>, file: &Path) -> Result<Vec<AgentSetti
                         version: selector.version,
                         namespace: selector.namespace,
                     };
+                    // Resolving against nothing checks the selector itself (its version).
                     concord_mesh::resolve(&selector, &[], 0)
                         .map_err(|e| ConfigError::invalid(file, key("tools"), e.to_string()))?;
                     tool_servers.push(selector);

@@ -77,14 +77,10 @@ pub struct DelegatedBudget {
 
 /// A built-in tool's answer: structured content, and whether it is a tool error the model
 /// should read (a conflict, bad arguments) rather than a success.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BuiltinOutcome {
     pub structured: Value,
     pub is_error: bool,
-    /// What the call spent itself (`input_tokens`, `output_tokens`, `cost_usd`: an agent's
-    /// model calls), settled against the caller's budgets like an upstream's
-    /// `_meta["concord/usage"]`.
-    pub usage: Option<Value>,
 }
 
 pub type BuiltinFuture = Pin<Box<dyn Future<Output = BuiltinOutcome> + Send>>;

@@ -716,8 +716,7 @@ impl GatewaySession {
     }
 
     /// Runs a tool the node serves itself. `budget_envelope`: what the gateway issued for the
-    /// call (its sub-calls draw on it). What the tool spent goes into `_meta["concord/usage"]`,
-    /// where settlement finds it as it finds an upstream's.
+    /// call (its sub-calls draw on it, and an agent charges its model turns to it).
     async fn call_builtin(
         &self,
         builtins: &dyn BuiltinTools,
@@ -795,13 +794,6 @@ impl GatewaySession {
             CallToolResult::structured(outcome.structured)
         };
         result.content = vec![rmcp::model::ContentBlock::text(text)];
-        if let Some(usage) = outcome.usage {
-            result
-                .meta
-                .get_or_insert_with(Default::default)
-                .0
-                .insert("concord/usage".into(), usage);
-        }
         result
     }
 

@@ -472,19 +472,6 @@ impl Agents {
             tracing::error!(agent = %agent.name, error = %e, "the conversation could not be kept");
         }
         let answered = report.ending == concord_agents::Ending::Answer;
-        // For settlement at the end of the call: this run's own model calls (a delegate's are
-        // its own call's), unless they were charged to the caller's budgets as they happened.
-        let own = report.attempts.iter().fold(
-            (concord_llm::Usage::default(), 0.0),
-            |(mut usage, cost), a| {
-                usage.add(a.usage);
-                (usage, cost + a.cost_usd)
-            },
-        );
-        let unsettled = callers_budget.is_none().then(|| {
-            json!({"input_tokens": own.0.input_tokens, "output_tokens": own.0.output_tokens,
-                   "cost_usd": own.1})
-        });
         BuiltinOutcome {
             structured: json!({
                 "answer": report.answer,
@@ -500,7 +487,6 @@ impl Agents {
                     "provider": a.provider, "model": a.model, "error": a.error})).collect::<Vec<_>>(),
             }),
             is_error: !answered,
-            usage: unsettled,
         }
     }
 
@@ -633,7 +619,6 @@ pub(crate) fn failure(message: impl Into<String>) -> BuiltinOutcome {
     BuiltinOutcome {
         structured: json!({"error": message.into()}),
         is_error: true,
-        usage: None,
     }
 }
 

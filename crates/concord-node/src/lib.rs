@@ -270,7 +270,10 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
     declared.extend(
         agents::provider_registrations(&config.providers)
             .into_iter()
-            .map(|r| (r.clone(), registry::Liveness::Provider(r.name))),
+            .map(|r| {
+                let liveness = registry::Liveness::Provider(r.name.clone());
+                (r, liveness)
+            }),
     );
     declared.extend(
         agents::agent_registrations(&config.agents)
@@ -280,7 +283,10 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
     declared.extend(
         registry::server_registrations(&config.servers)
             .into_iter()
-            .map(|r| (r.clone(), registry::Liveness::Upstream(r.name))),
+            .map(|r| {
+                let liveness = registry::Liveness::Upstream(r.name.clone());
+                (r, liveness)
+            }),
     );
     let (registrations, liveness): (Vec<_>, Vec<_>) = declared.into_iter().unzip();
     let configured_entities =

@@ -93,7 +93,6 @@ fn forbidden(reason: String) -> BuiltinOutcome {
     BuiltinOutcome {
         structured: json!({"conflict": false, "forbidden": true, "error": reason}),
         is_error: true,
-        usage: None,
     }
 }
 
@@ -160,7 +159,6 @@ fn refused(error: StateError) -> BuiltinOutcome {
     BuiltinOutcome {
         structured: error_details(&error),
         is_error: true,
-        usage: None,
     }
 }
 
@@ -168,7 +166,6 @@ fn ok(structured: Value) -> BuiltinOutcome {
     BuiltinOutcome {
         structured,
         is_error: false,
-        usage: None,
     }
 }
 
@@ -176,7 +173,6 @@ fn bad_arguments(message: String) -> BuiltinOutcome {
     BuiltinOutcome {
         structured: json!({"conflict": false, "error": message}),
         is_error: true,
-        usage: None,
     }
 }
 

@@ -66,19 +66,10 @@ fn workflow_of(kind: &concord_config::WorkflowKind) -> concord_agents::workflow:
     }
 }
 
-/// Runs the workflow's agents for one caller, adding up what their model calls spent.
+/// Runs the workflow's agents for one caller.
 struct CallerRunner {
     agents: Arc<Agents>,
     caller: Caller,
-    /// Input tokens, output tokens, cost.
-    spent: parking_lot::Mutex<(u64, u64, f64)>,
-}
-
-impl CallerRunner {
-    fn usage(&self) -> Value {
-        let (input, output, cost) = *self.spent.lock();
-        json!({"input_tokens": input, "output_tokens": output, "cost_usd": cost})
-    }
 }
 
 impl concord_agents::workflow::AgentRunner for CallerRunner {
@@ -94,12 +85,6 @@ impl concord_agents::workflow::AgentRunner for CallerRunner {
                 .agents
                 .run_agent(&settings, arguments, self.caller.clone())
                 .await;
-            if let Some(usage) = &outcome.usage {
-                let mut spent = self.spent.lock();
-                spent.0 += usage["input_tokens"].as_u64().unwrap_or(0);
-                spent.1 += usage["output_tokens"].as_u64().unwrap_or(0);
-                spent.2 += usage["cost_usd"].as_f64().unwrap_or(0.0);
-            }
             if outcome.is_error {
                 Err(outcome.structured["error"]
                     .as_str()
@@ -137,23 +122,18 @@ impl BuiltinTools for WorkflowTools {
         let runner = CallerRunner {
             agents: self.agents.clone(),
             caller,
-            spent: Default::default(),
         };
         Box::pin(async move {
             let Some(task) = arguments.get("task").and_then(Value::as_str) else {
                 return failure("missing argument: task (what the workflow should do)");
             };
             let workflow = workflow_of(&settings.kind);
-            let outcome = match workflow.run(task, &runner).await {
+            match workflow.run(task, &runner).await {
                 Ok(report) => BuiltinOutcome {
                     structured: json!({"answer": report.answer, "steps": report.steps}),
-                    ..BuiltinOutcome::default()
+                    is_error: false,
                 },
                 Err(e) => failure(e.to_string()),
-            };
-            BuiltinOutcome {
-                usage: Some(runner.usage()),
-                ..outcome
             }
         })
     }
