@@ -33,8 +33,9 @@ stamp="tests/peers/node_modules/.lock-sha"
 lock_sha=$(sha256sum tests/peers/package-lock.json | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$lock_sha" ]; then
     echo "== installing MCP peers (npm ci)"
-    (cd tests/peers && npm ci --no-audit --no-fund --loglevel=error 2>&1 | grep -v 'Unknown user config' || true)
-    [ -d tests/peers/node_modules/@modelcontextprotocol/server-everything ] || { echo "npm ci failed" >&2; exit 1; }
+    rm -f "$stamp"
+    ./scripts/npm-ci.sh tests/peers
+    [ -d tests/peers/node_modules/@modelcontextprotocol/server-everything ] || { echo "npm ci left no server-everything" >&2; exit 1; }
     echo "$lock_sha" > "$stamp"
 fi
 

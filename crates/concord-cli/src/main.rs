@@ -348,10 +348,22 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
         Command::Config(ConfigCommand::Check { file }) => {
             let config = Config::load(&file)?;
+            // The policy's CEL rules (inline and the policy file) compile as `up` would compile
+            // them, so a rule that would stop the node is found here.
+            let policy = concord_governance::policy::PolicyEngine::new(
+                config.policy.rules.clone(),
+                config.policy.file.clone(),
+            )
+            .map_err(|error| anyhow::anyhow!("{}: [policy]: {error}", file.display()))?;
             for server in &config.servers {
                 println!("{:<24} {}", server.name, server.transport.kind());
             }
-            println!("{}: {} servers, OK", file.display(), config.servers.len());
+            println!(
+                "{}: {} servers, {} policy rules, OK",
+                file.display(),
+                config.servers.len(),
+                policy.rules().len()
+            );
             Ok(std::process::ExitCode::SUCCESS)
         }
     }

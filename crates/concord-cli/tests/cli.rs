@@ -116,7 +116,143 @@ fn config_check_accepts_claude_desktop_json() {
         stdout.contains("remote") && stdout.contains("streamable-http"),
         "{stdout}"
     );
-    assert!(stdout.contains("2 servers, OK"), "{stdout}");
+    assert!(stdout.contains("2 servers, 0 policy rules, OK"), "{stdout}");
+}
+
+fn config_check(file: &Path) -> Output {
+    // The README's blocks refer to these variables; a check must not depend on the caller's shell.
+    concord()
+        .args(["config", "check", file.to_str().unwrap()])
+        .env("GITHUB_TOKEN", "t")
+        .env("SEARCH_TOKEN", "t")
+        .env(
+            "CONCORD_JWT_SECRET",
+            "a-secret-of-at-least-32-bytes-for-hs256",
+        )
+        // What examples/dev-team/run.sh exports before it starts the node.
+        .env("DEV_TEAM_DIR", "/tmp/dev-team")
+        .env("DEV_TEAM_SANDBOX", "/tmp/dev-team/sandbox")
+        .env("DEV_TEAM_PYTHON", "python3")
+        .output()
+        .expect("concord runs")
+}
+
+/// The ```toml blocks of the README, in order.
+fn readme_toml_blocks() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in readme.lines() {
+        match (&mut current, line.trim_start()) {
+            (None, "```toml") => current = Some(String::new()),
+            (Some(_), fence) if fence.starts_with("```") => blocks.extend(current.take()),
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    assert!(current.is_none(), "README.md ends inside a ```toml block");
+    blocks
+}
+
+/// Every TOML block a user may copy from the README is a configuration `concord config check`
+/// accepts: the policy file's block is written where the `[auth]` block's `[policy] file` points,
+/// and blocks that name agents defined elsewhere get a provider and those agents beside them.
+#[test]
+fn every_readme_toml_block_passes_config_check() {
+    let blocks = readme_toml_blocks();
+    assert!(
+        blocks.len() >= 8,
+        "{} toml blocks in the README",
+        blocks.len()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (policy, configs): (Vec<_>, Vec<_>) = blocks
+        .iter()
+        .partition(|block| block.starts_with("# policy.toml"));
+    assert_eq!(policy.len(), 1, "one policy-file block in the README");
+    std::fs::write(dir.path().join("policy.toml"), policy[0]).unwrap();
+    let policy_rules = policy[0].matches("[[rules]]").count();
+    let mut checked_policy = false;
+    for (index, block) in configs.iter().enumerate() {
+        let mut text = block.to_string();
+        if text.contains("[workflows.") && !text.contains("[providers.") {
+            text.push_str("\n[providers.local]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n");
+            for agent in [
+                "billing",
+                "support",
+                "dispatcher",
+                "optimist",
+                "skeptic",
+                "editor",
+                "developer",
+                "qa",
+            ] {
+                text.push_str(&format!("[agents.{agent}]\ninstructions = \"x\"\n"));
+            }
+        }
+        let file = dir.path().join(format!("block-{index}.toml"));
+        std::fs::write(&file, &text).unwrap();
+        let output = config_check(&file);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "README toml block {index} fails `concord config check`:\n{text}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("OK"), "{stdout}");
+        if text.contains("file = \"policy.toml\"") {
+            checked_policy = true;
+            assert!(
+                stdout.contains(&format!("{policy_rules} policy rules, OK")),
+                "{stdout}"
+            );
+        }
+    }
+    assert!(checked_policy, "no README block points at the policy file");
+}
+
+#[test]
+fn every_example_config_passes_config_check() {
+    let examples = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples"));
+    let mut checked = 0;
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let file = entry.unwrap().path().join("concord.toml");
+        if !file.exists() {
+            continue;
+        }
+        let output = config_check(&file);
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 2, "{checked} example configs found");
+}
+
+#[test]
+fn config_check_refuses_a_policy_rule_that_does_not_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "[[rules]]\nname = \"broken\"\neffect = \"allow\"\nwhen = \"principal.roles.exists(\"\n",
+    )
+    .unwrap();
+    let file = dir.path().join("concord.toml");
+    std::fs::write(&file, "[policy]\nfile = \"policy.toml\"\n").unwrap();
+    let output = config_check(&file);
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("[policy]") && stderr.contains("broken"),
+        "{stderr}"
+    );
 }
 
 struct Node {

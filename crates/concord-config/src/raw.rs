@@ -351,12 +351,20 @@ fn providers(
                 format!("expected a semantic version like 1.2.0, got {version:?}"),
             ));
         }
-        if p.price_input < 0.0 || p.price_output < 0.0 {
-            return Err(ConfigError::invalid(
-                file,
-                key("price_input"),
-                "prices cannot be negative",
-            ));
+        for (field, price) in [
+            ("price_input", p.price_input),
+            ("price_output", p.price_output),
+        ] {
+            // `nan` and `inf` are valid TOML floats; a price must be a real, finite amount.
+            if !(price >= 0.0 && price.is_finite()) {
+                return Err(ConfigError::invalid(
+                    file,
+                    key(field),
+                    format!(
+                        "expected a finite price of 0 or more (USD per million tokens), got {price}"
+                    ),
+                ));
+            }
         }
         let timeout = match p.timeout {
             Some(text) => {
@@ -466,6 +474,19 @@ fn agents(raw: BTreeMap<String, RawAgent>, file: &Path) -> Result<Vec<AgentSetti
             ),
             None => None,
         };
+        if a.budget
+            .cost_usd
+            .is_some_and(|c| !(c >= 0.0 && c.is_finite()))
+        {
+            return Err(ConfigError::invalid(
+                file,
+                key("budget.cost_usd"),
+                format!(
+                    "expected a finite amount of 0 or more, got {}",
+                    a.budget.cost_usd.unwrap_or_default()
+                ),
+            ));
+        }
         let mut tools = Vec::new();
         let mut tool_servers = Vec::new();
         for choice in a.tools {

@@ -523,3 +523,165 @@ fn workflows_name_known_agents() {
         .to_string();
     assert!(error.contains("workflows.w"), "{error}");
 }
+
+/// Each refused value: the error names the dotted key and says what was expected, and a config
+/// that differs only in that value loads (so the test shows the value, not the shape, is refused).
+fn refused(text: &str, key: &str, expected: &str) {
+    let err = toml(text).unwrap_err();
+    assert_eq!(err.key(), Some(key), "{err}");
+    let message = err.to_string();
+    assert!(message.contains(expected), "{message}");
+    assert!(
+        message.starts_with("/etc/concord/concord.toml"),
+        "{message}"
+    );
+}
+
+#[test]
+fn node_limits_below_their_minimum() {
+    refused(
+        "[node]\nmax_body_bytes = 1023\n",
+        "node.max_body_bytes",
+        "at least 1024 bytes, got 1023",
+    );
+    toml("[node]\nmax_body_bytes = 1024\n").unwrap();
+    refused(
+        "[node]\npage_size = 0\n",
+        "node.page_size",
+        "at least 1 item per page",
+    );
+    assert_eq!(toml("[node]\npage_size = 1\n").unwrap().node.page_size, 1);
+    refused(
+        "[node]\nmax_body_bytes = -5\n",
+        "node.max_body_bytes",
+        "invalid value",
+    );
+}
+
+#[test]
+fn origins_need_a_scheme() {
+    refused(
+        "[node]\nallowed_origins = [\"https://ok.example\", \"app.example.com\"]\n",
+        "node.allowed_origins[1]",
+        "expected an origin with a scheme",
+    );
+    refused(
+        "[node]\nallowed_origins = [\"ftp://files.example\"]\n",
+        "node.allowed_origins[0]",
+        "\"ftp://files.example\"",
+    );
+    let config =
+        toml("[node]\nallowed_origins = [\"https://ok.example\", \"http://x:3000\", \"null\"]\n")
+            .unwrap();
+    assert_eq!(config.node.allowed_origins.len(), 3);
+}
+
+const PROVIDER: &str =
+    "[providers.p]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n";
+
+#[test]
+fn prices_and_costs_are_finite_and_not_negative() {
+    refused(
+        &format!("{PROVIDER}price_input = -0.5\n"),
+        "providers.p.price_input",
+        "got -0.5",
+    );
+    refused(
+        &format!("{PROVIDER}price_output = -1.0\n"),
+        "providers.p.price_output",
+        "got -1",
+    );
+    // TOML has nan and inf: neither is a price.
+    refused(
+        &format!("{PROVIDER}price_input = nan\n"),
+        "providers.p.price_input",
+        "got NaN",
+    );
+    refused(
+        &format!("{PROVIDER}price_output = inf\n"),
+        "providers.p.price_output",
+        "got inf",
+    );
+    toml(&format!(
+        "{PROVIDER}price_input = 0.0\nprice_output = 15.0\n"
+    ))
+    .unwrap();
+    refused(
+        &format!("{PROVIDER}[agents.a]\ninstructions = \"x\"\nbudget = {{ cost_usd = -1.0 }}\n"),
+        "agents.a.budget.cost_usd",
+        "finite amount of 0 or more",
+    );
+    refused(
+        &format!("{PROVIDER}[agents.a]\ninstructions = \"x\"\nbudget = {{ cost_usd = nan }}\n"),
+        "agents.a.budget.cost_usd",
+        "finite amount",
+    );
+    refused(
+        "[budgets.default]\ncost_usd = -3.0\n",
+        "budgets.default.cost_usd",
+        "non-negative",
+    );
+}
+
+#[test]
+fn warn_at_is_a_share_between_0_and_1() {
+    for bad in ["0.0", "1.01", "-0.2", "nan"] {
+        refused(
+            &format!("[budgets]\nwarn_at = {bad}\n"),
+            "budgets.warn_at",
+            "expected a share between 0 and 1",
+        );
+    }
+    for good in ["0.01", "1.0"] {
+        toml(&format!("[budgets]\nwarn_at = {good}\n")).unwrap();
+    }
+}
+
+#[test]
+fn policy_rule_names_are_unique_and_present() {
+    refused(
+        "[[policy.rules]]\nname = \"a\"\neffect = \"allow\"\n[[policy.rules]]\nname = \"a\"\neffect = \"deny\"\n",
+        "policy.rules[1].name",
+        "\"a\" is empty or repeated",
+    );
+    refused(
+        "[[policy.rules]]\nname = \"  \"\neffect = \"allow\"\n",
+        "policy.rules[0].name",
+        "empty or repeated",
+    );
+}
+
+#[test]
+fn unreadable_key_file_is_named() {
+    refused(
+        "[[auth.keys]]\nkid = \"k\"\nalgorithm = \"RS256\"\npublic_key_file = \"keys/missing.pem\"\n",
+        "auth.keys[0].public_key_file",
+        "cannot read /etc/concord/keys/missing.pem",
+    );
+    refused(
+        "[[auth.keys]]\nkid = \"k\"\nalgorithm = \"RS256\"\npublic_key = \"x\"\npublic_key_file = \"k.pem\"\n",
+        "auth.keys[0].public_key",
+        "not both",
+    );
+}
+
+#[test]
+fn server_names_use_a_small_charset() {
+    for (name, expected) in [
+        ("\"a b\"", "may contain only letters, digits"),
+        ("\"über\"", "may contain only letters, digits"),
+        ("\"a.b\"", "may contain only letters, digits"),
+        ("\"a/b\"", "may contain only letters, digits"),
+        ("\"_a\"", "must not contain"),
+        ("\"a_\"", "must not contain"),
+        ("\"\"", "1 to 64 characters"),
+    ] {
+        let err = toml(&format!("[servers.{name}]\ncommand = \"x\"\n")).unwrap_err();
+        assert!(err.to_string().contains(expected), "{name}: {err}");
+    }
+    let long = "a".repeat(65);
+    let err = toml(&format!("[servers.{long}]\ncommand = \"x\"\n")).unwrap_err();
+    assert!(err.to_string().contains("1 to 64 characters"), "{err}");
+    toml(&format!("[servers.{}]\ncommand = \"x\"\n", "a".repeat(64))).unwrap();
+    toml("[servers.my-server_2]\ncommand = \"x\"\n").unwrap();
+}

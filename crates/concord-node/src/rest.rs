@@ -153,10 +153,23 @@ pub async fn feed(
     Query(query): Query<FeedQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let resume = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    // A Last-Event-ID that is not one of our event ids is refused, not read as 0: replaying the
+    // whole history to a client that meant to resume would hand it every change twice.
+    let resume = match headers.get("last-event-id") {
+        None => None,
+        Some(value) => match value.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
+            Some(seq) => Some(seq),
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({
+                        "error": "Last-Event-ID must be a commit sequence number (an event id of this feed)"
+                    })),
+                )
+                    .into_response();
+            }
+        },
+    };
     let since = resume.or(query.since).unwrap_or(0);
     let state = rest.state;
     if let Err(e) = state.changes(&query.prefix, since, 1).await {
