@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use concord_config::Config;
 use concord_governance::budgets::{Ledger, Limits, Ticket};
@@ -333,13 +332,12 @@ pub(crate) fn redact(value: &serde_json::Value, secret_words: &[String]) -> serd
     }
 }
 
-/// Authenticates every request it wraps; the principal goes into the request's extensions
-/// (as `Identity` for the gateway, as `Principal` for the REST API).
-pub(crate) async fn authenticate(
-    State(governance): State<Arc<Governance>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+/// Authenticates `request`: the principal goes into its extensions (as `Identity` for the
+/// gateway, as `Principal` for the REST API); a refusal is the 401 to answer with.
+pub(crate) async fn authenticate_request(
+    governance: &Governance,
+    request: &mut Request,
+) -> Result<Principal, Response> {
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -347,8 +345,8 @@ pub(crate) async fn authenticate(
     match governance.authenticator.authenticate(authorization).await {
         Ok(principal) => {
             request.extensions_mut().insert(identity_of(&principal));
-            request.extensions_mut().insert(principal);
-            next.run(request).await
+            request.extensions_mut().insert(principal.clone());
+            Ok(principal)
         }
         Err(error) => {
             let reason = error.to_string();
@@ -358,7 +356,7 @@ pub(crate) async fn authenticate(
                 json!({"path": request.uri().path(), "reason": reason}),
             );
             tracing::info!(path = %request.uri().path(), %reason, "request refused: not authenticated");
-            unauthorized(&request, &governance, &error)
+            Err(unauthorized(request, governance, &error))
         }
     }
 }

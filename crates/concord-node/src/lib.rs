@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 mod agents;
 mod edge;
+pub mod front_door;
 mod governance;
 mod registry;
 mod rest;
@@ -424,7 +425,7 @@ fn router(
             axum::routing::delete(registry::deregister),
         )
         .with_state(registry_state);
-    let mut state_api = Router::new()
+    let state_api = Router::new()
         .route("/api/v1/state/changes", get(rest::feed))
         .route(
             "/api/v1/state/{*key}",
@@ -460,7 +461,7 @@ fn router(
         own.start();
         mcp = mcp.merge(own.http_router(&format!("/agents/{name}/mcp"), edge, shutdown.clone()));
     }
-    let mut mcp = mcp.layer(middleware::from_fn_with_state(
+    let mcp = mcp.layer(middleware::from_fn_with_state(
         edge::BodyLimit(edge.max_body_bytes),
         edge::jsonrpc_edge,
     ));
@@ -468,18 +469,19 @@ fn router(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state);
+        .route("/api/v1/admin/status", get(admin_status))
+        .with_state(ReadyState {
+            app: state,
+            detailed: governance.is_none(),
+        });
+    let door = front_door::FrontDoor {
+        hosts: Arc::new(front_door::HostPolicy::new(
+            &edge.allowed_hosts,
+            &edge.allowed_origins,
+        )),
+        governance: governance.clone(),
+    };
     if let Some(governance) = governance {
-        // Authentication runs before the JSON-RPC edge checks: nothing about the request is
-        // looked at for a caller who has not proven who they are.
-        mcp = mcp.layer(middleware::from_fn_with_state(
-            governance.clone(),
-            governance::authenticate,
-        ));
-        state_api = state_api.layer(middleware::from_fn_with_state(
-            governance.clone(),
-            governance::authenticate,
-        ));
         let metadata = Router::new()
             .route(
                 governance::METADATA_PATH,
@@ -492,8 +494,11 @@ fn router(
             .with_state(governance);
         app = app.merge(metadata);
     }
+    // The front door is a layer of the whole router: it runs for every route, after routing
+    // (it reads the matched route), before any handler.
     app.merge(mcp)
         .merge(state_api)
+        .layer(middleware::from_fn_with_state(door, front_door::admit))
         .layer(middleware::from_fn(http_span))
 }
 
@@ -514,13 +519,22 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
-    let ready = state.gateway.is_ready();
-    let body = serde_json::json!({
-        "ready": ready,
-        "tools": state.gateway.tool_count(),
-        "servers": state.gateway.status(),
-    });
+/// What the status routes read; `detailed` when auth is off (every surface is open then).
+#[derive(Clone)]
+struct ReadyState {
+    app: AppState,
+    detailed: bool,
+}
+
+/// Readiness for probes. With auth on it is bare (`ready` only): the servers, replicas,
+/// failure reasons and tool counts are `admin/read` detail, at `/api/v1/admin/status`.
+async fn readyz(State(state): State<ReadyState>) -> Response {
+    let ready = state.app.gateway.is_ready();
+    let body = if state.detailed {
+        status_body(&state.app)
+    } else {
+        serde_json::json!({ "ready": ready })
+    };
     let status = if ready {
         StatusCode::OK
     } else {
@@ -529,7 +543,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+fn status_body(state: &AppState) -> serde_json::Value {
+    serde_json::json!({
+        "ready": state.gateway.is_ready(),
+        "tools": state.gateway.tool_count(),
+        "servers": state.gateway.status(),
+    })
+}
+
+/// The node's detailed status (servers, replicas, breakers, failure reasons): `admin/read`.
+async fn admin_status(State(state): State<ReadyState>) -> Response {
+    axum::Json(status_body(&state.app)).into_response()
+}
+
+async fn metrics(State(state): State<ReadyState>) -> Response {
+    let state = state.app;
     let mut body = state.metrics.render();
     // Read at scrape time from the store's own counters.
     let (transactions, commits) = state.store.commit_groups();

@@ -39,7 +39,48 @@ impl TestNode {
     fn url(&self) -> String {
         self.node.mcp_url()
     }
+
+    /// A node whose store already holds an API key for each of `principals` (tokens by name).
+    async fn start_with_keys(
+        extra: &str,
+        principals: &[String],
+    ) -> (TestNode, std::collections::HashMap<String, String>) {
+        let fixture = concord_testkit::workspace_bin("concord-fixture");
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let location = concord_node::store_location(None, None, &data);
+        let store = concord_store::Store::open(&location).await.unwrap();
+        let mut tokens = std::collections::HashMap::new();
+        for principal in principals {
+            let key = concord_governance::api_keys::create(&store, principal, &[], 0)
+                .await
+                .unwrap();
+            tokens.insert(principal.clone(), key.token);
+        }
+        drop(store);
+        let text = format!(
+            "[servers.alpha]\ncommand = {fixture:?}\nargs = [\"--name\", \"alpha\"]\n{extra}",
+        );
+        let config = Config::from_str_at(&text, &dir.path().join("concord.toml"), &|_| None)
+            .expect("test config is valid");
+        let node = concord_node::start(
+            &config,
+            NodeOptions {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                data_dir: data,
+                store: None,
+            },
+        )
+        .await
+        .unwrap();
+        node.wait_ready().await.unwrap();
+        (TestNode { node, _dir: dir }, tokens)
+    }
 }
+
+#[path = "integration/matrix.rs"]
+mod matrix;
 
 /// Parses a streamable HTTP answer: plain JSON, or the first SSE `data:` line holding a message.
 fn parse_body(text: &str) -> Value {
