@@ -372,7 +372,8 @@ fn absent(key: &KeyRef) -> Current {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{AdminConnection, Store};
+    use crate::Store;
+    use concord_testkit::PgTestDatabase;
     use serde_json::json;
 
     fn key(name: &str) -> KeyRef {
@@ -391,12 +392,12 @@ mod tests {
     }
 
     /// A fresh store on each backend: SQLite in a temporary directory, and a new database on
-    /// the PostgreSQL server named by CONCORD_TEST_POSTGRES (the local one by default).
+    /// the PostgreSQL server named by CONCORD_TEST_POSTGRES (the local one by default), dropped
+    /// with the fixture even when the test fails.
     struct Backends {
         _dir: tempfile::TempDir,
         stores: Vec<Store>,
-        admin: AdminConnection,
-        database: String,
+        _database: PgTestDatabase,
     }
 
     impl Backends {
@@ -405,31 +406,12 @@ mod tests {
             let sqlite = Store::open_sqlite(&dir.path().join("state.db"))
                 .await
                 .unwrap();
-            let admin_url = std::env::var("CONCORD_TEST_POSTGRES")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-            let admin = AdminConnection::connect(&admin_url)
-                .await
-                .expect("PostgreSQL (CONCORD_TEST_POSTGRES) must be reachable");
-            let database = format!(
-                "concord_gc_{}_{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos()
-            );
-            admin
-                .execute(&format!("CREATE DATABASE {database}"))
-                .await
-                .unwrap();
-            let base = admin_url.split('?').next().unwrap();
-            let url = format!("{}/{database}", base.rsplit_once('/').unwrap().0);
-            let postgres = Store::open_postgres(&url).await.unwrap();
+            let database = PgTestDatabase::create("concord_gc").await;
+            let postgres = Store::open_postgres(database.url()).await.unwrap();
             Backends {
                 _dir: dir,
                 stores: vec![sqlite, postgres],
-                admin,
-                database,
+                _database: database,
             }
         }
 
@@ -437,13 +419,6 @@ mod tests {
             for store in &self.stores {
                 store.close().await;
             }
-            self.admin
-                .execute(&format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.database
-                ))
-                .await
-                .unwrap();
         }
     }
 

@@ -11,6 +11,7 @@
 mod conversations;
 mod governance;
 mod group_commit;
+mod migrate;
 mod postgres_batch;
 mod registry;
 mod sqlite_batch;
@@ -32,6 +33,7 @@ use sqlx::{Connection, Row};
 pub use conversations::Turn;
 pub use governance::{ApiKeyRecord, AuditDraft, AuditRow, GENESIS_HASH};
 use group_commit::{Decide, GroupCommitter};
+pub use migrate::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS, migrate};
 use postgres_batch::PostgresWriter;
 pub use registry::RegistryRow;
 use sqlite_batch::SqliteWriter;
@@ -53,6 +55,13 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// The database was migrated by a newer binary: using it could corrupt what that binary
+    /// wrote, so the store refuses to open.
+    #[error(
+        "the database's schema is at version {found}, newer than this binary knows (it has \
+         migrations up to version {known}): run a Concord as new as the one that migrated it"
+    )]
+    SchemaTooNew { found: u32, known: u32 },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
@@ -191,23 +200,8 @@ fn parse_json(text: &str) -> Result<Value, StoreError> {
 impl Store {
     /// Opens (creating if needed) the SQLite store at `path` and migrates it.
     pub async fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // An acknowledged commit must survive power loss, not only a process crash.
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(std::time::Duration::from_secs(30))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options.clone())
-            .await
-            .map_err(|source| StoreError::Open {
-                location: path.display().to_string(),
-                source,
-            })?;
-        migrate_sqlite(&pool).await?;
+        let (pool, options) = connect_sqlite(path).await?;
+        migrate::migrate_sqlite(&pool, SQLITE_MIGRATIONS).await?;
         let cache = Arc::new(ValueCache::default());
         let writer = SqliteWriter::open(&options, cache.clone())
             .await
@@ -223,20 +217,8 @@ impl Store {
 
     /// Connects to PostgreSQL at `url` and migrates the schema.
     pub async fn open_postgres(url: &str) -> Result<Store, StoreError> {
-        let options =
-            sqlx::postgres::PgConnectOptions::from_str(url).map_err(|source| StoreError::Open {
-                location: redact(url),
-                source,
-            })?;
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Open {
-                location: redact(url),
-                source,
-            })?;
-        migrate_postgres(&pool).await?;
+        let pool = connect_postgres(url).await?;
+        migrate::migrate_postgres(&pool, POSTGRES_MIGRATIONS).await?;
         Ok(Store {
             committer: GroupCommitter::start(PostgresWriter::new(pool.clone()), None),
             backend: Backend::Postgres(pool),
@@ -245,13 +227,9 @@ impl Store {
 
     /// `postgres://…` or a SQLite file path.
     pub async fn open(location: &str) -> Result<Store, StoreError> {
-        if location.starts_with("postgres://") || location.starts_with("postgresql://") {
-            Self::open_postgres(location).await
-        } else {
-            Self::open_sqlite(Path::new(
-                location.strip_prefix("sqlite://").unwrap_or(location),
-            ))
-            .await
+        match Location::parse(location) {
+            Location::Postgres(url) => Self::open_postgres(url).await,
+            Location::Sqlite(path) => Self::open_sqlite(path).await,
         }
     }
 
@@ -912,81 +890,60 @@ impl Store {
     }
 }
 
-/// Schema migrations, in order; each runs once, in its own transaction, on start.
-const SQLITE_MIGRATIONS: &[&str] = &[
-    include_str!("../migrations/sqlite/0001_state.sql"),
-    include_str!("../migrations/sqlite/0002_leases.sql"),
-    include_str!("../migrations/sqlite/0003_governance.sql"),
-    include_str!("../migrations/sqlite/0004_registry.sql"),
-    include_str!("../migrations/sqlite/0005_usage.sql"),
-    include_str!("../migrations/sqlite/0006_conversations.sql"),
-];
-const POSTGRES_MIGRATIONS: &[&str] = &[
-    include_str!("../migrations/postgres/0001_state.sql"),
-    include_str!("../migrations/postgres/0002_leases.sql"),
-    include_str!("../migrations/postgres/0003_governance.sql"),
-    include_str!("../migrations/postgres/0004_registry.sql"),
-    include_str!("../migrations/postgres/0005_usage.sql"),
-    include_str!("../migrations/postgres/0006_conversations.sql"),
-];
-
-async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS concord_schema (version INTEGER NOT NULL)")
-        .execute(pool)
-        .await?;
-    let mut conn = pool.acquire().await?;
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let applied: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM concord_schema")
-        .fetch_one(&mut *tx)
-        .await?;
-    for (index, migration) in SQLITE_MIGRATIONS.iter().enumerate().skip(applied as usize) {
-        let version = index as u32 + 1;
-        let failed = |source| StoreError::Migrate { version, source };
-        sqlx::raw_sql(migration)
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-        sqlx::query("INSERT INTO concord_schema (version) VALUES (?)")
-            .bind(version as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-    }
-    tx.commit().await?;
-    Ok(())
+/// Where a store lives: `postgres://…` (or `postgresql://…`), else a SQLite file path
+/// (`sqlite://` in front is allowed).
+enum Location<'a> {
+    Sqlite(&'a Path),
+    Postgres(&'a str),
 }
 
-async fn migrate_postgres(pool: &PgPool) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    // Nodes starting together must not migrate twice.
-    sqlx::query("SELECT pg_advisory_xact_lock(7411)")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS concord_schema (version INTEGER NOT NULL)")
-        .execute(&mut *tx)
-        .await?;
-    let applied: i32 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM concord_schema")
-        .fetch_one(&mut *tx)
-        .await?;
-    for (index, migration) in POSTGRES_MIGRATIONS
-        .iter()
-        .enumerate()
-        .skip(applied as usize)
-    {
-        let version = index as u32 + 1;
-        let failed = |source| StoreError::Migrate { version, source };
-        sqlx::raw_sql(migration)
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-        sqlx::query("INSERT INTO concord_schema (version) VALUES ($1)")
-            .bind(version as i32)
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
+impl<'a> Location<'a> {
+    fn parse(location: &'a str) -> Location<'a> {
+        if location.starts_with("postgres://") || location.starts_with("postgresql://") {
+            Location::Postgres(location)
+        } else {
+            Location::Sqlite(Path::new(
+                location.strip_prefix("sqlite://").unwrap_or(location),
+            ))
+        }
     }
-    tx.commit().await?;
-    Ok(())
+}
+
+/// The SQLite pool (and the options its dedicated writer connects with).
+async fn connect_sqlite(path: &Path) -> Result<(SqlitePool, SqliteConnectOptions), StoreError> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // An acknowledged commit must survive power loss, not only a process crash.
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(std::time::Duration::from_secs(30))
+        .foreign_keys(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(options.clone())
+        .await
+        .map_err(|source| StoreError::Open {
+            location: path.display().to_string(),
+            source,
+        })?;
+    Ok((pool, options))
+}
+
+async fn connect_postgres(url: &str) -> Result<PgPool, StoreError> {
+    let options =
+        sqlx::postgres::PgConnectOptions::from_str(url).map_err(|source| StoreError::Open {
+            location: redact(url),
+            source,
+        })?;
+    PgPoolOptions::new()
+        .max_connections(16)
+        .connect_with(options)
+        .await
+        .map_err(|source| StoreError::Open {
+            location: redact(url),
+            source,
+        })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,8 +1,13 @@
 //! Test support shared by Concord's integration and end-to-end tests: locating the workspace's
-//! built binaries and the real peers installed by the test command, and picking free ports.
+//! built binaries and the real peers installed by the test command, picking free ports, and
+//! throwaway PostgreSQL databases ([`PgTestDatabase`]).
 //! A dev-dependency only; nothing here is compiled into the product.
 
+mod postgres;
+
 use std::path::PathBuf;
+
+pub use postgres::{DEFAULT_TEST_POSTGRES, PgTestDatabase};
 
 /// The workspace root (two levels above this crate).
 pub fn workspace_root() -> PathBuf {
