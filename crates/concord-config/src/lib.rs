@@ -66,7 +66,8 @@ pub struct AuthSettings {
     pub issuer: Option<String>,
     /// Required `aud` of JWTs.
     pub audience: Option<String>,
-    /// Where the signing keys are published (fetched at start, again for an unknown `kid`).
+    /// Where the signing keys are published (fetched at start, refreshed every 5 minutes or per
+    /// Cache-Control, and on an unknown `kid`).
     pub jwks_url: Option<String>,
     /// Keys given in the config instead of (or beside) a JWKS.
     pub keys: Vec<StaticKey>,

@@ -6,6 +6,7 @@
 pub mod api_keys;
 pub mod audit;
 pub mod budgets;
+pub mod clock;
 pub mod identity;
 pub mod jwt;
 pub mod limits;
