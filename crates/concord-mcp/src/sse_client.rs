@@ -35,7 +35,10 @@ pub(crate) async fn connect(
     let header_map: http::HeaderMap = crate::http_client::header_map(headers)?
         .into_iter()
         .collect();
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder()
+        .redirect(same_origin_redirects())
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
     let response = tokio::time::timeout(
         timeout,
         client
@@ -47,9 +50,23 @@ pub(crate) async fn connect(
     .await
     .map_err(|_| format!("no answer from {url} within {timeout:?}"))?
     .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    if let Some(location) = response
+        .headers()
+        .get(http::header::LOCATION)
+        .filter(|_| response.status().is_redirection())
+    {
+        return Err(format!(
+            "GET {url} answered HTTP {} (a redirect to {location:?}, which is followed only \
+             within the configured origin)",
+            response.status()
+        ));
+    }
     if !response.status().is_success() {
         return Err(format!("GET {url} answered HTTP {}", response.status()));
     }
+    // Where the stream came from after any redirect (within the origin): the endpoint is
+    // relative to it.
+    let stream_url = response.url().clone();
     let mut events = SseStream::from_bytes_stream(response.bytes_stream());
 
     let endpoint = tokio::time::timeout(timeout, async {
@@ -57,7 +74,7 @@ pub(crate) async fn connect(
             let event = event.map_err(|e| format!("broken event stream: {e}"))?;
             if event.event.as_deref() == Some("endpoint") {
                 let data = event.data.unwrap_or_default();
-                return base
+                return stream_url
                     .join(data.trim())
                     .map_err(|e| format!("invalid endpoint {data:?}: {e}"));
             }
@@ -66,6 +83,13 @@ pub(crate) async fn connect(
     })
     .await
     .map_err(|_| format!("{url} sent no endpoint event within {timeout:?}"))??;
+    // Every POST carries the configured headers (often a credential): only to the origin the
+    // operator configured, whatever the stream says.
+    if endpoint.origin() != base.origin() {
+        return Err(format!(
+            "{url} named the endpoint {endpoint}, which is not on its origin: refusing to send it messages"
+        ));
+    }
 
     let (tx, incoming) = mpsc::channel(256);
     let reader = tokio::spawn(async move {
@@ -92,6 +116,24 @@ pub(crate) async fn connect(
         headers: header_map,
         incoming,
         reader,
+    })
+}
+
+/// Redirects are followed within the configured origin only: a redirected request replays the
+/// configured headers, and another origin must not receive them.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same_origin = attempt
+            .previous()
+            .first()
+            .is_some_and(|first| first.origin() == attempt.url().origin());
+        if !same_origin {
+            attempt.stop()
+        } else if attempt.previous().len() > 10 {
+            attempt.error("too many redirects")
+        } else {
+            attempt.follow()
+        }
     })
 }
 

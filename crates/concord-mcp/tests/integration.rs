@@ -7,6 +7,9 @@
 // relays between the eras.
 #![allow(deprecated)]
 
+/// The legacy HTTP+SSE upstream transport, and configured headers on the wire.
+mod legacy_sse;
+
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::collections::HashMap;
