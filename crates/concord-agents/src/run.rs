@@ -1,6 +1,8 @@
 use std::time::Instant;
 
-use concord_llm::{Attempt, ChatRequest, ChatResponse, Message, ToolCall, ToolSpec, Usage};
+use concord_llm::{
+    Attempt, ChatRequest, ChatResponse, FinishReason, Message, ToolCall, ToolSpec, Usage,
+};
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde_json::Value;
@@ -110,6 +112,8 @@ pub enum Ending {
     MaxIterations {
         limit: u32,
     },
+    /// A budget ran out, or the model's answer was cut at its output token limit (then
+    /// `budget` starts with "output tokens" and the report keeps the partial answer).
     BudgetExhausted {
         budget: String,
     },
@@ -305,6 +309,17 @@ pub async fn run(
         };
         let calls = response.message.tool_calls.clone();
         run.messages.push(response.message.clone());
+        if calls.is_empty() && response.finish == FinishReason::Length {
+            // The answer was cut at the output token limit (what the budget had left, or the
+            // provider's own): what came is kept, but it is not a complete answer.
+            return run.report(
+                Ending::BudgetExhausted {
+                    budget: "output tokens (the answer was cut at the output limit)".into(),
+                },
+                response.message.content,
+                None,
+            );
+        }
         if calls.is_empty() && response.message.content.trim().is_empty() && !nudged {
             // Small models sometimes stop with nothing to say after a tool result: ask once.
             nudged = true;

@@ -1,10 +1,12 @@
 //! The agentic loop against a scripted OpenAI-compatible server that speaks the real wire
 //! format (JSON completions and streamed chunks with tool calls and usage, errors), through the
 //! real provider adapter: multi-step tool use, an unknown tool, malformed arguments, the
-//! iteration limit, budgets running out mid-loop, cancellation mid-loop, and structured output
-//! asked again once.
+//! iteration limit, budgets running out mid-loop, cancellation mid-loop (signalled by the fake
+//! model and tool themselves, never by a timer), an answer cut at the output limit, and
+//! structured output asked again once.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use concord_agents::{
 use concord_llm::{Api, Provider, ProviderConfig, ToolSpec};
 use futures::future::BoxFuture;
 use serde_json::{Map, Value, json};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// One scripted answer of the fake model.
@@ -29,6 +32,10 @@ enum Turn {
     StreamedCall(&'static str, &'static str),
     /// A final text answer.
     Say(&'static str),
+    /// A text answer cut at the output limit (`finish_reason: "length"`).
+    Cut(&'static str),
+    /// The same, streamed.
+    StreamedCut(&'static str),
     /// Never answers (until the client gives up).
     Hang,
 }
@@ -39,6 +46,10 @@ struct Script {
     /// Every request body the server received.
     requests: Arc<Mutex<Vec<Value>>>,
     repeat_last: bool,
+    /// Signalled when a request has arrived (and been recorded).
+    arrived: Arc<Notify>,
+    /// Signalled when a `Hang` answer was abandoned: the client went away before it was sent.
+    abandoned: Arc<Notify>,
 }
 
 fn completion(message: Value, finish: &str) -> Value {
@@ -56,8 +67,34 @@ fn sse(chunks: &[Value]) -> String {
     out
 }
 
+/// Notifies when dropped: a handler future dropped before it finished was abandoned.
+struct OnDrop(Arc<Notify>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+/// The chunks of a streamed text answer, ending with `finish`.
+fn streamed_text(text: &str, finish: &str) -> String {
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "c", "object": "chat.completion.chunk", "model": "scripted",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let (head, tail) = text.split_at(text.len() / 2);
+    sse(&[
+        chunk(json!({"role": "assistant", "content": head}), Value::Null),
+        chunk(json!({"content": tail}), Value::Null),
+        chunk(json!({}), json!(finish)),
+        json!({"id": "c", "object": "chat.completion.chunk", "model": "scripted", "choices": [],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}),
+    ])
+}
+
 async fn answer(script: Script, body: Value) -> Response {
     script.requests.lock().unwrap().push(body);
+    script.arrived.notify_one();
     let turn = {
         let mut turns = script.turns.lock().unwrap();
         if script.repeat_last && turns.len() == 1 {
@@ -69,6 +106,10 @@ async fn answer(script: Script, body: Value) -> Response {
     match turn {
         None => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "script exhausted").into_response(),
         Some(Turn::Say(text)) => axum::Json(completion(json!({"role": "assistant", "content": text}), "stop")).into_response(),
+        Some(Turn::Cut(text)) => axum::Json(completion(json!({"role": "assistant", "content": text}), "length")).into_response(),
+        Some(Turn::StreamedCut(text)) => {
+            ([("content-type", "text/event-stream")], streamed_text(text, "length")).into_response()
+        }
         Some(Turn::Call(name, arguments)) => axum::Json(completion(
             json!({"role": "assistant", "content": null, "tool_calls": [
                 {"id": format!("call_{name}"), "type": "function", "function": {"name": name, "arguments": arguments}}]}),
@@ -89,8 +130,9 @@ async fn answer(script: Script, body: Value) -> Response {
             ([("content-type", "text/event-stream")], body).into_response()
         }
         Some(Turn::Hang) => {
-            tokio::time::sleep(Duration::from_secs(600)).await;
-            "late".into_response()
+            // Never finishes: it can only be dropped, when the client abandons the request.
+            let _abandoned = OnDrop(script.abandoned.clone());
+            std::future::pending::<Response>().await
         }
     }
 }
@@ -131,6 +173,19 @@ async fn scripted(turns: Vec<Turn>, stream: bool, repeat_last: bool) -> (Provide
 struct Files {
     calls: Mutex<Vec<(String, Value)>>,
     cancelled: Mutex<bool>,
+    /// Signalled when a `wait` call has started.
+    waiting: Notify,
+    /// Set when a `wait` call stopped, by finishing or by being dropped mid-call.
+    wait_stopped: AtomicBool,
+}
+
+/// Marks a `wait` call stopped, however it stops.
+struct WaitGuard<'a>(&'a Files);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.wait_stopped.store(true, Ordering::SeqCst);
+    }
 }
 
 impl ToolBox for Files {
@@ -183,6 +238,8 @@ impl ToolBox for Files {
                     other => ToolOutcome::Error(format!("no such file {other:?}")),
                 },
                 _ => {
+                    let _stopped = WaitGuard(self);
+                    self.waiting.notify_one();
                     cancel.cancelled().await;
                     *self.cancelled.lock().unwrap() = true;
                     ToolOutcome::Error("cancelled".into())
@@ -432,8 +489,8 @@ async fn budgets_running_out_mid_loop_stop_it() {
 }
 
 #[tokio::test]
-async fn cancellation_mid_loop_stops_it_and_the_call_in_flight() {
-    let (model, _) = scripted(
+async fn cancellation_during_a_tool_call_stops_the_run_and_the_call() {
+    let (model, script) = scripted(
         vec![Turn::Call("wait", "{}"), Turn::Say("never")],
         false,
         false,
@@ -441,9 +498,10 @@ async fn cancellation_mid_loop_stops_it_and_the_call_in_flight() {
     .await;
     let files = Arc::new(Files::default());
     let cancel = CancellationToken::new();
-    let trigger = cancel.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    // Cancel once the tool call is in flight, as the tool itself reports.
+    let (trigger, started) = (cancel.clone(), files.clone());
+    let canceller = tokio::spawn(async move {
+        started.waiting.notified().await;
         trigger.cancel();
     });
     let report = run_quietly(
@@ -455,22 +513,39 @@ async fn cancellation_mid_loop_stops_it_and_the_call_in_flight() {
         &cancel,
     )
     .await;
-    assert_eq!(report.ending, Ending::Cancelled);
+    canceller.await.unwrap();
+    assert_eq!(report.ending, Ending::Cancelled, "{report:?}");
     assert_eq!(
-        files.calls.lock().unwrap()[0].0,
-        "wait",
+        files.calls.lock().unwrap().clone(),
+        vec![("wait".to_string(), json!({}))],
         "it was cancelled mid-call"
     );
+    assert!(
+        files.wait_stopped.load(Ordering::SeqCst),
+        "the call in flight was stopped, not left running"
+    );
     assert_eq!(report.tool_calls, 0, "the cancelled call did not complete");
-    // A model call in flight is abandoned too.
-    let (model, script) = scripted(vec![Turn::Hang], false, false).await;
+    assert_eq!(report.iterations, 1);
+    assert_eq!(
+        script.requests.lock().unwrap().len(),
+        1,
+        "the model was not asked again after the cancellation"
+    );
+    assert!(report.answer.is_empty());
+}
+
+#[tokio::test]
+async fn cancellation_during_a_model_turn_abandons_the_request() {
+    // The model never answers; the provider would give up only after 30 s (a `ModelFailed`
+    // ending), so a `Cancelled` ending shows the cancellation itself ended the run.
+    let (model, script) = scripted(vec![Turn::Hang, Turn::Say("never")], false, false).await;
     let cancel = CancellationToken::new();
-    let trigger = cancel.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    // Cancel once the fake model has the request in hand.
+    let (trigger, arrived) = (cancel.clone(), script.arrived.clone());
+    let canceller = tokio::spawn(async move {
+        arrived.notified().await;
         trigger.cancel();
     });
-    let started = std::time::Instant::now();
     let report = run_quietly(
         &agent(5, None),
         "hang",
@@ -480,9 +555,64 @@ async fn cancellation_mid_loop_stops_it_and_the_call_in_flight() {
         &cancel,
     )
     .await;
-    assert_eq!(report.ending, Ending::Cancelled);
-    assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(script.requests.lock().unwrap().len(), 1);
+    canceller.await.unwrap();
+    assert_eq!(report.ending, Ending::Cancelled, "{report:?}");
+    assert_eq!(report.iterations, 1);
+    assert!(
+        report.attempts.is_empty(),
+        "the turn was abandoned, not finished: {:?}",
+        report.attempts
+    );
+    // The HTTP request itself was dropped: the fake model sees its client go away (a guard
+    // against a hang, far above any real delay).
+    tokio::time::timeout(Duration::from_secs(60), script.abandoned.notified())
+        .await
+        .expect("the model request in flight was never abandoned");
+    assert_eq!(
+        script.requests.lock().unwrap().len(),
+        1,
+        "the model was not asked again after the cancellation"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_cut_at_the_output_limit_does_not_pass_as_an_answer() {
+    // The provider says the answer hit the token limit (`finish_reason: "length"`), in a whole
+    // body and in a stream; an empty cut answer is not nudged either (it would be cut again).
+    for (turn, partial) in [
+        (
+            Turn::Cut("The files say alpha and"),
+            "The files say alpha and",
+        ),
+        (
+            Turn::StreamedCut("The files say alpha and"),
+            "The files say alpha and",
+        ),
+        (Turn::Cut(""), ""),
+    ] {
+        let (model, script) = scripted(vec![turn, Turn::Say("never")], false, false).await;
+        let schema = json!({"type": "string"});
+        let report = run_quietly(
+            &agent(5, Some(schema)),
+            "What do the files say?",
+            &model,
+            &Files::default(),
+            Limits::default(),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(
+            report.ending,
+            Ending::BudgetExhausted {
+                budget: "output tokens (the answer was cut at the output limit)".into()
+            },
+            "{report:?}"
+        );
+        assert_eq!(report.answer, partial, "the partial answer is kept");
+        assert_eq!(report.structured, None);
+        assert_eq!(report.usage.total(), 120, "the cut turn is still counted");
+        assert_eq!(script.requests.lock().unwrap().len(), 1, "not asked again");
+    }
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Workflows over agents with a runner that records what ran where and when: the
 //! orchestrator's DAG in dependency order within each worker's concurrency, the router, parallel
-//! fan-out/fan-in and the evaluator-optimizer loop.
+//! fan-out/fan-in and the evaluator-optimizer loop. Overlap is proven, not hoped for: the runner
+//! can hold every run until a given number are in flight at once.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -8,7 +9,6 @@ use std::time::Duration;
 use concord_agents::workflow::{AgentRunner, DagTask, Route, Worker, Workflow, WorkflowError};
 use futures::future::BoxFuture;
 
-#[derive(Default)]
 struct Recorder {
     /// (agent, prompt) in start order.
     started: Mutex<Vec<(String, String)>>,
@@ -18,6 +18,35 @@ struct Recorder {
     peak: Mutex<std::collections::HashMap<String, usize>>,
     /// Scripted answers by agent (popped in order); default: "<agent> did <first line>".
     answers: Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// No run finishes before this many runs have been in flight at the same time (once that
+    /// happened, runs finish freely). 0: runs never wait.
+    wave: usize,
+    /// Runs in flight, every agent together.
+    total_in_flight: Mutex<usize>,
+    /// Open once `wave` runs were in flight together.
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::holding_until(0)
+    }
+}
+
+impl Recorder {
+    /// A recorder whose runs wait until `wave` of them are in flight at once.
+    fn holding_until(wave: usize) -> Self {
+        Self {
+            started: Mutex::default(),
+            events: Mutex::default(),
+            in_flight: Mutex::default(),
+            peak: Mutex::default(),
+            answers: Mutex::default(),
+            wave,
+            total_in_flight: Mutex::new(0),
+            gate: tokio::sync::watch::Sender::new(wave == 0),
+        }
+    }
 }
 
 impl AgentRunner for Recorder {
@@ -39,8 +68,24 @@ impl AgentRunner for Recorder {
                 let mut peak = self.peak.lock().unwrap();
                 let p = peak.entry(agent.to_string()).or_default();
                 *p = (*p).max(*n);
+                let mut total = self.total_in_flight.lock().unwrap();
+                *total += 1;
+                if *total >= self.wave {
+                    self.gate.send_replace(true);
+                }
             }
-            tokio::time::sleep(Duration::from_millis(40)).await;
+            // Wait for the wave (the timeout only turns a hang into a failure).
+            let mut gate = self.gate.subscribe();
+            let opened = tokio::time::timeout(Duration::from_secs(60), gate.wait_for(|open| *open))
+                .await
+                .is_ok();
+            assert!(
+                opened,
+                "{} runs were never in flight at once: {:?}",
+                self.wave,
+                self.events.lock().unwrap()
+            );
+            *self.total_in_flight.lock().unwrap() -= 1;
             *self.in_flight.lock().unwrap().get_mut(agent).unwrap() -= 1;
             self.events
                 .lock()
@@ -89,7 +134,9 @@ async fn a_dag_of_five_tasks_runs_in_dependency_order_within_each_workers_concur
             task("d", "review", &["a", "b"]),
         ],
     };
-    let recorder = Recorder::default();
+    // a, b and f are ready at once and three slots are free: none may finish before all three
+    // have started.
+    let recorder = Recorder::holding_until(3);
     let report = workflow.run("build the thing", &recorder).await.unwrap();
     assert_eq!(report.steps.len(), 5);
     let events = recorder.events.lock().unwrap().clone();
@@ -206,7 +253,7 @@ async fn router_parallel_and_evaluator() {
         agents: vec!["x".into(), "y".into()],
         combine: Some("z".into()),
     };
-    let recorder = Recorder::default();
+    let recorder = Recorder::holding_until(2);
     let report = parallel.run("ideas", &recorder).await.unwrap();
     let events = recorder.events.lock().unwrap().clone();
     assert_eq!(

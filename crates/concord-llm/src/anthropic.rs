@@ -190,14 +190,23 @@ impl StreamState {
     }
 }
 
+/// Reads a stream to its `message_stop`: a stream that ends before it (the connection closed
+/// midway) is an error, never the truncated answer.
 pub(crate) async fn read_stream(response: reqwest::Response) -> Result<ChatResponse, LlmError> {
     let mut state = StreamState::default();
+    let mut stopped = false;
     crate::sse::read_events(response, |event| {
         let value: Value = serde_json::from_str(&event.data)
             .map_err(|e| LlmError::Protocol(format!("a streamed event is not JSON: {e}")))?;
         state.push(&value)?;
-        Ok(value["type"] != "message_stop")
+        stopped = value["type"] == "message_stop";
+        Ok(!stopped)
     })
     .await?;
+    if !stopped {
+        return Err(LlmError::Protocol(
+            "the stream ended before message_stop: the answer is incomplete".into(),
+        ));
+    }
     Ok(state.finish())
 }

@@ -109,6 +109,11 @@ impl Accumulator {
         if let Some(error) = value.get("error") {
             return Err(LlmError::Protocol(format!("error answer: {error}")));
         }
+        if let Some(reason) = value["promptFeedback"]["blockReason"].as_str() {
+            return Err(LlmError::Protocol(format!(
+                "the prompt was blocked: {reason}"
+            )));
+        }
         if let Some(model) = value["modelVersion"].as_str() {
             self.model = model.to_string();
         }
@@ -175,6 +180,8 @@ pub fn parse_response(value: &Value, requested_model: &str) -> Result<ChatRespon
     Ok(accumulator.finish(requested_model))
 }
 
+/// Reads a stream to its end. Gemini marks the last chunk only by its `finishReason`: a stream
+/// that ends without one (the connection closed midway) is an error, never the truncated answer.
 pub(crate) async fn read_stream(
     response: reqwest::Response,
     requested_model: &str,
@@ -187,5 +194,10 @@ pub(crate) async fn read_stream(
         Ok(true)
     })
     .await?;
+    if accumulator.finish.is_none() {
+        return Err(LlmError::Protocol(
+            "the stream ended before a finishReason: the answer is incomplete".into(),
+        ));
+    }
     Ok(accumulator.finish(requested_model))
 }

@@ -194,10 +194,14 @@ impl StreamState {
     }
 }
 
+/// Reads a stream to its `[DONE]`: a stream that ends before it (the connection closed
+/// midway) is an error, never the truncated answer.
 pub(crate) async fn read_stream(response: reqwest::Response) -> Result<ChatResponse, LlmError> {
     let mut state = StreamState::default();
+    let mut done = false;
     crate::sse::read_events(response, |event| {
         if event.data.trim() == "[DONE]" {
+            done = true;
             return Ok(false);
         }
         let chunk: Value = serde_json::from_str(&event.data)
@@ -209,5 +213,10 @@ pub(crate) async fn read_stream(response: reqwest::Response) -> Result<ChatRespo
         Ok(true)
     })
     .await?;
+    if !done {
+        return Err(LlmError::Protocol(
+            "the stream ended before [DONE]: the answer is incomplete".into(),
+        ));
+    }
     Ok(state.finish())
 }

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use concord_state::{Author, Change, ConflictPolicy, Op, StateError, StateOptions, StateService};
 use concord_store::Store;
+use concord_testkit::PgTestDatabase;
 use serde_json::{Value, json};
-
-const DEFAULT_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 enum Backend {
     Sqlite,
@@ -19,7 +18,8 @@ enum Backend {
 struct Fixture {
     state: StateService,
     _dir: Option<tempfile::TempDir>,
-    cleanup: Option<(String, String)>,
+    /// Dropped (after the store) even when the test panics, so no database is left behind.
+    _database: Option<PgTestDatabase>,
 }
 
 impl Fixture {
@@ -33,21 +33,16 @@ impl Fixture {
                 Fixture {
                     state: StateService::new(store, options).unwrap(),
                     _dir: Some(dir),
-                    cleanup: None,
+                    _database: None,
                 }
             }
             Backend::Postgres => {
-                let admin_url = std::env::var("CONCORD_TEST_POSTGRES")
-                    .unwrap_or_else(|_| DEFAULT_POSTGRES.to_string());
-                let database = format!("concord_test_{}", uuid_like());
-                let admin = sqlx_admin(&admin_url).await;
-                sqlx_exec(&admin, &format!("CREATE DATABASE {database}")).await;
-                let url = replace_database(&admin_url, &database);
-                let store = Store::open_postgres(&url).await.unwrap();
+                let database = PgTestDatabase::create("concord_test").await;
+                let store = Store::open_postgres(database.url()).await.unwrap();
                 Fixture {
                     state: StateService::new(store, options).unwrap(),
                     _dir: None,
-                    cleanup: Some((admin_url, database)),
+                    _database: Some(database),
                 }
             }
         }
@@ -55,52 +50,7 @@ impl Fixture {
 
     async fn finish(self) {
         self.state.store().close().await;
-        if let Some((admin_url, database)) = self.cleanup {
-            let admin = sqlx_admin(&admin_url).await;
-            sqlx_exec(
-                &admin,
-                &format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
-            )
-            .await;
-        }
     }
-}
-
-fn uuid_like() -> String {
-    format!(
-        "{:x}{:x}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
-}
-
-fn replace_database(url: &str, database: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let base = base.rsplit_once('/').map_or(base, |(head, _)| head);
-    match query {
-        Some(q) => format!("{base}/{database}?{q}"),
-        None => format!("{base}/{database}"),
-    }
-}
-
-// A bare admin connection through the store crate's own driver would need SQL here; the
-// concord-store crate is the only one with SQL in the product, and tests may use its driver.
-async fn sqlx_admin(url: &str) -> concord_store::AdminConnection {
-    concord_store::AdminConnection::connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is required for these tests: {e}"))
-}
-
-async fn sqlx_exec(admin: &concord_store::AdminConnection, sql: &str) {
-    admin
-        .execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
 fn set(key: &str, base: u64, value: Value) -> Change {
@@ -109,6 +59,28 @@ fn set(key: &str, base: u64, value: Value) -> Change {
         base_version: base,
         ops: vec![Op::Set { value }],
         lease_token: None,
+    }
+}
+
+/// Milliseconds since the epoch on the wall clock, the clock leases and proposals expire by.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Waits until the wall clock is past `at_ms` (the moment something expires). Polling is all
+/// the waiting there is; the deadline only turns a clock that never gets there into a failure.
+async fn until_past(at_ms: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while now_ms() <= at_ms {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the wall clock never passed {at_ms} (now {})",
+            now_ms()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -373,7 +345,7 @@ both_backends!(
             .propose(vec![set("cfg/x", 1, json!({"n": 2}))])
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        until_past(proposal.expires_at_ms).await;
         let expired = s
             .commit(&proposal.id, None, &author("a"))
             .await
@@ -494,10 +466,7 @@ both_backends!(leases_fence_out_stale_holders, |backend| async move {
         matches!(lost, Err(StateError::LeaseLost { .. })),
         "{lost:?}"
     );
-    let second = s
-        .claim("jobs/build", "worker-2", Duration::from_millis(50), None)
-        .await
-        .unwrap();
+    let second = s.claim("jobs/build", "worker-2", ttl, None).await.unwrap();
     assert_eq!(second.token, Some(token + 1));
     let stale = s.put(vec![late], None, &author("worker-1")).await;
     assert!(
@@ -505,10 +474,26 @@ both_backends!(leases_fence_out_stale_holders, |backend| async move {
         "{stale:?}"
     );
 
-    // Expiry frees the key.
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    // Expiry frees the key: worker-2 renews for 50 ms only, and once the clock is past the
+    // lease's end, the key is free for worker-3 and worker-2's token is stale.
+    let short = s
+        .claim(
+            "jobs/build",
+            "worker-2",
+            Duration::from_millis(50),
+            second.token,
+        )
+        .await
+        .unwrap();
+    assert!(short.granted && short.token == second.token, "{short:?}");
+    until_past(short.expires_at_ms).await;
     let third = s.claim("jobs/build", "worker-3", ttl, None).await.unwrap();
     assert!(third.granted && third.token == Some(token + 2), "{third:?}");
+    let expired = s.claim("jobs/build", "worker-2", ttl, second.token).await;
+    assert!(
+        matches!(expired, Err(StateError::LeaseLost { presented, .. }) if Some(presented) == second.token),
+        "{expired:?}"
+    );
     assert_eq!(
         s.get("jobs/build").await.unwrap().value,
         Some(json!("built"))
