@@ -4,6 +4,7 @@
 
 use serde_json::{Value, json};
 
+use crate::limits::ResponseLimits;
 use crate::model::{ChatRequest, ChatResponse, FinishReason, Message, Role, ToolCall, Usage};
 use crate::provider::LlmError;
 
@@ -96,16 +97,16 @@ pub fn parse_response(value: &Value) -> Result<ChatResponse, LlmError> {
         message: Message::assistant_with_calls(content, tool_calls),
         finish: finish(value["stop_reason"].as_str()),
         usage: Usage {
-            input_tokens: value["usage"]["input_tokens"].as_u64().unwrap_or(0),
-            output_tokens: value["usage"]["output_tokens"].as_u64().unwrap_or(0),
+            input_tokens: Usage::reported(&value["usage"]["input_tokens"]),
+            output_tokens: Usage::reported(&value["usage"]["output_tokens"]),
         },
         model: value["model"].as_str().unwrap_or_default().to_string(),
     })
 }
 
-/// Rebuilds the final message from the stream's events.
-#[derive(Default)]
+/// Rebuilds the final message from the stream's events, within the limits.
 pub(crate) struct StreamState {
+    limits: ResponseLimits,
     blocks: Vec<(String, String, String, String)>, // type, id, name, text-or-json
     stop_reason: Option<String>,
     usage: Usage,
@@ -113,43 +114,70 @@ pub(crate) struct StreamState {
 }
 
 impl StreamState {
+    pub fn new(limits: ResponseLimits) -> Self {
+        Self {
+            limits,
+            blocks: Vec::new(),
+            stop_reason: None,
+            usage: Usage::default(),
+            model: String::new(),
+        }
+    }
+
     pub fn push(&mut self, event: &Value) -> Result<(), LlmError> {
         match event["type"].as_str() {
             Some("message_start") => {
                 let message = &event["message"];
                 self.model = message["model"].as_str().unwrap_or_default().to_string();
-                self.usage.input_tokens = message["usage"]["input_tokens"].as_u64().unwrap_or(0);
+                self.usage.input_tokens = Usage::reported(&message["usage"]["input_tokens"]);
             }
             Some("content_block_start") => {
-                let index = event["index"].as_u64().unwrap_or(0) as usize;
+                // The next block or one already begun: never a jump ahead (no padding up to an
+                // index a provider made up).
+                let index =
+                    self.limits
+                        .slot(&event["index"], self.blocks.len(), "content block")?;
                 let block = &event["content_block"];
-                while self.blocks.len() <= index {
-                    self.blocks.push(Default::default());
-                }
-                self.blocks[index] = (
+                let text = block["text"].as_str().unwrap_or_default();
+                self.limits
+                    .check_field(text.len(), "a content block's text")?;
+                let started = (
                     block["type"].as_str().unwrap_or_default().to_string(),
                     block["id"].as_str().unwrap_or_default().to_string(),
                     block["name"].as_str().unwrap_or_default().to_string(),
-                    block["text"].as_str().unwrap_or_default().to_string(),
+                    text.to_string(),
                 );
+                if index == self.blocks.len() {
+                    self.blocks.push(started);
+                } else {
+                    self.blocks[index] = started;
+                }
             }
             Some("content_block_delta") => {
-                let index = event["index"].as_u64().unwrap_or(0) as usize;
                 let delta = &event["delta"];
                 let piece = delta["text"]
                     .as_str()
                     .or_else(|| delta["partial_json"].as_str())
                     .unwrap_or_default();
-                if let Some(block) = self.blocks.get_mut(index) {
-                    block.3.push_str(piece);
-                }
+                let index = &event["index"];
+                let block = index
+                    .as_u64()
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| self.blocks.get_mut(i))
+                    .ok_or_else(|| {
+                        LlmError::Protocol(format!(
+                            "a delta for content block {index}, which never started"
+                        ))
+                    })?;
+                self.limits
+                    .append(&mut block.3, piece, "a content block's text")?;
             }
             Some("message_delta") => {
                 if let Some(reason) = event["delta"]["stop_reason"].as_str() {
                     self.stop_reason = Some(reason.to_string());
                 }
-                if let Some(out) = event["usage"]["output_tokens"].as_u64() {
-                    self.usage.output_tokens = out;
+                if !event["usage"]["output_tokens"].is_null() {
+                    self.usage.output_tokens = Usage::reported(&event["usage"]["output_tokens"]);
                 }
             }
             Some("error") => {
@@ -192,10 +220,13 @@ impl StreamState {
 
 /// Reads a stream to its `message_stop`: a stream that ends before it (the connection closed
 /// midway) is an error, never the truncated answer.
-pub(crate) async fn read_stream(response: reqwest::Response) -> Result<ChatResponse, LlmError> {
-    let mut state = StreamState::default();
+pub(crate) async fn read_stream(
+    response: reqwest::Response,
+    limits: &ResponseLimits,
+) -> Result<ChatResponse, LlmError> {
+    let mut state = StreamState::new(*limits);
     let mut stopped = false;
-    crate::sse::read_events(response, |event| {
+    crate::sse::read_events(response, limits, |event| {
         let value: Value = serde_json::from_str(&event.data)
             .map_err(|e| LlmError::Protocol(format!("a streamed event is not JSON: {e}")))?;
         state.push(&value)?;

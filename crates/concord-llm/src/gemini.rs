@@ -4,6 +4,7 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::limits::ResponseLimits;
 use crate::model::{ChatRequest, ChatResponse, FinishReason, Message, Role, ToolCall, Usage};
 use crate::provider::LlmError;
 
@@ -94,9 +95,10 @@ fn finish(reason: Option<&str>, has_calls: bool) -> FinishReason {
     }
 }
 
-/// Accumulates one answer from one or more `GenerateContentResponse` chunks.
-#[derive(Default)]
+/// Accumulates one answer from one or more `GenerateContentResponse` chunks, within the
+/// limits.
 pub(crate) struct Accumulator {
+    limits: ResponseLimits,
     content: String,
     calls: Vec<ToolCall>,
     finish: Option<String>,
@@ -105,6 +107,17 @@ pub(crate) struct Accumulator {
 }
 
 impl Accumulator {
+    pub fn new(limits: ResponseLimits) -> Self {
+        Self {
+            limits,
+            content: String::new(),
+            calls: Vec::new(),
+            finish: None,
+            usage: Usage::default(),
+            model: String::new(),
+        }
+    }
+
     pub fn push(&mut self, value: &Value) -> Result<(), LlmError> {
         if let Some(error) = value.get("error") {
             return Err(LlmError::Protocol(format!("error answer: {error}")));
@@ -119,8 +132,8 @@ impl Accumulator {
         }
         if let Some(meta) = value.get("usageMetadata") {
             self.usage = Usage {
-                input_tokens: meta["promptTokenCount"].as_u64().unwrap_or(0),
-                output_tokens: meta["candidatesTokenCount"].as_u64().unwrap_or(0),
+                input_tokens: Usage::reported(&meta["promptTokenCount"]),
+                output_tokens: Usage::reported(&meta["candidatesTokenCount"]),
             };
         }
         let Some(candidate) = value["candidates"].get(0) else {
@@ -135,11 +148,13 @@ impl Accumulator {
             .flatten()
         {
             if let Some(text) = part["text"].as_str() {
-                self.content.push_str(text);
+                self.limits
+                    .append(&mut self.content, text, "the answer's text")?;
             }
             if let Some(call) = part.get("functionCall") {
                 let index = self.calls.len();
-                self.calls.push(ToolCall {
+                self.limits.check_count(index + 1, "tool call")?;
+                let call = ToolCall {
                     id: call["id"]
                         .as_str()
                         .map_or_else(|| format!("call_{index}"), str::to_string),
@@ -147,7 +162,12 @@ impl Accumulator {
                     arguments: call
                         .get("args")
                         .map_or_else(|| "{}".to_string(), Value::to_string),
-                });
+                };
+                self.limits
+                    .check_field(call.name.len(), "a tool call's name")?;
+                self.limits
+                    .check_field(call.arguments.len(), "a tool call's arguments")?;
+                self.calls.push(call);
             }
         }
         Ok(())
@@ -175,7 +195,12 @@ pub fn parse_response(value: &Value, requested_model: &str) -> Result<ChatRespon
             .unwrap_or("no candidates in the answer");
         return Err(LlmError::Protocol(why.to_string()));
     }
-    let mut accumulator = Accumulator::default();
+    // Read from one bounded body; the provider checks the whole answer against its limits.
+    let mut accumulator = Accumulator::new(ResponseLimits {
+        max_tool_calls: usize::MAX,
+        max_field_bytes: usize::MAX,
+        ..ResponseLimits::default()
+    });
     accumulator.push(value)?;
     Ok(accumulator.finish(requested_model))
 }
@@ -184,10 +209,11 @@ pub fn parse_response(value: &Value, requested_model: &str) -> Result<ChatRespon
 /// that ends without one (the connection closed midway) is an error, never the truncated answer.
 pub(crate) async fn read_stream(
     response: reqwest::Response,
+    limits: &ResponseLimits,
     requested_model: &str,
 ) -> Result<ChatResponse, LlmError> {
-    let mut accumulator = Accumulator::default();
-    crate::sse::read_events(response, |event| {
+    let mut accumulator = Accumulator::new(*limits);
+    crate::sse::read_events(response, limits, |event| {
         let value: Value = serde_json::from_str(&event.data)
             .map_err(|e| LlmError::Protocol(format!("a streamed chunk is not JSON: {e}")))?;
         accumulator.push(&value)?;

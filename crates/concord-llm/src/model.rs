@@ -128,13 +128,43 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The most tokens one count of one answer may say. A provider's numbers are outside input:
+    /// a larger count is taken as this (about 4.3 billion, beyond any real answer), so sums over
+    /// many answers and prices stay far from overflow.
+    pub const MAX_REPORTED: u64 = u32::MAX as u64;
+
+    /// Both counts; saturates rather than wrapping.
     pub fn total(&self) -> u64 {
-        self.input_tokens + self.output_tokens
+        self.input_tokens.saturating_add(self.output_tokens)
     }
 
+    /// Adds another's counts; saturates rather than wrapping.
     pub fn add(&mut self, other: Usage) {
-        self.input_tokens += other.input_tokens;
-        self.output_tokens += other.output_tokens;
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+    }
+
+    /// A token count as a provider wrote it: absent, negative or not a number is 0, a fraction
+    /// is rounded down, and anything past [`Usage::MAX_REPORTED`] (up to numbers beyond `u64`)
+    /// is taken as that.
+    pub(crate) fn reported(value: &Value) -> u64 {
+        let count = match value {
+            Value::Number(number) => number.as_u64().unwrap_or_else(|| {
+                // Negative, fractional, or too large for u64 (read as a float): the cast
+                // saturates, and NaN is 0.
+                number.as_f64().map_or(0, |f| f.max(0.0) as u64)
+            }),
+            _ => 0,
+        };
+        if count > Self::MAX_REPORTED {
+            tracing::warn!(
+                count,
+                "a provider reported an implausible token count; taken as {}",
+                Self::MAX_REPORTED
+            );
+            return Self::MAX_REPORTED;
+        }
+        count
     }
 }
 
@@ -146,4 +176,44 @@ pub struct ChatResponse {
     pub usage: Usage,
     /// The model that answered, as the provider names it.
     pub model: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reported_counts_never_wrap() {
+        let max = Usage::MAX_REPORTED;
+        for (value, count) in [
+            (json!(12), 12),
+            (json!(null), 0),
+            (json!(-5), 0),
+            (json!(i64::MIN), 0),
+            (json!(12.9), 12),
+            (json!(-0.5), 0),
+            (json!("12"), 0),
+            (json!(u64::MAX), max),
+            (json!(1e300), max),
+            (json!(max), max),
+            (json!(max + 1), max),
+        ] {
+            assert_eq!(Usage::reported(&value), count, "{value}");
+        }
+        let huge: Value = serde_json::from_str("100000000000000000000000000000000").unwrap();
+        assert_eq!(Usage::reported(&huge), max);
+    }
+
+    #[test]
+    fn sums_saturate() {
+        let mut usage = Usage {
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX,
+        };
+        assert_eq!(usage.total(), u64::MAX);
+        usage.add(usage);
+        assert_eq!(usage.input_tokens, u64::MAX);
+        assert_eq!(usage.total(), u64::MAX);
+    }
 }

@@ -3,6 +3,7 @@
 
 use serde_json::{Value, json};
 
+use crate::limits::ResponseLimits;
 use crate::model::{ChatRequest, ChatResponse, FinishReason, Message, Role, ToolCall, Usage};
 use crate::provider::LlmError;
 
@@ -67,8 +68,8 @@ fn finish(reason: Option<&str>, has_calls: bool) -> FinishReason {
 
 fn usage(value: &Value) -> Usage {
     Usage {
-        input_tokens: value["prompt_tokens"].as_u64().unwrap_or(0),
-        output_tokens: value["completion_tokens"].as_u64().unwrap_or(0),
+        input_tokens: Usage::reported(&value["prompt_tokens"]),
+        output_tokens: Usage::reported(&value["completion_tokens"]),
     }
 }
 
@@ -123,9 +124,10 @@ pub fn parse_response(value: &Value) -> Result<ChatResponse, LlmError> {
     })
 }
 
-/// Accumulates streamed chunks: content deltas appended, tool calls assembled by index.
-#[derive(Default)]
+/// Accumulates streamed chunks: content deltas appended, tool calls assembled by index, all
+/// within the limits.
 pub(crate) struct StreamState {
+    limits: ResponseLimits,
     content: String,
     calls: Vec<(String, String, String)>,
     finish: Option<String>,
@@ -134,7 +136,18 @@ pub(crate) struct StreamState {
 }
 
 impl StreamState {
-    pub fn push(&mut self, chunk: &Value) {
+    pub fn new(limits: ResponseLimits) -> Self {
+        Self {
+            limits,
+            content: String::new(),
+            calls: Vec::new(),
+            finish: None,
+            usage: Usage::default(),
+            model: String::new(),
+        }
+    }
+
+    pub fn push(&mut self, chunk: &Value) -> Result<(), LlmError> {
         if let Some(model) = chunk["model"].as_str() {
             self.model = model.to_string();
         }
@@ -142,31 +155,36 @@ impl StreamState {
             self.usage = usage(&chunk["usage"]);
         }
         let Some(choice) = chunk["choices"].get(0) else {
-            return;
+            return Ok(());
         };
         if let Some(reason) = choice["finish_reason"].as_str() {
             self.finish = Some(reason.to_string());
         }
         let delta = &choice["delta"];
+        let limits = self.limits;
         if let Some(text) = delta["content"].as_str() {
-            self.content.push_str(text);
+            limits.append(&mut self.content, text, "the answer's text")?;
         }
         for call in delta["tool_calls"].as_array().into_iter().flatten() {
-            let index = call["index"].as_u64().unwrap_or(0) as usize;
-            while self.calls.len() <= index {
+            // The next call or one already begun: never a jump ahead (no padding up to an
+            // index a provider made up).
+            let index = limits.slot(&call["index"], self.calls.len(), "tool call")?;
+            if index == self.calls.len() {
                 self.calls.push(Default::default());
             }
             let slot = &mut self.calls[index];
             if let Some(id) = call["id"].as_str() {
-                slot.0 = id.to_string();
+                slot.0.clear();
+                limits.append(&mut slot.0, id, "a tool call's id")?;
             }
             if let Some(name) = call["function"]["name"].as_str() {
-                slot.1.push_str(name);
+                limits.append(&mut slot.1, name, "a tool call's name")?;
             }
             if let Some(arguments) = call["function"]["arguments"].as_str() {
-                slot.2.push_str(arguments);
+                limits.append(&mut slot.2, arguments, "a tool call's arguments")?;
             }
         }
+        Ok(())
     }
 
     pub fn finish(self) -> ChatResponse {
@@ -196,10 +214,13 @@ impl StreamState {
 
 /// Reads a stream to its `[DONE]`: a stream that ends before it (the connection closed
 /// midway) is an error, never the truncated answer.
-pub(crate) async fn read_stream(response: reqwest::Response) -> Result<ChatResponse, LlmError> {
-    let mut state = StreamState::default();
+pub(crate) async fn read_stream(
+    response: reqwest::Response,
+    limits: &ResponseLimits,
+) -> Result<ChatResponse, LlmError> {
+    let mut state = StreamState::new(*limits);
     let mut done = false;
-    crate::sse::read_events(response, |event| {
+    crate::sse::read_events(response, limits, |event| {
         if event.data.trim() == "[DONE]" {
             done = true;
             return Ok(false);
@@ -209,7 +230,7 @@ pub(crate) async fn read_stream(response: reqwest::Response) -> Result<ChatRespo
         if let Some(error) = chunk.get("error") {
             return Err(LlmError::Protocol(format!("error in the stream: {error}")));
         }
-        state.push(&chunk);
+        state.push(&chunk)?;
         Ok(true)
     })
     .await?;

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::limits::{ResponseLimits, declared_past, read_capped};
 use crate::model::{ChatRequest, ChatResponse, Usage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,13 +60,21 @@ pub enum LlmError {
     Protocol(String),
     #[error("no provider could answer before the deadline")]
     DeadlinePassed,
+    /// The answer, one of its lines or one of its fields was longer than the provider's
+    /// [`ResponseLimits`] allow; the rest was not read.
+    #[error("the provider's answer exceeded {limit} bytes ({what})")]
+    TooLarge { what: &'static str, limit: usize },
 }
 
 pub struct Provider {
     pub config: ProviderConfig,
     client: reqwest::Client,
+    limits: ResponseLimits,
     health: parking_lot::Mutex<Health>,
 }
+
+/// How much of an error answer's body is read (its first 500 characters are kept).
+const ERROR_BODY_BYTES: usize = 4096;
 
 /// Consecutive failures that put a provider aside, and for how long.
 const FAILURES_TO_REST: u32 = 3;
@@ -97,8 +106,19 @@ impl Provider {
         Ok(Self {
             config,
             client,
+            limits: ResponseLimits::default(),
             health: parking_lot::Mutex::default(),
         })
+    }
+
+    /// The same provider with other bounds on what one answer may take.
+    pub fn with_limits(mut self, limits: ResponseLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> ResponseLimits {
+        self.limits
     }
 
     /// False while the provider rests after repeated failures: failover asks the others first.
@@ -210,7 +230,7 @@ impl Provider {
         if config.api == Api::Anthropic {
             http = http.header("anthropic-version", "2023-06-01");
         }
-        let response = http.send().await.map_err(|e| {
+        let mut response = http.send().await.map_err(|e| {
             // The URL can carry nothing secret (keys go in headers), but keep the message short.
             LlmError::Connect(format!("{}: {}", config.name, without_url(&e)))
         })?;
@@ -227,11 +247,14 @@ impl Provider {
             });
         }
         if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
+            // Only the start of an error body is kept; an endless one is not read to its end.
+            let (bytes, _) = read_capped(&mut response, ERROR_BODY_BYTES)
+                .await
+                .unwrap_or_default();
             return Err(LlmError::Http {
                 provider: config.name.clone(),
                 status: status.as_u16(),
-                body: text.chars().take(500).collect(),
+                body: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
             });
         }
         // Read what came, not what was asked for: some compatible servers stream when not asked
@@ -241,22 +264,38 @@ impl Provider {
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        let limits = &self.limits;
         if streamed {
             return match config.api {
-                Api::OpenAi => crate::openai::read_stream(response).await,
-                Api::Anthropic => crate::anthropic::read_stream(response).await,
-                Api::Gemini => crate::gemini::read_stream(response, &config.model).await,
+                Api::OpenAi => crate::openai::read_stream(response, limits).await,
+                Api::Anthropic => crate::anthropic::read_stream(response, limits).await,
+                Api::Gemini => crate::gemini::read_stream(response, limits, &config.model).await,
             };
         }
-        let value: Value = response
-            .json()
-            .await
+        let (body, more) = if declared_past(&response, limits.max_body_bytes) {
+            (Vec::new(), true)
+        } else {
+            read_capped(&mut response, limits.max_body_bytes)
+                .await
+                .map_err(|e| {
+                    LlmError::Connect(format!("{}: body broke: {}", config.name, without_url(&e)))
+                })?
+        };
+        if more {
+            return Err(LlmError::TooLarge {
+                what: "the whole body",
+                limit: limits.max_body_bytes,
+            });
+        }
+        let value: Value = serde_json::from_slice(&body)
             .map_err(|e| LlmError::Protocol(format!("{}: not JSON: {e}", config.name)))?;
-        match config.api {
+        let answer = match config.api {
             Api::OpenAi => crate::openai::parse_response(&value),
             Api::Anthropic => crate::anthropic::parse_response(&value),
             Api::Gemini => crate::gemini::parse_response(&value, &config.model),
-        }
+        }?;
+        limits.check_answer(&answer)?;
+        Ok(answer)
     }
 }
 

@@ -729,3 +729,6 @@ async fn a_blocked_prompt_in_a_gemini_stream_is_an_error() {
 
 #[path = "integration/local_model.rs"]
 mod local_model;
+
+#[path = "integration/hostile.rs"]
+mod hostile;
