@@ -139,6 +139,25 @@ async def eventually(
         await anyio.sleep(interval)
 
 
+class Rendezvous:
+    """Holds each of `parties` callers in `wait()` until all of them have arrived (fails after
+    `timeout` seconds otherwise). A client callback that waits here shows that the requests of
+    several clients were at the gateway at the same time, without a pause that hopes so."""
+
+    def __init__(self, parties: int, timeout: float = 30.0) -> None:
+        self.parties = parties
+        self.timeout = timeout
+        self.arrived = 0
+        self.everyone = anyio.Event()
+
+    async def wait(self) -> None:
+        self.arrived += 1
+        if self.arrived == self.parties:
+            self.everyone.set()
+        with anyio.fail_after(self.timeout):
+            await self.everyone.wait()
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
@@ -17,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 from mcp import MCPError
 
-from conftest import CONCORD_BIN, NodeFactory, connect, fixture_server, free_port, tool_names
+from conftest import CONCORD_BIN, NodeFactory, connect, fixture_server, free_port, tool_names, wait_until
 from test_registry import replicas  # noqa: F401 - a fixture: two concord-fixture servers over HTTP
 from test_state import postgres_url  # noqa: F401 - a fixture: a fresh PostgreSQL database per test
 
@@ -208,13 +207,12 @@ async def test_an_agent_is_a_tool_that_runs_the_loop_through_the_gateway(
 
         # Providers and agents are registry entities. The primary failed three times in a row,
         # so the node reports it degraded and resolution ranks the backup first.
-        deadline = time.monotonic() + 10
-        while True:
+        def primary_degraded() -> dict[str, str] | None:
             with urllib.request.urlopen(f"{base}/api/v1/registry", timeout=10) as response:
                 statuses = {e["name"]: e["status"] for e in json.loads(response.read())["entities"]}
-            if statuses.get("primary") == "degraded" or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+            return statuses if statuses.get("primary") == "degraded" else None
+
+        statuses = wait_until(primary_degraded, timeout=20, interval=0.1, what="the primary provider to be degraded")
         assert statuses["primary"] == "degraded" and statuses["backup"] == "healthy", statuses
         assert statuses["fx"] == "healthy", "configured servers are listed with their upstream's health"
         assert "llm: backup" in deps_show(node, "helper")
@@ -537,7 +535,7 @@ async def test_an_agents_spend_settles_against_its_callers_standing_budget(conco
     """The agent's tool calls go through the gateway's pipeline as the agent (audited, on behalf
     of its caller), and its model tokens are charged to the caller's standing budget: a second
     run gets only what is left, and once it is gone the next call is refused at the door."""
-    from test_governance import as_principal, cli, token_for
+    from test_governance import as_principal, audit_until, token_for
 
     model = ScriptedModel(
         [
@@ -579,15 +577,14 @@ tokens = 500
             assert len(model.requests) == 3, "a refused call reaches no model"
 
         # The agent's tool call is in the audit trail as the agent, on alice's behalf.
-        deadline = time.monotonic() + 10
-        while True:
-            exported = cli(node, "audit", "export")
-            entries = [json.loads(line) for line in exported.stdout.splitlines() if line.strip()]
+        def echo_and_two_runs(entries: list[dict[str, Any]]) -> bool:
             echo = [e for e in entries if e["kind"] == "tool_call" and e["data"].get("tool") == "echo"]
             runs = [e for e in entries if e["kind"] == "tool_call" and e["data"].get("server") == "agents"]
-            if (echo and len(runs) == 2) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+            return bool(echo) and len(runs) >= 2
+
+        _, entries = audit_until(node, echo_and_two_runs, "the agent's tool call and both runs in the audit trail")
+        echo = [e for e in entries if e["kind"] == "tool_call" and e["data"].get("tool") == "echo"]
+        runs = [e for e in entries if e["kind"] == "tool_call" and e["data"].get("server") == "agents"]
         assert echo and echo[0]["principal"] == "agent:worker", echo
         assert echo[0]["data"]["chain"] == ["alice", "agent:worker"], echo[0]
         assert [r["principal"] for r in runs] == ["alice", "alice"], runs

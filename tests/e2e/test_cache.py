@@ -4,22 +4,38 @@ within its TTL (the upstream sees one call) and not after; a tool that is not re
 
 from __future__ import annotations
 
-import time
+import re
 import urllib.request
 from typing import Any
 
 import pytest
 
-from conftest import NodeFactory, connect, fixture_server, text_of
+from conftest import NodeFactory, connect, eventually, fixture_server, text_of
 
 pytestmark = pytest.mark.anyio
+
+# The server's TTL is long enough for any check made within it; `review` alone has a short one,
+# for the check that an entry is not served after its TTL.
+SHORT_TTL = """
+[servers.fx.tools.review]
+cache_ttl = "1s"
+"""
 
 
 @pytest.fixture(scope="module")
 def node(concord: NodeFactory):
-    node = concord.start("cache", {"fx": fixture_server("fx", cache_ttl="1s")})
+    node = concord.start("cache", {"fx": fixture_server("fx", cache_ttl="600s")}, extra_config=SHORT_TTL)
     yield node
     node.stop()
+
+
+def cache_hits(node: Any) -> int:
+    """concord_result_cache_lookups_total of fx's hits (0 before the first)."""
+    with urllib.request.urlopen(node.url.removesuffix("/mcp") + "/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    found = re.findall(r'^concord_result_cache_lookups_total\{server="fx",outcome="hit"\} (\d+)$', metrics, re.M)
+    assert len(found) <= 1, found
+    return int(found[0]) if found else 0
 
 
 async def upstream_calls(client: Any) -> int:
@@ -32,6 +48,7 @@ def cached(result: Any) -> bool:
 
 
 async def test_read_only_results_are_served_from_the_cache_within_their_ttl(node: Any) -> None:
+    hits_before = cache_hits(node)
     async with connect(node.url) as client:
         before = await upstream_calls(client)
         first = await client.call_tool("fx__echo", {"message": "cache me"})
@@ -44,14 +61,32 @@ async def test_read_only_results_are_served_from_the_cache_within_their_ttl(node
         assert not cached(bypassed)
         # stats (bypassed) + echo + other + bypassed echo reached the upstream; the hit did not.
         assert await upstream_calls(client) - before == 4
+    assert cache_hits(node) - hits_before == 1
 
-        time.sleep(1.2)
-        expired = await client.call_tool("fx__echo", {"message": "cache me"})
-        assert not cached(expired), "served after its TTL"
 
-    with urllib.request.urlopen(node.url.removesuffix("/mcp") + "/metrics", timeout=10) as response:
-        metrics = response.read().decode()
-    assert 'concord_result_cache_lookups_total{server="fx",outcome="hit"} 1' in metrics, metrics
+async def test_an_entry_is_not_served_after_its_ttl(node: Any) -> None:
+    """`review` is cached for 1 s: repeated, it is answered from the cache until the entry
+    expires, then by the upstream again. No clock in the test: it repeats the call until a hit
+    is followed by a miss (fails if that never happens)."""
+    arguments = {"key": "plans/q3", "proposed_value": "a plan"}
+    hits_before = cache_hits(node)
+    async with connect(node.url) as client:
+        before = await upstream_calls(client)
+        first = await client.call_tool("fx__review", arguments)
+        assert not first.is_error and not cached(first), first
+        outcomes: list[bool] = []  # cached or not, call by call
+
+        async def a_hit_then_a_miss() -> bool:
+            result = await client.call_tool("fx__review", arguments)
+            assert not result.is_error and text_of(result) == text_of(first), result
+            outcomes.append(cached(result))
+            return len(outcomes) >= 2 and outcomes[-2] and not outcomes[-1]
+
+        await eventually(a_hit_then_a_miss, timeout=30, interval=0.05, what="a cached review to expire")
+        # Every miss (the first call included) reached the upstream, no hit did; plus the stats call.
+        misses = 1 + outcomes.count(False)
+        assert await upstream_calls(client) - before == misses + 1, outcomes
+    assert cache_hits(node) - hits_before == outcomes.count(True), outcomes
 
 
 async def test_a_tool_that_is_not_read_only_is_never_cached(node: Any) -> None:

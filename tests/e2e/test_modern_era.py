@@ -30,6 +30,7 @@ async def test_discover_and_sessionless_calls(node: Any) -> None:
         assert "fx__echo" in await tool_names(modern)
         assert text_of(await modern.call_tool("fx__echo", {"message": "new era"})) == "Echo: new era"
         contents = (await modern.read_resource("fixture://fx/items/3")).contents
+        assert len(contents) == 1, contents
         assert contents[0].text == "fx served fixture://fx/items/3"
 
 
@@ -40,6 +41,9 @@ async def test_listen_streams_list_changes_and_resource_updates_beside_a_legacy_
         Client(node.url, cache=None) as modern,
         connect(node.url) as legacy,
     ):
+        # Each era as negotiated: the point is the two of them at once.
+        assert modern.protocol_version == "2026-07-28", modern.protocol_version
+        assert legacy.protocol_version == "2025-11-25", legacy.protocol_version
         async with modern.listen(tools_list_changed=True, resource_subscriptions=[uri]) as subscription:
 
             async def collect() -> None:
@@ -95,6 +99,7 @@ async def test_upstream_sampling_becomes_an_input_required_round_trip(sampling_n
         assert modern.protocol_version == "2026-07-28"
         result = await modern.call_tool("everything__trigger-sampling-request", {"prompt": "round trip?", "maxTokens": 5})
     assert len(asked) == 1 and "round trip?" in asked[0], asked
+    assert not result.is_error, text_of(result)
     assert "modern answer" in text_of(result) and "modern-model" in text_of(result), text_of(result)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from typing import Any, Iterator
@@ -81,6 +80,16 @@ def api(node: Any) -> str:
     return node.url.removesuffix("/mcp") + "/api/v1/registry"
 
 
+def concord_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Runs `concord ARGS`; killed after 60 s, so a CLI that hangs fails the test."""
+    return subprocess.run([str(CONCORD_BIN), *args], capture_output=True, text=True, timeout=60)
+
+
+# Long enough that no registration of these tests expires while it is being checked; expiry
+# itself is shown by registering again with a short TTL (same entity: same id) and waiting.
+LIVE_TTL = 600
+
+
 def test_register_heartbeat_resolve_expire_and_deregister(concord: NodeFactory, replicas: list[PeerServer]) -> None:
     directory = concord.new_dir("registry")
     node = concord.start("registry", {}, directory=directory)
@@ -88,7 +97,7 @@ def test_register_heartbeat_resolve_expire_and_deregister(concord: NodeFactory, 
         status, first = request("POST", api(node), registration("search", "1.4.2", replicas[0].port, ["prod"]))
         assert status == 201, first
         status, second = request(
-            "POST", api(node), registration("search", "1.6.0", replicas[1].port, ["prod", "gpu"], ttl_seconds=1)
+            "POST", api(node), registration("search", "1.6.0", replicas[1].port, ["prod", "gpu"], ttl_seconds=LIVE_TTL)
         )
         assert status == 201, second
 
@@ -116,18 +125,11 @@ def test_register_heartbeat_resolve_expire_and_deregister(concord: NodeFactory, 
         assert status == 400 and body["error"].startswith("version:"), body
 
         # The same through the CLI.
-        cli = subprocess.run(
-            [str(CONCORD_BIN), "tools", "resolve", "--capability", "search", "--tags", "prod,+gpu,-staging", "--url", node.url],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        cli = concord_cli("tools", "resolve", "--capability", "search", "--tags", "prod,+gpu,-staging", "--url", node.url)
         assert cli.returncode == 0, cli.stderr
         lines = cli.stdout.splitlines()
-        assert lines[0].startswith("1. search 1.6.0 (score 110, healthy)"), cli.stdout
-        agents = subprocess.run(
-            [str(CONCORD_BIN), "agents", "list", "--url", node.url], capture_output=True, text=True, timeout=30
-        )
+        assert lines and lines[0].startswith("1. search 1.6.0 (score 110, healthy)"), cli.stdout
+        agents = concord_cli("agents", "list", "--url", node.url)
         assert agents.returncode == 0 and agents.stdout.count("search\t") == 2, agents.stdout + agents.stderr
 
         # Heartbeats keep an entity alive; without them it expires and resolution says why.
@@ -135,10 +137,23 @@ def test_register_heartbeat_resolve_expire_and_deregister(concord: NodeFactory, 
         assert status == 200 and beat["status"] == "degraded", beat
         status, body = request("POST", f"{api(node)}/no-such-id/heartbeat", {})
         assert status == 404, body
-        time.sleep(2.2)
-        status, resolution = request("GET", api(node) + "/resolve?capability=search")
-        assert [c["version"] for c in resolution["candidates"]] == ["1.4.2"]
-        assert resolution["candidates"][0]["status"] == "degraded"
+        # 1.6.0 registers again (the same entity) with a TTL of 1 s and sends no heartbeat.
+        status, again = request(
+            "POST", api(node), registration("search", "1.6.0", replicas[1].port, ["prod", "gpu"], ttl_seconds=1)
+        )
+        assert status == 201 and again["id"] == second["id"] and again["ttl_seconds"] == 1, again
+
+        def expired_and_degraded() -> dict[str, Any] | None:
+            status, resolution = request("GET", api(node) + "/resolve?capability=search")
+            assert status == 200, resolution
+            rejected = {r["version"] for r in resolution["rejected"]}
+            degraded = [c["status"] for c in resolution["candidates"]] == ["degraded"]
+            return resolution if "1.6.0" in rejected and degraded else None
+
+        resolution = wait_until(
+            expired_and_degraded, timeout=20, interval=0.1, what="1.6.0 to expire and 1.4.2's heartbeat to land"
+        )
+        assert [c["version"] for c in resolution["candidates"]] == ["1.4.2"], resolution
         expired = [r for r in resolution["rejected"] if r["version"] == "1.6.0"][0]
         assert "expired: no heartbeat for more than 1 s" in expired["reasons"], expired
 
@@ -152,9 +167,7 @@ def test_register_heartbeat_resolve_expire_and_deregister(concord: NodeFactory, 
         )
         status, body = request("POST", api(node), planner)
         assert status == 201, body
-        deps = subprocess.run(
-            [str(CONCORD_BIN), "deps", "show", "planner", "--url", node.url], capture_output=True, text=True, timeout=30
-        )
+        deps = concord_cli("deps", "show", "planner", "--url", node.url)
         assert deps.returncode == 1, deps.stdout + deps.stderr
         assert "search: search 1.4.2 (score 70, degraded)" in deps.stdout, deps.stdout
         assert "llm: nothing resolves" in deps.stdout and "lack capability llm" in deps.stdout, deps.stdout
@@ -194,7 +207,7 @@ async def test_a_registered_server_joins_the_namespace_and_leaves_when_it_expire
         async with connect(node.url, message_handler=on_message) as client:
             assert "finder__echo" not in await tool_names(client)
             status, entity = request(
-                "POST", api(node), registration("finder", "2.0.0", replicas[0].port, ["prod"], ttl_seconds=2)
+                "POST", api(node), registration("finder", "2.0.0", replicas[0].port, ["prod"], ttl_seconds=LIVE_TTL)
             )
             assert status == 201, entity
 
@@ -205,10 +218,22 @@ async def test_a_registered_server_joins_the_namespace_and_leaves_when_it_expire
             assert "finder__echo" in await tool_names(client)
             assert text_of(await client.call_tool("finder__echo", {"message": "via the mesh"})) == "Echo: via the mesh"
 
-            # It stops heartbeating: once its TTL passes it leaves, and the client hears of it.
+            # It registers again (the same entity) with a TTL of 1 s and stops heartbeating: once
+            # that passes it leaves, and the client hears of it. (A new TTL changes nothing the
+            # gateway routes, so the registration itself announces nothing.)
             notifications.clear()
-            await eventually(announced, timeout=15, what="list_changed after the expiry")
-            assert "finder__echo" not in await tool_names(client)
+            status, again = request(
+                "POST", api(node), registration("finder", "2.0.0", replicas[0].port, ["prod"], ttl_seconds=1)
+            )
+            assert status == 201 and again["id"] == entity["id"], again
+
+            async def gone() -> bool:
+                return "finder__echo" not in await tool_names(client)
+
+            await eventually(gone, timeout=20, what="finder__echo to leave after the expiry")
+            await eventually(announced, timeout=10, what="list_changed after the expiry")
+            status, listed = request("GET", api(node))
+            assert [(e["name"], e["status"]) for e in listed["entities"]] == [("finder", "expired")], listed
     finally:
         node.stop()
 
@@ -235,9 +260,19 @@ endpoint = {{ url = "http://127.0.0.1:{replicas[1].port}/mcp" }}
                 return "configured__echo" in await tool_names(client)
 
             await eventually(routed, timeout=10, what="the configured entity's tools")
-            # Its TTL is 1 s, but the node keeps it alive itself.
-            time.sleep(2.5)
+            # Its TTL is 1 s, but the node keeps it alive itself: wait until the node reports it
+            # registered for three TTLs, and heartbeated since it was first seen.
             status, listed = request("GET", api(node))
+            assert status == 200, listed
+            first_beat = listed["entities"][0]["last_heartbeat_ms"]
+
+            def outlived_its_ttl() -> dict[str, Any] | None:
+                status, listed = request("GET", api(node))
+                assert status == 200, listed
+                entity = listed["entities"][0]
+                return listed if entity["uptime_seconds"] >= 3 and entity["last_heartbeat_ms"] > first_beat else None
+
+            listed = wait_until(outlived_its_ttl, timeout=30, interval=0.2, what="the entity to outlive its TTL of 1 s")
             assert [(e["name"], e["status"]) for e in listed["entities"]] == [("configured", "healthy")], listed
             assert await routed()
     finally:

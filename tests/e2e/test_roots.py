@@ -19,7 +19,18 @@ import pytest
 from mcp import Client
 from mcp.types import ListRootsResult, Root
 
-from conftest import REPO, NodeFactory, PeerServer, _LIVE_LOGS, connect, free_port, stdio_server, text_of, wait_until
+from conftest import (
+    REPO,
+    NodeFactory,
+    PeerServer,
+    Rendezvous,
+    _LIVE_LOGS,
+    connect,
+    free_port,
+    stdio_server,
+    text_of,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -66,11 +77,11 @@ def node(concord: NodeFactory, fixture_http: PeerServer):
     node.stop()
 
 
-def roots_of(name: str, asked: list[str]) -> Any:
+def roots_of(name: str, asked: list[str], rendezvous: Rendezvous | None = None) -> Any:
     async def list_roots(context: Any) -> ListRootsResult:
         asked.append(name)
-        # Hold the answer so that both clients' requests are at the gateway at once.
-        await anyio.sleep(0.3)
+        if rendezvous is not None:
+            await rendezvous.wait()
         return ListRootsResult(roots=[Root(uri=f"file:///work/{name}", name=f"{name}'s project")])
 
     return list_roots
@@ -79,19 +90,24 @@ def roots_of(name: str, asked: list[str]) -> Any:
 async def test_each_client_answers_only_its_own_calls_roots_request(node: Any) -> None:
     asked: list[str] = []
     results: dict[str, Any] = {}
+    # Neither answers before both have been asked: the two requests overlap at the gateway.
+    both = Rendezvous(2)
 
     async def call(name: str) -> None:
-        async with connect(node.url, list_roots_callback=roots_of(name, asked)) as client:
+        async with connect(node.url, list_roots_callback=roots_of(name, asked, both)) as client:
             results[name] = await client.call_tool("cf__test_list_roots", {})
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(call, "alice")
-        group.start_soon(call, "bob")
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as group:
+            group.start_soon(call, "alice")
+            group.start_soon(call, "bob")
 
+    for name in ("alice", "bob"):
+        assert not results[name].is_error, f"{name}: {text_of(results[name])}"
+    assert both.everyone.is_set(), "the two roots/list requests were never in flight together"
     assert sorted(asked) == ["alice", "bob"], asked
     for name in ("alice", "bob"):
         result = results[name]
-        assert not result.is_error, text_of(result)
         roots = result.structured_content["roots"]
         assert [r["uri"] for r in roots] == [f"file:///work/{name}"], roots
 

@@ -21,6 +21,7 @@ async def test_upstream_restart_is_invisible_to_the_client(
     try:
         async with connect(node.url) as client:
             first = await client.call_tool("remote__echo", {"message": "before"})
+            assert not first.is_error, text_of(first)
             assert text_of(first) == "Echo: before"
 
             upstream.stop()
@@ -32,7 +33,8 @@ async def test_upstream_restart_is_invisible_to_the_client(
             assert not second.is_error, text_of(second)
             assert text_of(second) == "Echo: after"
             third = await client.call_tool("remote__get-sum", {"a": 2, "b": 3})
-            assert "5" in text_of(third)
+            assert not third.is_error, text_of(third)
+            assert text_of(third) == "The sum of 2 and 3 is 5.", text_of(third)
     finally:
         node.stop()
         upstream.stop()
