@@ -255,6 +255,33 @@ fn config_check_refuses_a_policy_rule_that_does_not_compile() {
     );
 }
 
+/// Reads `output` line by line on its own thread (which keeps draining it afterwards, so the
+/// child never blocks on a full pipe).
+fn line_reader(output: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines() {
+            let Ok(line) = line else { return };
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// The next line, waiting at most two minutes: a child that prints nothing fails the test
+/// instead of hanging it.
+fn next_line(lines: &std::sync::mpsc::Receiver<String>, what: &str) -> String {
+    match lines.recv_timeout(Duration::from_secs(120)) {
+        Ok(line) => line,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("waited 120 s for {what}: nothing was printed")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("the output closed before {what}")
+        }
+    }
+}
+
 struct Node {
     child: Child,
     url: String,
@@ -280,22 +307,20 @@ impl Node {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
+        // Lines are read on their own thread (which keeps draining stdout afterwards, so the
+        // node never blocks on a full pipe); this thread waits for them with a deadline, so a
+        // node that prints nothing fails the test instead of hanging it.
+        let lines = line_reader(child.stdout.take().unwrap());
         let mut url = None;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for line in lines.by_ref() {
-            let line = line.unwrap();
+        loop {
+            let line = next_line(&lines, "the node's Ready line");
             if let Some(found) = line.strip_prefix("Concord node listening; MCP endpoint: ") {
                 url = Some(found.to_string());
             }
             if line.starts_with("Ready:") {
                 break;
             }
-            assert!(Instant::now() < deadline, "node did not become ready");
         }
-        // Keep draining stdout so the node never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
         Node {
             child,
             url: url.expect("printed MCP URL"),
@@ -314,7 +339,7 @@ impl Node {
     fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
@@ -441,9 +466,9 @@ fn state_commands_and_the_rest_feed() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
-    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let lines = line_reader(watch.stdout.take().unwrap());
+    let first: Value = serde_json::from_str(&next_line(&lines, "the first change")).unwrap();
+    let second: Value = serde_json::from_str(&next_line(&lines, "the second change")).unwrap();
     assert_eq!(
         (first["version"].as_u64(), second["version"].as_u64()),
         (Some(1), Some(2))

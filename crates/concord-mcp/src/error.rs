@@ -19,6 +19,8 @@ pub mod codes {
     pub const RATE_LIMITED: i32 = -32029;
     /// A budget of the call chain (tool calls, tokens, cost, deadline, depth) is used up.
     pub const BUDGET_EXHAUSTED: i32 = -32030;
+    /// The policy does not allow this method (or route) to the caller.
+    pub const FORBIDDEN: i32 = -32003;
 }
 
 /// A JSON-RPC error as a peer sent it: its message, then its code.

@@ -101,6 +101,13 @@ pub struct UpstreamStatus {
     pub restarts: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uptime_seconds: Option<u64>,
+    /// While the upstream waits to be reconnected: the length of that wait (the backoff, which
+    /// grows while connections keep failing soon after they were made)…
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_backoff_ms: Option<u64>,
+    /// …and how much of it is left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_retry_in_ms: Option<u64>,
 }
 
 /// The upstreams, in the order they were added (configuration first, then registrations).
@@ -491,6 +498,9 @@ struct DownstreamSession {
     /// The level the client asked for with `logging/setLevel`; a session that never asked
     /// receives no upstream log messages.
     log_level: Option<LoggingLevel>,
+    /// Who asked for the logs: a server's log lines reach only sessions whose principal may
+    /// use that server.
+    identity: Option<crate::access::Identity>,
 }
 
 #[derive(Default)]
@@ -508,18 +518,29 @@ impl Downstream {
             id,
             peer,
             log_level: None,
+            identity: None,
         });
     }
 
     /// Records the log level a session asked for (`logging/setLevel`).
-    pub fn set_log_level(&self, id: u64, peer: &Peer<RoleServer>, level: LoggingLevel) {
+    pub fn set_log_level(
+        &self,
+        id: u64,
+        peer: &Peer<RoleServer>,
+        level: LoggingLevel,
+        identity: Option<crate::access::Identity>,
+    ) {
         let mut peers = self.peers.lock();
         match peers.iter_mut().find(|p| p.id == id) {
-            Some(session) => session.log_level = Some(level),
+            Some(session) => {
+                session.log_level = Some(level);
+                session.identity = identity;
+            }
             None => peers.push(DownstreamSession {
                 id,
                 peer: peer.clone(),
                 log_level: Some(level),
+                identity,
             }),
         }
     }
@@ -540,8 +561,11 @@ impl Downstream {
         peers.iter().map(|p| p.peer.clone()).collect()
     }
 
-    /// Sessions that asked for log messages at `level` or above.
-    fn log_listeners(&self, level: LoggingLevel) -> Vec<Peer<RoleServer>> {
+    /// Sessions that asked for log messages at `level` or above, with who asked.
+    fn log_listeners(
+        &self,
+        level: LoggingLevel,
+    ) -> Vec<(Peer<RoleServer>, Option<crate::access::Identity>)> {
         let mut peers = self.peers.lock();
         peers.retain(|p| !p.peer.is_transport_closed());
         peers
@@ -550,7 +574,7 @@ impl Downstream {
                 p.log_level
                     .is_some_and(|wanted| severity(level) >= severity(wanted))
             })
-            .map(|p| p.peer.clone())
+            .map(|p| (p.peer.clone(), p.identity.clone()))
             .collect()
     }
 
@@ -597,11 +621,21 @@ impl Downstream {
 
     /// Passes an upstream's log message on to the connected clients, naming the server as the
     /// logger when the upstream gave none.
-    pub fn forward_log(&self, server: &str, mut params: LoggingMessageNotificationParam) {
+    pub fn forward_log(
+        &self,
+        server: &str,
+        mut params: LoggingMessageNotificationParam,
+        may_use: impl Fn(Option<&crate::access::Identity>) -> bool,
+    ) {
         if params.logger.is_none() {
             params.logger = Some(server.to_string());
         }
-        let peers = self.log_listeners(params.level);
+        let peers: Vec<_> = self
+            .log_listeners(params.level)
+            .into_iter()
+            .filter(|(_, identity)| may_use(identity.as_ref()))
+            .map(|(peer, _)| peer)
+            .collect();
         if peers.is_empty() {
             return;
         }
@@ -650,17 +684,128 @@ pub(crate) enum CallEvent {
 /// transport tap arrives here in wire order, and the call sends it on from its own task, so it
 /// keeps that order and all of it precedes the response. Progress that comes before the call
 /// has registered (the upstream can report before the request future yields its token) is
-/// held briefly and handed over on registration.
+/// held briefly (within bounds) and handed over on registration.
 #[derive(Default)]
 pub(crate) struct CallRouter {
     by_token: Mutex<HashMap<ProgressKey, CallSender>>,
     by_request: Mutex<HashMap<RequestKey, CallSender>>,
-    early: Mutex<HashMap<ProgressKey, Vec<ProgressNotificationParam>>>,
+    /// Calls sent (or being sent) upstream whose routes are not registered yet, per server:
+    /// an upstream may ask its client something before `register` ran, and such a request
+    /// waits for the registration instead of being refused.
+    sending: Mutex<HashMap<Arc<str>, usize>>,
+    /// Woken whenever a route is registered or a send ends.
+    routes_changed: tokio::sync::Notify,
+    early: Mutex<EarlyProgress>,
 }
 
+/// Early progress notifications held per upstream at most; past it, that upstream's oldest go.
+const MAX_EARLY_PROGRESS_PER_UPSTREAM: usize = 256;
+/// Early progress notifications held in all; past it, the oldest go, whoever sent them.
 const MAX_EARLY_PROGRESS: usize = 1024;
 
+/// Progress that arrived before its call registered (bounded per upstream and in total: an
+/// upstream can send progress for tokens no call will ever register), oldest first.
+#[derive(Default)]
+struct EarlyProgress {
+    queue: std::collections::VecDeque<(ProgressKey, ProgressNotificationParam)>,
+    /// How many of `queue` each upstream sent.
+    per_upstream: HashMap<Arc<str>, usize>,
+    /// Notifications dropped to keep the bounds, since start.
+    dropped: u64,
+}
+
+impl EarlyProgress {
+    fn push(&mut self, key: ProgressKey, params: ProgressNotificationParam) {
+        let held = self.per_upstream.get(&key.0).copied().unwrap_or(0);
+        if held >= MAX_EARLY_PROGRESS_PER_UPSTREAM {
+            if let Some(oldest) = self.queue.iter().position(|(k, _)| k.0 == key.0) {
+                self.queue.remove(oldest);
+                self.forget_one(&key.0);
+                self.count_drop(&key.0);
+            }
+        } else if self.queue.len() >= MAX_EARLY_PROGRESS
+            && let Some(((server, _), _)) = self.queue.pop_front()
+        {
+            self.forget_one(&server);
+            self.count_drop(&server);
+        }
+        *self.per_upstream.entry(key.0.clone()).or_default() += 1;
+        self.queue.push_back((key, params));
+    }
+
+    /// Takes what is held for `key`, in arrival order.
+    fn take(&mut self, key: &ProgressKey) -> Vec<ProgressNotificationParam> {
+        if !self.per_upstream.contains_key(&key.0) {
+            return Vec::new();
+        }
+        let mut taken = Vec::new();
+        let mut kept = std::collections::VecDeque::with_capacity(self.queue.len());
+        for (k, params) in self.queue.drain(..) {
+            if k == *key {
+                taken.push(params);
+            } else {
+                kept.push_back((k, params));
+            }
+        }
+        self.queue = kept;
+        for _ in 0..taken.len() {
+            self.forget_one(&key.0);
+        }
+        taken
+    }
+
+    fn forget_one(&mut self, server: &Arc<str>) {
+        if let Some(held) = self.per_upstream.get_mut(server) {
+            *held -= 1;
+            if *held == 0 {
+                self.per_upstream.remove(server);
+            }
+        }
+    }
+
+    fn count_drop(&mut self, server: &str) {
+        self.dropped += 1;
+        // Logged at 1, 2, 4, 8…: a flood shows without flooding the log itself.
+        if self.dropped.is_power_of_two() {
+            tracing::warn!(
+                server,
+                dropped = self.dropped,
+                "progress for calls not (yet) registered dropped: over {MAX_EARLY_PROGRESS_PER_UPSTREAM} per upstream or {MAX_EARLY_PROGRESS} in all"
+            );
+        }
+    }
+}
+
+/// Marks one call as being sent to `server` until its routes are registered (or it failed).
+pub(crate) struct Sending {
+    router: Arc<CallRouter>,
+    server: Arc<str>,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        let mut sending = self.router.sending.lock();
+        if let Some(count) = sending.get_mut(&self.server) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                sending.remove(&self.server);
+            }
+        }
+        drop(sending);
+        self.router.routes_changed.notify_waiters();
+    }
+}
+
 impl CallRouter {
+    /// Call before sending a request upstream; drop after `register` (or when the send failed).
+    pub fn sending(self: &Arc<Self>, server: Arc<str>) -> Sending {
+        *self.sending.lock().entry(server.clone()).or_insert(0) += 1;
+        Sending {
+            router: self.clone(),
+            server,
+        }
+    }
+
     /// Opens the routes for one upstream call until the guard drops.
     pub fn register(
         self: &Arc<Self>,
@@ -674,14 +819,13 @@ impl CallRouter {
         // The early buffer is drained under the token lock so a concurrent push cannot slip
         // between draining it and installing the route.
         let mut by_token = self.by_token.lock();
-        if let Some(early) = self.early.lock().remove(&token_key) {
-            for params in early {
-                let _ = tx.send(CallEvent::Progress(params));
-            }
+        for params in self.early.lock().take(&token_key) {
+            let _ = tx.send(CallEvent::Progress(params));
         }
         by_token.insert(token_key.clone(), tx.clone());
         drop(by_token);
         self.by_request.lock().insert(request_key.clone(), tx);
+        self.routes_changed.notify_waiters();
         (
             CallGuard {
                 router: self.clone(),
@@ -700,14 +844,15 @@ impl CallRouter {
             Some(sender) => {
                 let _ = sender.send(CallEvent::Progress(params));
             }
-            None => {
-                let mut early = self.early.lock();
-                if early.len() >= MAX_EARLY_PROGRESS {
-                    early.clear();
-                }
-                early.entry(key).or_default().push(params);
-            }
+            None => self.early.lock().push(key, params),
         }
+    }
+
+    /// Early progress notifications dropped to keep the buffer's bounds, since start (they
+    /// are logged at powers of two).
+    #[cfg(test)]
+    pub fn early_progress_dropped(&self) -> u64 {
+        self.early.lock().dropped
     }
 
     /// Called by the transport tap, in wire order: offers a log message to every call in
@@ -732,6 +877,22 @@ impl CallRouter {
         origin: Option<RequestId>,
         request: ServerRequest,
     ) -> Result<ClientResult, McpError> {
+        // While a call to this server is still being sent, its route may not exist yet: wait
+        // until every such send registered its route (or failed), then look.
+        loop {
+            let changed = self.routes_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let known = origin.as_ref().is_some_and(|id| {
+                self.by_request
+                    .lock()
+                    .contains_key(&(server.clone(), id.clone()))
+            });
+            if known || !self.sending.lock().contains_key(server) {
+                break;
+            }
+            changed.await;
+        }
         let sender = {
             let by_request = self.by_request.lock();
             match origin {
@@ -841,7 +1002,7 @@ impl Drop for CallGuard {
     fn drop(&mut self) {
         if let Some(key) = self.token_key.take() {
             self.router.by_token.lock().remove(&key);
-            self.router.early.lock().remove(&key);
+            self.router.early.lock().take(&key);
         }
         if let Some(key) = self.request_key.take() {
             self.router.by_request.lock().remove(&key);
@@ -1077,6 +1238,11 @@ impl Gateway {
                     resources: state.lists.resources.len(),
                     restarts: state.restarts,
                     uptime_seconds: state.connected_since.map(|t| t.elapsed().as_secs()),
+                    retry_backoff_ms: state.retry_backoff.map(|d| d.as_millis() as u64),
+                    next_retry_in_ms: state.next_retry_at.map(|at| {
+                        at.saturating_duration_since(std::time::Instant::now())
+                            .as_millis() as u64
+                    }),
                 }
             })
             .collect()
@@ -1267,5 +1433,110 @@ impl Gateway {
         for task in tasks {
             let _ = task.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod call_router_tests {
+    use super::*;
+
+    fn token(name: &str) -> ProgressToken {
+        ProgressToken(rmcp::model::NumberOrString::String(name.into()))
+    }
+
+    fn progress(name: &str, n: usize) -> ProgressNotificationParam {
+        ProgressNotificationParam::new(token(name), n as f64)
+    }
+
+    fn progress_of(events: &mut mpsc::UnboundedReceiver<CallEvent>) -> Vec<f64> {
+        let mut seen = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            if let CallEvent::Progress(params) = event {
+                seen.push(params.progress);
+            }
+        }
+        seen
+    }
+
+    fn held(router: &CallRouter) -> usize {
+        router.early.lock().queue.len()
+    }
+
+    #[test]
+    fn early_progress_is_bounded_per_upstream_keeping_the_newest() {
+        let router = Arc::new(CallRouter::default());
+        let flooder: Arc<str> = "flooder".into();
+        let quiet: Arc<str> = "quiet".into();
+        router.push_progress(&quiet, progress("q", 0));
+        let sent = 10 * MAX_EARLY_PROGRESS_PER_UPSTREAM;
+        for n in 0..sent {
+            router.push_progress(&flooder, progress("t", n));
+            assert!(held(&router) <= MAX_EARLY_PROGRESS_PER_UPSTREAM + 1);
+        }
+        assert_eq!(
+            router.early_progress_dropped(),
+            (sent - MAX_EARLY_PROGRESS_PER_UPSTREAM) as u64
+        );
+        // The call registers: it gets the newest, in order.
+        let (_flooded, mut events) =
+            router.register(flooder.clone(), RequestId::Number(1), token("t"));
+        let expected: Vec<f64> = (sent - MAX_EARLY_PROGRESS_PER_UPSTREAM..sent)
+            .map(|n| n as f64)
+            .collect();
+        assert_eq!(progress_of(&mut events), expected);
+        // The flood did not push out another upstream's early progress.
+        let (_quiet, mut events) = router.register(quiet, RequestId::Number(1), token("q"));
+        assert_eq!(progress_of(&mut events), vec![0.0]);
+        assert_eq!(held(&router), 0);
+    }
+
+    #[test]
+    fn early_progress_is_bounded_in_total() {
+        let router = CallRouter::default();
+        let upstreams = 2 * MAX_EARLY_PROGRESS / MAX_EARLY_PROGRESS_PER_UPSTREAM;
+        for u in 0..upstreams {
+            let server: Arc<str> = format!("u{u}").into();
+            for n in 0..MAX_EARLY_PROGRESS_PER_UPSTREAM {
+                // Tokens no call will ever register.
+                router.push_progress(&server, progress(&format!("never-{n}"), n));
+                assert!(held(&router) <= MAX_EARLY_PROGRESS);
+            }
+        }
+        assert_eq!(held(&router), MAX_EARLY_PROGRESS);
+        assert_eq!(
+            router.early_progress_dropped(),
+            (upstreams * MAX_EARLY_PROGRESS_PER_UPSTREAM - MAX_EARLY_PROGRESS) as u64
+        );
+        // The oldest went: the first upstream's progress is gone, the last one's is whole.
+        let early = router.early.lock();
+        assert!(!early.per_upstream.contains_key("u0"));
+        assert_eq!(
+            early
+                .per_upstream
+                .get(format!("u{}", upstreams - 1).as_str()),
+            Some(&MAX_EARLY_PROGRESS_PER_UPSTREAM)
+        );
+        assert_eq!(
+            early.per_upstream.values().sum::<usize>(),
+            early.queue.len()
+        );
+    }
+
+    #[test]
+    fn an_ended_call_takes_its_late_progress_away() {
+        let router = Arc::new(CallRouter::default());
+        let server: Arc<str> = "s".into();
+        router.push_progress(&server, progress("late", 1));
+        router.push_progress(&server, progress("other", 2));
+        assert_eq!(held(&router), 2);
+        let (guard, _events) = router.register(server.clone(), RequestId::Number(8), token("late"));
+        drop(guard);
+        // Progress for the ended call's token that arrives after it is held, then released
+        // when a call with that token ends; nothing else of the server's is disturbed.
+        router.push_progress(&server, progress("late", 3));
+        let (guard, _events) = router.register(server.clone(), RequestId::Number(9), token("late"));
+        drop(guard);
+        assert_eq!(held(&router), 1);
+        assert_eq!(router.early.lock().per_upstream.get("s"), Some(&1));
     }
 }

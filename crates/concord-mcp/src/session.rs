@@ -25,13 +25,14 @@ use rmcp::service::{
 };
 use tracing::Instrument;
 
-use crate::access::{AccessRequest, CallOutcome, identity_of};
+use crate::access::{AccessRequest, CallOutcome, Identity, identity_of};
 use crate::builtin::{BUILTIN_NAMESPACE, BuiltinTools, Caller};
 use crate::catalog::Catalog;
 use crate::error::{GatewayError, PeerError};
 use crate::gateway::{
     CallEvent, CallGuard, NameKind, ReplicaTicket, Shared, server_request_method, severity,
 };
+use crate::methods::McpAccess;
 use crate::subscriptions::{SessionId, Subscriber};
 use crate::upstream::hold_subscription;
 use futures::StreamExt;
@@ -499,6 +500,9 @@ impl GatewaySession {
             }
         }
         let options = PeerRequestOptions::with_timeout(timeout).with_meta(meta);
+        // Held until the routes below are registered: an upstream that asks its client
+        // something (roots, sampling) before that waits for them instead of being refused.
+        let sending = self.shared.router.sending(replica.name.clone());
         let handle = match peer.send_request_with_option(request, options).await {
             Ok(handle) => handle,
             Err(e) => {
@@ -513,6 +517,7 @@ impl GatewaySession {
             upstream_id.clone(),
             handle.progress_token.clone(),
         );
+        drop(sending);
         Ok(InFlight {
             server: server.clone(),
             method,
@@ -967,6 +972,73 @@ impl GatewaySession {
         )
     }
 
+    /// Admits a method the front door decides once per request (`McpAccess::Method` rows of
+    /// `methods::MCP_METHODS`): refused unless the policy allows it, with auth on.
+    fn admit_method(
+        &self,
+        context: &RequestContext<RoleServer>,
+        method: &'static str,
+    ) -> Result<(), McpError> {
+        let McpAccess::Method(policy_method) = crate::methods::access_of(method) else {
+            return Ok(());
+        };
+        if self.permits(
+            context,
+            policy_method,
+            &self.shared.builtin_name,
+            method,
+            None,
+            false,
+        ) {
+            return Ok(());
+        }
+        self.observe(method, "", false);
+        Err(McpError::new(
+            ErrorCode(crate::codes::FORBIDDEN),
+            format!("forbidden: the policy does not allow {policy_method}"),
+            Some(serde_json::json!({ "method": policy_method })),
+        ))
+    }
+
+    /// Whether this caller may use anything `server` offers: a tool, prompt or resource the
+    /// policy allows it. Log lines of a server go only to sessions that may use it.
+    pub(crate) fn may_use_server(
+        shared: &Shared,
+        identity: Option<&Identity>,
+        server: &str,
+    ) -> bool {
+        let Some(access) = &shared.options.access else {
+            return true;
+        };
+        let catalog = shared.catalog();
+        let allows = |method: &str, name: &str| {
+            access.allows(
+                identity,
+                &AccessRequest {
+                    method,
+                    server,
+                    name,
+                    arguments: None,
+                    listing: true,
+                },
+            )
+        };
+        catalog
+            .tool_routes
+            .iter()
+            .any(|(name, route)| &*route.server == server && allows("tools/call", name))
+            || catalog
+                .prompt_routes
+                .iter()
+                .any(|(name, route)| &*route.server == server && allows("prompts/get", name))
+            || catalog.resources.iter().any(|resource| {
+                catalog
+                    .resource_owner(&resource.uri)
+                    .is_some_and(|owner| &**owner == server)
+                    && allows("resources/read", &resource.uri)
+            })
+    }
+
     fn catalog(&self) -> Arc<Catalog> {
         self.shared.catalog()
     }
@@ -1065,9 +1137,17 @@ impl ServerHandler for GatewaySession {
         }
         let catalog = self.catalog();
         let Some(route) = catalog.tool_routes.get(&*params.name).cloned() else {
+            // A down server's tool is reported unavailable only to a caller who may use it:
+            // to anyone else it is unknown, as it would be were the server up.
             let error = self
                 .shared
                 .unavailable_owner(&params.name, NameKind::Tool)
+                .filter(|error| {
+                    let GatewayError::Unavailable { server, .. } = error else {
+                        return false;
+                    };
+                    self.permits(&context, "tools/call", server, &params.name, None, false)
+                })
                 .unwrap_or_else(|| GatewayError::UnknownTool(params.name.to_string()));
             self.observe("tools/call", "", false);
             return Err(error.into());
@@ -1393,6 +1473,12 @@ impl ServerHandler for GatewaySession {
             let error = self
                 .shared
                 .unavailable_owner(&params.name, NameKind::Prompt)
+                .filter(|error| {
+                    let GatewayError::Unavailable { server, .. } = error else {
+                        return false;
+                    };
+                    self.permits(&context, "prompts/get", server, &params.name, None, false)
+                })
                 .unwrap_or_else(|| GatewayError::UnknownPrompt(params.name.clone()));
             self.observe("prompts/get", "", false);
             return Err(error.into());
@@ -1466,14 +1552,29 @@ impl ServerHandler for GatewaySession {
     async fn list_resource_templates(
         &self,
         params: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, McpError> {
         let catalog = self.catalog();
-        let (templates, next) = page(
-            &catalog.templates,
-            cursor(&params),
-            self.shared.options.page_size,
-        )?;
+        let visible: Vec<_> = catalog
+            .templates
+            .iter()
+            .filter(|template| {
+                catalog
+                    .template_owner(&template.uri_template)
+                    .is_some_and(|server| {
+                        self.permits(
+                            &context,
+                            "resources/read",
+                            server,
+                            &template.uri_template,
+                            None,
+                            true,
+                        )
+                    })
+            })
+            .cloned()
+            .collect();
+        let (templates, next) = page(&visible, cursor(&params), self.shared.options.page_size)?;
         let mut result = ListResourceTemplatesResult::with_all_items(templates);
         result.next_cursor = next;
         self.observe("resources/templates/list", "", true);
@@ -1609,6 +1710,7 @@ impl ServerHandler for GatewaySession {
     /// A 2026-07-28 client's notification stream: list changes as the catalog changes, and
     /// updates of the resources it named, held upstream exactly like `resources/subscribe`.
     async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
+        self.admit_method(context.request_context(), "subscriptions/listen")?;
         let sink = context.sink().clone();
         let listen_id = self.id;
         let uris = context
@@ -1622,6 +1724,18 @@ impl ServerHandler for GatewaySession {
                 tracing::debug!(uri, "listen: no server owns this resource");
                 continue;
             };
+            // Updates of a resource go only to a listener that may read it.
+            if !self.permits(
+                context.request_context(),
+                "resources/read",
+                &server,
+                &uri,
+                None,
+                false,
+            ) {
+                tracing::debug!(uri, "listen: not allowed to read this resource");
+                continue;
+            }
             if server == self.shared.builtin_name {
                 self.shared
                     .subscriptions
@@ -1693,12 +1807,25 @@ impl ServerHandler for GatewaySession {
         let catalog = self.catalog();
         let mut upstream_params = params;
         upstream_params.meta = None;
+        // A completion names a prompt or a resource: it is decided for that item under
+        // `completion/complete`, and what the caller may not complete answers like something
+        // unknown (no existence oracle).
         let server = match &mut upstream_params.r#ref {
             Reference::Prompt(prompt) => {
                 let route = catalog
                     .prompt_routes
                     .get(&prompt.name)
                     .cloned()
+                    .filter(|route| {
+                        self.permits(
+                            &context,
+                            "completion/complete",
+                            &route.server,
+                            &prompt.name,
+                            None,
+                            false,
+                        )
+                    })
                     .ok_or_else(|| GatewayError::UnknownPrompt(prompt.name.clone()))?;
                 prompt.name = route.name;
                 route.server
@@ -1707,6 +1834,16 @@ impl ServerHandler for GatewaySession {
                 .template_owner(&resource.uri)
                 .or_else(|| catalog.resource_owner(&resource.uri))
                 .cloned()
+                .filter(|server| {
+                    self.permits(
+                        &context,
+                        "completion/complete",
+                        server,
+                        &resource.uri,
+                        None,
+                        false,
+                    )
+                })
                 .ok_or_else(|| GatewayError::UnknownResource(resource.uri.clone()))?,
             _ => {
                 return Err(McpError::invalid_params(
@@ -1740,9 +1877,13 @@ impl ServerHandler for GatewaySession {
         params: SetLevelRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        self.shared
-            .downstream
-            .set_log_level(self.id, &context.peer, params.level);
+        self.admit_method(&context, "logging/setLevel")?;
+        self.shared.downstream.set_log_level(
+            self.id,
+            &context.peer,
+            params.level,
+            identity_of(&context),
+        );
         // Every healthy upstream that logs gets the new level; one that fails does not stop
         // the others.
         let servers: Vec<Arc<str>> = self

@@ -37,6 +37,10 @@ use crate::tap::ProgressTap;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A connection that stayed healthy this long before failing resets the backoff; one that
+/// failed sooner (a server that crashes right after connecting) keeps it growing, so a crash
+/// loop slows down instead of restarting the server as fast as it can die.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// How long an upstream has to complete the `initialize` handshake.
 const CONNECT_TIMEOUT_FLOOR: Duration = Duration::from_secs(10);
 /// How long the health check after a failed call waits: a live server answers a ping at once.
@@ -62,6 +66,9 @@ pub(crate) struct UpstreamState {
     pub first_attempt_done: bool,
     pub connected_since: Option<Instant>,
     pub restarts: u64,
+    /// While the supervisor waits to reconnect: how long that wait is, and when it ends.
+    pub retry_backoff: Option<Duration>,
+    pub next_retry_at: Option<Instant>,
     /// Cancelled when the current connection is found dead, so calls still waiting on it fail
     /// at once instead of at their timeout.
     pub lost: CancellationToken,
@@ -85,6 +92,8 @@ pub(crate) struct Upstream {
     pub breaker: Breaker,
     /// Asks the supervisor for a health check now (a call to this replica just failed).
     pub recheck: tokio::sync::Notify,
+    /// Where a stdio server's stderr is logged, rate-limited across its restarts.
+    pub stderr: Arc<child::StderrLog>,
 }
 
 impl Upstream {
@@ -108,11 +117,14 @@ impl Upstream {
                 first_attempt_done: false,
                 connected_since: None,
                 restarts: 0,
+                retry_backoff: None,
+                next_retry_at: None,
                 lost: CancellationToken::new(),
             }),
             in_flight: AtomicUsize::new(0),
             breaker: Breaker::new(breaker),
             recheck: tokio::sync::Notify::new(),
+            stderr: Arc::default(),
         }
     }
 
@@ -253,7 +265,11 @@ impl ClientHandler for UpstreamClient {
         _context: NotificationContext<RoleClient>,
     ) {
         if let Some(shared) = self.shared.upgrade() {
-            shared.downstream.forward_log(&self.pool, params);
+            shared
+                .downstream
+                .forward_log(&self.pool, params, |identity| {
+                    crate::session::GatewaySession::may_use_server(&shared, identity, &self.pool)
+                });
         }
     }
 
@@ -333,11 +349,13 @@ async fn connect(
     spec: &ServerSpec,
     handler: UpstreamClient,
     router: Arc<CallRouter>,
+    stderr: &Arc<child::StderrLog>,
 ) -> Result<Connection, String> {
     match connect_with(
         spec,
         handler.clone(),
         router.clone(),
+        stderr,
         ClientLifecycleMode::Initialize,
     )
     .await
@@ -348,7 +366,7 @@ async fn connect(
             let modern = ClientLifecycleMode::Discover {
                 preferred_versions: vec![ProtocolVersion::V_2026_07_28],
             };
-            connect_with(spec, handler, router, modern)
+            connect_with(spec, handler, router, stderr, modern)
                 .await
                 .map_err(|e| format!("{reason}; server/discover failed too: {}", e.reason()))
         }
@@ -375,6 +393,7 @@ async fn connect_with(
     spec: &ServerSpec,
     handler: UpstreamClient,
     router: Arc<CallRouter>,
+    stderr: &Arc<child::StderrLog>,
     lifecycle: ClientLifecycleMode,
 ) -> Result<Connection, Handshake> {
     let server: Arc<str> = spec.name.as_str().into();
@@ -386,8 +405,15 @@ async fn connect_with(
             env,
             cwd,
         } => {
-            let spawned = child::spawn(&spec.name, command, args, env, cwd.as_deref())
-                .map_err(|e| Handshake::Failed(format!("cannot start `{command}`: {e}")))?;
+            let spawned = child::spawn(
+                &spec.name,
+                command,
+                args,
+                env,
+                cwd.as_deref(),
+                stderr.clone(),
+            )
+            .map_err(|e| Handshake::Failed(format!("cannot start `{command}`: {e}")))?;
             let process = spawned.process;
             let transport = ProgressTap::new(
                 AsyncRwTransport::<RoleClient, _, _>::new_client(spawned.stdout, spawned.stdin),
@@ -624,7 +650,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, upstream: Arc<Upstream>) {
                 forward_roots: upstream.spec.forward_roots,
             };
             let connected = tokio::select! {
-                result = connect(&upstream.spec, handler, shared.router.clone()) => result,
+                result = connect(&upstream.spec, handler, shared.router.clone(), &upstream.stderr) => result,
                 _ = upstream.stop.cancelled() => return,
             };
             let failure = match connected {
@@ -633,8 +659,8 @@ pub(crate) async fn supervise(shared: Arc<Shared>, upstream: Arc<Upstream>) {
                     let outcome = serve_connection(&shared, &upstream, connection, &mut events, events_tx).await;
                     match outcome {
                         ConnectionEnd::Shutdown => return,
-                        ConnectionEnd::Failed { reason, was_healthy } => {
-                            if was_healthy {
+                        ConnectionEnd::Failed { reason, healthy_for } => {
+                            if healthy_for.is_some_and(|d| d >= STABLE_AFTER) {
                                 backoff = FIRST_BACKOFF;
                             }
                             reason
@@ -644,9 +670,19 @@ pub(crate) async fn supervise(shared: Arc<Shared>, upstream: Arc<Upstream>) {
             };
             tracing::warn!(reason = %failure, retry_in_ms = backoff.as_millis() as u64, "upstream unhealthy");
             mark_unhealthy(&shared, &upstream, failure);
+            {
+                let mut state = upstream.state.write();
+                state.retry_backoff = Some(backoff);
+                state.next_retry_at = Some(Instant::now() + backoff);
+            }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = upstream.stop.cancelled() => return,
+            }
+            {
+                let mut state = upstream.state.write();
+                state.retry_backoff = None;
+                state.next_retry_at = None;
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -657,7 +693,12 @@ pub(crate) async fn supervise(shared: Arc<Shared>, upstream: Arc<Upstream>) {
 
 enum ConnectionEnd {
     Shutdown,
-    Failed { reason: String, was_healthy: bool },
+    /// `healthy_for`: how long the connection had been serving when it failed (`None` when it
+    /// never was).
+    Failed {
+        reason: String,
+        healthy_for: Option<Duration>,
+    },
 }
 
 async fn serve_connection(
@@ -688,7 +729,7 @@ async fn serve_connection(
             connection.close().await;
             return ConnectionEnd::Failed {
                 reason,
-                was_healthy: false,
+                healthy_for: None,
             };
         }
     };
@@ -708,6 +749,7 @@ async fn serve_connection(
         state.connected_since = Some(Instant::now());
         state.lost = CancellationToken::new();
     }
+    let connected = Instant::now();
     // A restarted server has forgotten its subscriptions: take them again.
     shared
         .subscriptions
@@ -730,10 +772,10 @@ async fn serve_connection(
                     Some(child) => child.exited().await,
                     None => std::future::pending().await,
                 }
-            } => break ConnectionEnd::Failed { reason: exit, was_healthy: true },
+            } => break ConnectionEnd::Failed { reason: exit, healthy_for: Some(connected.elapsed()) },
             _ = tokio::time::sleep_until(next_ping) => {
                 if let Err(reason) = ping(&peer, ping_timeout).await {
-                    break ConnectionEnd::Failed { reason, was_healthy: true };
+                    break ConnectionEnd::Failed { reason, healthy_for: Some(connected.elapsed()) };
                 }
                 next_ping = tokio::time::Instant::now() + health_interval;
             }
@@ -741,12 +783,12 @@ async fn serve_connection(
             // rather than at the next scheduled check.
             _ = upstream.recheck.notified() => {
                 if let Err(reason) = ping(&peer, RECHECK_TIMEOUT.min(ping_timeout)).await {
-                    break ConnectionEnd::Failed { reason, was_healthy: true };
+                    break ConnectionEnd::Failed { reason, healthy_for: Some(connected.elapsed()) };
                 }
             }
             Some(event) = events.recv() => {
                 if let Err(reason) = refresh(upstream, &peer, &capabilities, event, timeout).await {
-                    break ConnectionEnd::Failed { reason, was_healthy: true };
+                    break ConnectionEnd::Failed { reason, healthy_for: Some(connected.elapsed()) };
                 }
                 shared.rebuild_catalog();
             }
@@ -754,7 +796,7 @@ async fn serve_connection(
         if connection.service.is_closed() {
             break ConnectionEnd::Failed {
                 reason: "the connection closed".to_string(),
-                was_healthy: true,
+                healthy_for: Some(connected.elapsed()),
             };
         }
     };

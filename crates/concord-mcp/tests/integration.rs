@@ -7,6 +7,8 @@
 // relays between the eras.
 #![allow(deprecated)]
 
+/// Stdio upstreams that misbehave: stderr abuse and crash loops.
+mod abuse;
 /// The legacy HTTP+SSE upstream transport, and configured headers on the wire.
 mod legacy_sse;
 

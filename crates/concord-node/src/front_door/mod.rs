@@ -201,8 +201,8 @@ fn refusal(status: StatusCode, code: i64, message: String) -> Response {
         .into_response()
 }
 
-/// The JSON-RPC code of a policy refusal (the gateway's own code for "not allowed").
-const FORBIDDEN: i64 = -32003;
+/// The JSON-RPC code of a policy refusal, the same on routes and MCP methods.
+const FORBIDDEN: i64 = concord_mcp::codes::FORBIDDEN as i64;
 
 /// The admission path; see the module documentation.
 pub(crate) async fn admit(

@@ -240,3 +240,204 @@ async fn with_auth_on_readiness_is_bare_and_detail_needs_admin_read() {
         );
     }
 }
+
+/// A raw MCP session over HTTP as one principal.
+struct Mcp {
+    url: String,
+    token: String,
+    session: String,
+    next_id: u64,
+}
+
+impl Mcp {
+    async fn open(url: &str, token: &str) -> Mcp {
+        let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "matrix", "version": "1"}}});
+        let response = client()
+            .post(url)
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(init.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let session = response.headers()["mcp-session-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let _ = response.text().await;
+        let mut mcp = Mcp {
+            url: url.to_string(),
+            token: token.to_string(),
+            session,
+            next_id: 1,
+        };
+        mcp.notify("notifications/initialized").await;
+        mcp
+    }
+
+    async fn notify(&mut self, method: &str) {
+        let body = serde_json::json!({"jsonrpc": "2.0", "method": method});
+        let response = self.post(body).await;
+        assert_eq!(response.status(), 202);
+    }
+
+    async fn post(&self, body: serde_json::Value) -> reqwest::Response {
+        client()
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", &self.session)
+            .header("mcp-protocol-version", "2025-11-25")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The JSON-RPC answer (result or error) to one request.
+    async fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.next_id += 1;
+        let body = serde_json::json!({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params});
+        let response = self.post(body).await;
+        assert_eq!(response.status(), 200, "{method}");
+        super::parse_body(&response.text().await.unwrap())
+    }
+}
+
+/// A request that exercises each MCP method on the conformance fixture (server `conf`).
+fn mcp_request(method: &str) -> serde_json::Value {
+    use serde_json::json;
+    match method {
+        "tools/call" => json!({"name": "conf__test_simple_text", "arguments": {}}),
+        "prompts/get" => json!({"name": "conf__test_simple_prompt"}),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+            json!({"uri": "test://static-text"})
+        }
+        "completion/complete" => {
+            json!({"ref": {"type": "ref/prompt", "name": "conf__test_prompt_with_arguments"},
+            "argument": {"name": "arg1", "value": "a"}})
+        }
+        "logging/setLevel" => json!({"level": "info"}),
+        "tasks/get" | "tasks/cancel" => json!({"taskId": "t"}),
+        "tasks/update" => json!({"taskId": "t", "inputResponses": {}}),
+        "skills/get" => json!({"uri": "skill://x"}),
+        "resources/directory/read" => json!({"uri": "test://"}),
+        "initialize" => json!({"protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "matrix", "version": "1"}}),
+        _ => json!({}),
+    }
+}
+
+/// How many of the upstream's items a list answer holds, for list methods. (The gateway's
+/// `concord__result_page` is everyone's: it only ever opens the caller's own results.)
+fn listed(answer: &serde_json::Value) -> Option<usize> {
+    let result = answer.get("result")?;
+    ["tools", "prompts", "resources", "resourceTemplates"]
+        .iter()
+        .find_map(|key| result.get(*key).and_then(|v| v.as_array()))
+        .map(|items| {
+            items
+                .iter()
+                .filter(|item| {
+                    let name = item["name"].as_str().unwrap_or_default();
+                    let uri = item["uri"]
+                        .as_str()
+                        .or(item["uriTemplate"].as_str())
+                        .unwrap_or_default();
+                    name.starts_with("conf__") || uri.starts_with("test://")
+                })
+                .count()
+        })
+}
+
+#[tokio::test]
+async fn every_mcp_method_refuses_unruled_principals_and_admits_its_rule() {
+    use concord_mcp::{MCP_METHODS, McpAccess};
+    let fixture = concord_testkit::workspace_bin("concord-conformance-fixture");
+    let policy_methods: BTreeSet<&str> = MCP_METHODS
+        .iter()
+        .filter_map(|m| match m.access {
+            McpAccess::PerItem(p) | McpAccess::Method(p) => Some(p),
+            McpAccess::Session | McpAccess::NotServed => None,
+        })
+        .collect();
+    let mut extra = format!("[servers.conf]\ncommand = {fixture:?}\n[auth]\nenabled = true\n");
+    for method in &policy_methods {
+        let who = method.replace('/', "-");
+        extra.push_str(&format!(
+            "[[policy.rules]]\nname = \"{who}\"\neffect = \"allow\"\nwhen = 'principal.id == \"may-{who}\" && method == \"{method}\"'\n"
+        ));
+    }
+    let mut principals = vec!["nobody".to_string()];
+    principals.extend(
+        policy_methods
+            .iter()
+            .map(|m| format!("may-{}", m.replace('/', "-"))),
+    );
+    let (node, tokens) = TestNode::start_with_keys(&extra, &principals).await;
+    let url = node.url();
+    // Without credentials no MCP method is reached at all.
+    let anonymous = client()
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let mut nobody = Mcp::open(&url, &tokens["nobody"]).await;
+    for row in MCP_METHODS {
+        if row.name == "subscriptions/listen" || row.name == "server/discover" {
+            // 2026-07-28 methods, checked with that era's client in
+            // tests/e2e/test_method_access.py.
+            continue;
+        }
+        let request = mcp_request(row.name);
+        let refused = nobody.call(row.name, request.clone()).await;
+        match row.access {
+            McpAccess::Session => {
+                assert!(refused.get("result").is_some(), "{}: {refused}", row.name);
+            }
+            McpAccess::NotServed => {
+                assert_eq!(refused["error"]["code"], -32601, "{}: {refused}", row.name);
+            }
+            McpAccess::Method(policy) | McpAccess::PerItem(policy) => {
+                let who = format!("may-{}", policy.replace('/', "-"));
+                let mut allowed = Mcp::open(&url, &tokens[&who]).await;
+                let admitted = allowed.call(row.name, request.clone()).await;
+                match listed(&refused) {
+                    Some(count) => {
+                        assert_eq!(
+                            count, 0,
+                            "{}: a principal no rule allows sees {refused}",
+                            row.name
+                        );
+                        assert!(
+                            listed(&admitted).unwrap_or(0) > 0,
+                            "{}: {admitted}",
+                            row.name
+                        );
+                    }
+                    None => {
+                        assert!(
+                            refused.get("error").is_some(),
+                            "{}: refused gets {refused}",
+                            row.name
+                        );
+                        assert!(
+                            admitted.get("result").is_some(),
+                            "{} for {who}: {admitted}",
+                            row.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

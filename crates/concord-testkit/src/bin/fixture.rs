@@ -4,9 +4,20 @@
 //! no reference server can show a fault, and benchmarks use it as a fast upstream whose own
 //! cost is negligible.
 //!
-//! Usage: `concord-fixture [--http ADDR] [--name NAME] [--garbage]`
+//! Usage: `concord-fixture [--http ADDR] [--name NAME] [--garbage] [--stderr-invalid-utf8]
+//! [--stderr-flood LINES] [--crash-after RESPONSES]`
+//!
+//! - `--garbage`: a non-JSON line on stdout before every message.
+//! - `--stderr-invalid-utf8`: bytes that are not UTF-8 on stderr at start and before answering
+//!   each request; a failed stderr write ends the process with status 141, as SIGPIPE ends a
+//!   server whose stderr reader went away.
+//! - `--stderr-flood LINES`: at start, one line of 1 MiB, then LINES short lines, then
+//!   `flood done`, all on stderr.
+//! - `--crash-after RESPONSES`: exits with status 3 right after writing that many responses
+//!   (stdio only).
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -306,10 +317,53 @@ async fn handle_notification(state: &Arc<State>, message: &Value) {
     }
 }
 
-async fn run_stdio(state: Arc<State>, garbage: bool) {
+/// Ways the stdio server misbehaves besides `--garbage`.
+#[derive(Default, Clone, Copy)]
+struct Misbehaviour {
+    stderr_invalid_utf8: bool,
+    stderr_flood: Option<u64>,
+    crash_after: Option<u64>,
+}
+
+/// Writes to stderr; a closed stderr ends the process as SIGPIPE would.
+fn write_stderr(bytes: &[u8]) {
+    let mut stderr = std::io::stderr().lock();
+    if stderr
+        .write_all(bytes)
+        .and_then(|()| stderr.flush())
+        .is_err()
+    {
+        std::process::exit(141);
+    }
+}
+
+fn stderr_at_start(misbehaviour: Misbehaviour) {
+    if misbehaviour.stderr_invalid_utf8 {
+        write_stderr(b"fixture starting \xff\xfe\xc3 (not UTF-8)\n");
+    }
+    if let Some(lines) = misbehaviour.stderr_flood {
+        let mut huge = vec![b'h'; 1 << 20];
+        huge.push(b'\n');
+        write_stderr(&huge);
+        let mut flood = Vec::new();
+        for i in 0..lines {
+            flood.extend_from_slice(format!("flood {i}\n").as_bytes());
+            if flood.len() >= 64 * 1024 {
+                write_stderr(&flood);
+                flood.clear();
+            }
+        }
+        flood.extend_from_slice(b"flood done\n");
+        write_stderr(&flood);
+    }
+}
+
+async fn run_stdio(state: Arc<State>, garbage: bool, misbehaviour: Misbehaviour) {
+    stderr_at_start(misbehaviour);
     let (outbox, mut outgoing) = mpsc::unbounded_channel::<Value>();
     let writer = tokio::spawn(async move {
         let mut stdout = tokio::io::stdout();
+        let mut responses = 0u64;
         while let Some(message) = outgoing.recv().await {
             if garbage {
                 let _ = stdout.write_all(b"this line is not JSON-RPC {{{\n").await;
@@ -320,6 +374,13 @@ async fn run_stdio(state: Arc<State>, garbage: bool) {
                 return;
             }
             let _ = stdout.flush().await;
+            if message.get("id").is_some() && message.get("method").is_none() {
+                responses += 1;
+                if misbehaviour.crash_after == Some(responses) {
+                    eprintln!("fixture: crashing after {responses} responses");
+                    std::process::exit(3);
+                }
+            }
         }
     });
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -328,6 +389,9 @@ async fn run_stdio(state: Arc<State>, garbage: bool) {
             continue;
         };
         if message.get("id").is_some() && message.get("method").is_some() {
+            if misbehaviour.stderr_invalid_utf8 {
+                write_stderr(b"fixture \xc0\xaf request \xed\xa0\x80 (not UTF-8)\n");
+            }
             let state = state.clone();
             let outbox = outbox.clone();
             tokio::spawn(async move {
@@ -375,11 +439,21 @@ async fn main() {
     let mut http = None;
     let mut name = "fixture".to_string();
     let mut garbage = false;
+    let mut misbehaviour = Misbehaviour::default();
+    let count = |flag: &str, value: Option<String>| -> u64 {
+        value.and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+            eprintln!("concord-fixture: {flag} needs a number");
+            std::process::exit(2);
+        })
+    };
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--http" => http = args.next(),
             "--name" => name = args.next().unwrap_or(name),
             "--garbage" => garbage = true,
+            "--stderr-invalid-utf8" => misbehaviour.stderr_invalid_utf8 = true,
+            "--stderr-flood" => misbehaviour.stderr_flood = Some(count(&arg, args.next())),
+            "--crash-after" => misbehaviour.crash_after = Some(count(&arg, args.next())),
             other => {
                 eprintln!("concord-fixture: unknown argument {other}");
                 std::process::exit(2);
@@ -391,7 +465,7 @@ async fn main() {
         ..State::default()
     });
     match http {
-        None => run_stdio(state, garbage).await,
+        None => run_stdio(state, garbage, misbehaviour).await,
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
             eprintln!(
