@@ -81,6 +81,12 @@ pub enum GatewayError {
         "unknown or expired requestState: the call it belonged to is no longer waiting for input"
     )]
     UnknownRequestState,
+    /// The gateway already holds as many calls waiting for a 2026-07-28 client's input as it
+    /// keeps; this one was not parked (and its upstream's question was answered with an error).
+    #[error(
+        "the gateway already holds {limit} calls waiting for input; answer or abandon some first"
+    )]
+    TooManyParked { limit: usize },
     #[error("{0}")]
     Startup(String),
     /// A call that had been sent failed in a way that leaves its effect unknown, and the tool
@@ -185,6 +191,11 @@ impl From<GatewayError> for McpError {
             GatewayError::Upstream(e) => e.0,
             GatewayError::Cancelled => McpError::new(ErrorCode(-32800), message, None),
             GatewayError::UnknownRequestState => McpError::invalid_params(message, None),
+            GatewayError::TooManyParked { limit } => McpError::new(
+                ErrorCode(codes::RATE_LIMITED),
+                message,
+                Some(serde_json::json!({ "limit": limit })),
+            ),
             GatewayError::Startup(_) => McpError::internal_error(message, None),
             GatewayError::MayHaveExecuted { tool, cause, .. } => {
                 let mut inner = McpError::from(*cause);

@@ -19,6 +19,7 @@ mod http_client;
 mod http_server;
 mod internal;
 pub mod methods;
+mod parked;
 mod result_budget;
 mod result_cache;
 mod session;

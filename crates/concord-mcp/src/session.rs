@@ -161,19 +161,11 @@ pub(crate) struct SuspendedCall {
     call: InFlight,
     /// Input request key → what it asked and where the upstream waits for the answer.
     answers: HashMap<String, (InputKind, oneshot::Sender<Result<ClientResult, McpError>>)>,
-    parked_at: Instant,
 }
 
-/// Parked calls by their `requestState` token. The token is random (it is the only thing that
-/// lets a retry resume a call, so it must not be guessable); calls not resumed within
-/// [`SUSPEND_LIMIT`] are dropped, which fails the upstream's pending requests.
-#[derive(Default)]
-pub(crate) struct SuspendedCalls {
-    calls: parking_lot::Mutex<HashMap<String, SuspendedCall>>,
-}
+/// Parked calls by their `requestState` token (see [`crate::parked`]).
+pub(crate) type SuspendedCalls = crate::parked::Parked<SuspendedCall>;
 
-/// Marks the `requestState` values this gateway issues for its parked calls.
-const PARKED_STATE_PREFIX: &str = "concord-parked-";
 /// Input-required rounds answered for a 2025-era caller before the gateway gives up.
 const MAX_INPUT_ROUNDS: usize = 10;
 /// Replicas one call may find unable to take it before it gives up (nothing was sent to them).
@@ -183,25 +175,6 @@ const MAX_UNSENT_ATTEMPTS: u32 = 8;
 /// not retry together.
 fn jittered(base: std::time::Duration) -> std::time::Duration {
     base.mul_f64(0.5 + fastrand::f64())
-}
-
-const SUSPEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
-
-impl SuspendedCalls {
-    fn park(&self, call: SuspendedCall) -> String {
-        let token = format!("{PARKED_STATE_PREFIX}{}", uuid::Uuid::new_v4().simple());
-        let mut calls = self.calls.lock();
-        calls.retain(|_, c| c.parked_at.elapsed() < SUSPEND_LIMIT);
-        calls.insert(token.clone(), call);
-        token
-    }
-
-    fn take(&self, token: &str) -> Option<SuspendedCall> {
-        self.calls
-            .lock()
-            .remove(token)
-            .filter(|c| c.parked_at.elapsed() < SUSPEND_LIMIT)
-    }
 }
 
 async fn relay_progress(
@@ -563,7 +536,7 @@ impl GatewaySession {
                         relay_log(&context.peer, &call.server, log_floor, params).await;
                     }
                     CallEvent::Request { request, reply } if modern => {
-                        return Ok(self.suspend(call, request, reply));
+                        return self.suspend(call, request, reply, context);
                     }
                     CallEvent::Request { request, reply } => {
                         let peer = context.peer.clone();
@@ -628,7 +601,8 @@ impl GatewaySession {
         mut call: InFlight,
         first: ServerRequest,
         reply: oneshot::Sender<Result<ClientResult, McpError>>,
-    ) -> ServerResult {
+        context: &RequestContext<RoleServer>,
+    ) -> Result<ServerResult, GatewayError> {
         let mut pending = vec![(first, reply)];
         let mut early_progress = Vec::new();
         while let Ok(event) = call.events.try_recv() {
@@ -654,15 +628,16 @@ impl GatewaySession {
             answers.insert(key.clone(), (input_kind(&input), reply));
             input_requests.insert(key, input);
         }
-        let token = self.shared.suspended.park(SuspendedCall {
-            call,
-            answers,
-            parked_at: Instant::now(),
-        });
-        ServerResult::InputRequiredResult(InputRequiredResult::new(
+        let owner = Self::result_owner(identity_of(context).as_ref());
+        let token = self
+            .shared
+            .suspended
+            .park(owner, SuspendedCall { call, answers })
+            .map_err(|(_refused, error)| error)?;
+        Ok(ServerResult::InputRequiredResult(InputRequiredResult::new(
             Some(input_requests),
             Some(token),
-        ))
+        )))
     }
 
     /// A 2026-07-28 upstream asked for input (`input_required`), but the caller speaks
@@ -809,7 +784,8 @@ impl GatewaySession {
         responses: Option<InputResponses>,
         context: &RequestContext<RoleServer>,
     ) -> Result<ServerResult, GatewayError> {
-        let Some(parked) = self.shared.suspended.take(request_state) else {
+        let owner = Self::result_owner(identity_of(context).as_ref());
+        let Some(parked) = self.shared.suspended.take(request_state, &owner) else {
             return Err(GatewayError::UnknownRequestState);
         };
         let mut responses = responses.unwrap_or_default();
@@ -1282,7 +1258,7 @@ impl ServerHandler for GatewaySession {
             // parked; any other state belongs to a 2026-07-28 upstream and goes back to it.
             let call = async {
                 match params.request_state.as_deref() {
-                    Some(state) if state.starts_with(PARKED_STATE_PREFIX) => {
+                    Some(state) if state.starts_with(crate::parked::PARKED_STATE_PREFIX) => {
                         self.resume(state, params.input_responses, &context)
                             .instrument(span.clone())
                             .await
