@@ -24,7 +24,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if !seconds.is_finite() || seconds <= 0.0 {
         return Err(format!("expected a positive duration, got {text:?}"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    // `from_secs_f64` panics past what a `Duration` holds (about 584 billion years).
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("the duration {text:?} is too long"))
 }
 
 #[cfg(test)]

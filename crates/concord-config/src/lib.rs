@@ -27,6 +27,8 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 /// Default number of items per page in aggregated list results.
 pub const DEFAULT_PAGE_SIZE: usize = 200;
+/// Registrations one principal may hold at once over the registry API, unless configured.
+pub const DEFAULT_REGISTRY_MAX_PER_PRINCIPAL: usize = 100;
 /// Names that Concord keeps for its own built-in tools.
 pub const RESERVED_SERVER_NAMES: &[&str] = &["concord", "agents", "workflows"];
 /// Separator between a server name and a tool or prompt name in the gateway's namespace.
@@ -445,6 +447,11 @@ pub struct NodeSettings {
     pub health_interval: Duration,
     /// Items per page of the aggregated `*/list` results.
     pub page_size: usize,
+    /// Private networks (`10.0.0.0/8`, …) endpoints registered over the API may be in; other
+    /// private addresses are refused, link-local and metadata addresses always are.
+    pub registry_private_networks: Vec<concord_mesh::net::Network>,
+    /// Registrations one principal may hold at once over the API.
+    pub registry_max_per_principal: usize,
 }
 
 impl Default for NodeSettings {
@@ -458,6 +465,8 @@ impl Default for NodeSettings {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             health_interval: DEFAULT_HEALTH_INTERVAL,
             page_size: DEFAULT_PAGE_SIZE,
+            registry_private_networks: Vec::new(),
+            registry_max_per_principal: DEFAULT_REGISTRY_MAX_PER_PRINCIPAL,
         }
     }
 }
@@ -621,5 +630,7 @@ pub fn load_policy_file(path: &Path) -> Result<Vec<PolicyRule>, ConfigError> {
     parsed.into_rules(path)
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

@@ -76,6 +76,11 @@ fn registrations(
             concord_mesh::MeshError::Invalid { field, message } => {
                 ConfigError::invalid(file, format!("{key}.{field}"), message)
             }
+            concord_mesh::MeshError::TooLarge { field, size, limit } => ConfigError::invalid(
+                file,
+                format!("{key}.{field}"),
+                format!("{size} bytes serialized, at most {limit}"),
+            ),
         })?;
         out.push(registration);
     }
@@ -695,6 +700,10 @@ fn rules_of(raw: Vec<RawRule>, file: &Path, table: &str) -> Result<Vec<PolicyRul
     Ok(rules)
 }
 
+/// The shortest HS256 secret accepted: 256 bits, the size of the HMAC's output (RFC 7518
+/// section 3.2).
+const MIN_HS256_SECRET_BYTES: usize = 32;
+
 impl RawAuth {
     fn into_settings(
         self,
@@ -739,7 +748,19 @@ impl RawAuth {
             };
             let symmetric = key.algorithm == "HS256";
             match (symmetric, &secret, &public_key_pem) {
-                (true, Some(_), None) | (false, None, Some(_)) => {}
+                (true, Some(secret), None) => {
+                    if secret.len() < MIN_HS256_SECRET_BYTES {
+                        return Err(ConfigError::invalid(
+                            file,
+                            at("secret"),
+                            format!(
+                                "HS256 secrets need at least {MIN_HS256_SECRET_BYTES} bytes (a shorter one can be guessed offline from any token); this one has {}",
+                                secret.len()
+                            ),
+                        ));
+                    }
+                }
+                (false, None, Some(_)) => {}
                 (true, _, _) => {
                     return Err(ConfigError::invalid(
                         file,
@@ -779,13 +800,36 @@ impl RawAuth {
             .jwks_url
             .map(|u| expand("auth.jwks_url", &u))
             .transpose()?;
+        let issuer = self.issuer.map(|v| expand("auth.issuer", &v)).transpose()?;
+        let audience = self
+            .audience
+            .map(|v| expand("auth.audience", &v))
+            .transpose()?;
+        // A token is only as specific as what it is checked against: without `iss` and `aud`,
+        // any token the keys verify — minted by the identity provider for another service —
+        // would be accepted here.
+        if self.enabled && (!keys.is_empty() || jwks_url.is_some()) {
+            let verifier = if jwks_url.is_some() {
+                "auth.jwks_url"
+            } else {
+                "auth.keys"
+            };
+            for (key, value) in [("auth.issuer", &issuer), ("auth.audience", &audience)] {
+                if value.as_deref().is_none_or(|v| v.trim().is_empty()) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        key,
+                        format!(
+                            "required when JWTs are accepted ({verifier} is set): without it a token issued for another service would be accepted"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(AuthSettings {
             enabled: self.enabled,
-            issuer: self.issuer.map(|v| expand("auth.issuer", &v)).transpose()?,
-            audience: self
-                .audience
-                .map(|v| expand("auth.audience", &v))
-                .transpose()?,
+            issuer,
+            audience,
             jwks_url,
             keys,
             leeway,
@@ -910,6 +954,10 @@ struct RawNode {
     request_timeout: Option<String>,
     health_interval: Option<String>,
     page_size: Option<usize>,
+    /// Private networks registered endpoints may be in (CIDR).
+    #[serde(default)]
+    registry_private_networks: Vec<String>,
+    registry_max_per_principal: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1267,6 +1315,22 @@ impl RawNode {
                 ));
             }
             settings.page_size = size;
+        }
+        for (i, text) in self.registry_private_networks.iter().enumerate() {
+            let network = text.parse::<concord_mesh::net::Network>().map_err(|m| {
+                ConfigError::invalid(file, format!("node.registry_private_networks[{i}]"), m)
+            })?;
+            settings.registry_private_networks.push(network);
+        }
+        if let Some(max) = self.registry_max_per_principal {
+            if max == 0 {
+                return Err(ConfigError::invalid(
+                    file,
+                    "node.registry_max_per_principal",
+                    "expected at least 1 registration per principal, got 0",
+                ));
+            }
+            settings.registry_max_per_principal = max;
         }
         Ok(settings)
     }

@@ -7,6 +7,8 @@ fn env(name: &str) -> Option<String> {
     match name {
         "GH_TOKEN" => Some("ghp_test".into()),
         "HOME_DIR" => Some("/home/u".into()),
+        "JWT_SECRET" => Some("a-secret-of-at-least-32-bytes-for-hs256".into()),
+        "SHORT_SECRET" => Some("too-short".into()),
         _ => None,
     }
 }
@@ -263,7 +265,7 @@ fn auth_policy_limits_and_audit_tables() {
         [[auth.keys]]
         kid = "k"
         algorithm = "HS256"
-        secret = "${HOME_DIR}"
+        secret = "${JWT_SECRET}"
 
         [policy]
         file = "policy.toml"
@@ -283,7 +285,10 @@ fn auth_policy_limits_and_audit_tables() {
     .unwrap();
     assert!(config.auth.enabled);
     assert_eq!(config.auth.leeway, Duration::from_secs(10));
-    assert_eq!(config.auth.keys[0].secret.as_deref(), Some("/home/u"));
+    assert_eq!(
+        config.auth.keys[0].secret.as_deref(),
+        Some("a-secret-of-at-least-32-bytes-for-hs256")
+    );
     assert_eq!(config.policy.rules[0].when, "true");
     assert_eq!(
         config.policy.file.as_deref(),
@@ -559,6 +564,41 @@ fn node_limits_below_their_minimum() {
 }
 
 #[test]
+fn registry_private_networks_and_the_per_principal_cap() {
+    let config = toml(
+        "[node]\nregistry_private_networks = [\"10.0.0.0/8\", \"fd00::/8\"]\nregistry_max_per_principal = 5\n",
+    )
+    .unwrap();
+    let networks: Vec<String> = config
+        .node
+        .registry_private_networks
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(networks, ["10.0.0.0/8", "fd00::/8"]);
+    assert_eq!(config.node.registry_max_per_principal, 5);
+    assert_eq!(
+        toml("").unwrap().node.registry_max_per_principal,
+        crate::DEFAULT_REGISTRY_MAX_PER_PRINCIPAL
+    );
+    refused(
+        "[node]\nregistry_private_networks = [\"10.0.0.0/8\", \"10.0.0.1/8\"]\n",
+        "node.registry_private_networks[1]",
+        "host bits set (did you mean \"10.0.0.0/8\"?)",
+    );
+    refused(
+        "[node]\nregistry_private_networks = [\"intranet\"]\n",
+        "node.registry_private_networks[0]",
+        "is not a network like",
+    );
+    refused(
+        "[node]\nregistry_max_per_principal = 0\n",
+        "node.registry_max_per_principal",
+        "at least 1 registration",
+    );
+}
+
+#[test]
 fn origins_need_a_scheme() {
     refused(
         "[node]\nallowed_origins = [\"https://ok.example\", \"app.example.com\"]\n",
@@ -684,4 +724,66 @@ fn server_names_use_a_small_charset() {
     assert!(err.to_string().contains("1 to 64 characters"), "{err}");
     toml(&format!("[servers.{}]\ncommand = \"x\"\n", "a".repeat(64))).unwrap();
     toml("[servers.my-server_2]\ncommand = \"x\"\n").unwrap();
+}
+
+const LONG_SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+#[test]
+fn hs256_secrets_have_at_least_32_bytes() {
+    // Checked after `${VAR}` expansion, where the real secret is.
+    refused(
+        "[[auth.keys]]\nalgorithm = \"HS256\"\nsecret = \"${SHORT_SECRET}\"\n",
+        "auth.keys[0].secret",
+        "at least 32 bytes",
+    );
+    refused(
+        &format!(
+            "[[auth.keys]]\nalgorithm = \"HS256\"\nsecret = \"{LONG_SECRET}\"\n[[auth.keys]]\nkid = \"b\"\nalgorithm = \"HS256\"\nsecret = \"{}\"\n",
+            &LONG_SECRET[..31]
+        ),
+        "auth.keys[1].secret",
+        "this one has 31",
+    );
+    let config = toml(&format!(
+        "[[auth.keys]]\nalgorithm = \"HS256\"\nsecret = \"{LONG_SECRET}\"\n"
+    ))
+    .unwrap();
+    assert_eq!(config.auth.keys[0].secret.as_deref(), Some(LONG_SECRET));
+    // The secret itself never appears in the error.
+    let err =
+        toml("[[auth.keys]]\nalgorithm = \"HS256\"\nsecret = \"${SHORT_SECRET}\"\n").unwrap_err();
+    assert!(!err.to_string().contains("too-short"), "{err}");
+}
+
+#[test]
+fn with_auth_on_jwts_need_an_issuer_and_an_audience() {
+    let key = format!("[[auth.keys]]\nalgorithm = \"HS256\"\nsecret = \"{LONG_SECRET}\"\n");
+    refused(
+        &format!("[auth]\nenabled = true\naudience = \"concord\"\n{key}"),
+        "auth.issuer",
+        "required when JWTs are accepted (auth.keys is set)",
+    );
+    refused(
+        &format!("[auth]\nenabled = true\nissuer = \"https://idp\"\n{key}"),
+        "auth.audience",
+        "required when JWTs are accepted (auth.keys is set)",
+    );
+    refused(
+        "[auth]\nenabled = true\njwks_url = \"https://idp/.well-known/jwks.json\"\naudience = \"concord\"\n",
+        "auth.issuer",
+        "(auth.jwks_url is set)",
+    );
+    refused(
+        "[auth]\nenabled = true\nissuer = \"https://idp\"\naudience = \"  \"\njwks_url = \"https://idp/jwks\"\n",
+        "auth.audience",
+        "required",
+    );
+    // Both given: accepted. API keys only (no JWT keys, no JWKS): neither is needed. Auth off:
+    // the keys are not used, so neither is required.
+    toml(&format!(
+        "[auth]\nenabled = true\nissuer = \"https://idp\"\naudience = \"concord\"\n{key}"
+    ))
+    .unwrap();
+    toml("[auth]\nenabled = true\n").unwrap();
+    toml(&key).unwrap();
 }

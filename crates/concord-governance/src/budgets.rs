@@ -5,10 +5,15 @@
 //! back as `parent` when it calls tools on the call's behalf), so a sub-call draws on its
 //! parent's remainder and on every budget above it.
 //!
+//! An envelope belongs to the caller it was issued to: only that principal and delegation
+//! chain, or a delegate whose chain extends it (an agent acting for the caller), may name it as
+//! `parent`. Envelope ids are random (128 bits); standing budgets have no id a request can name.
+//!
 //! A call reserves one tool call (and its declared tokens) at every level before it runs, and
-//! settles after — what the upstream reports in `_meta["concord/usage"]` — so concurrent calls
-//! cannot overshoot. A refusal names the budget that ran out. Past the warning threshold, a
-//! result carries a warning in its `_meta`.
+//! settles after — what the upstream reports in `_meta["concord/usage"]`, validated (whole,
+//! non-negative, bounded numbers; a negative cost is no refund) — so concurrent calls cannot
+//! overshoot. All arithmetic saturates. A refusal names the budget that ran out. Past the
+//! warning threshold, a result carries a warning in its `_meta`.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -24,6 +29,17 @@ pub struct Limits {
     pub cost_usd: Option<f64>,
 }
 
+/// The most tokens one call may reserve or report (10^12): beyond any real call, far from
+/// overflowing a sum.
+pub const MAX_TOKENS: u64 = 1_000_000_000_000;
+/// The most one call may report spending, in USD.
+pub const MAX_COST_USD: f64 = 1_000_000.0;
+/// The longest any deadline, window or lifetime is taken to be (so `Instant` sums cannot
+/// overflow).
+const MAX_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest envelope id accepted as `parent` (issued ids are much shorter).
+const MAX_ID_LEN: usize = 64;
+
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Usage {
     tool_calls: u64,
@@ -31,8 +47,29 @@ struct Usage {
     cost_usd: f64,
 }
 
+/// Who an envelope was issued to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Owner {
+    principal: String,
+    chain: Vec<String>,
+}
+
+impl Owner {
+    /// Whether `principal` acting through `chain` may draw on this envelope: the caller it was
+    /// issued to, or a delegate acting for it (its chain extends the owner's).
+    fn admits(&self, principal: &str, chain: &[String]) -> bool {
+        if self.chain.is_empty() {
+            return self.principal == principal && chain.is_empty();
+        }
+        (self.principal == principal && self.chain == chain)
+            || (chain.len() > self.chain.len() && chain.starts_with(&self.chain))
+    }
+}
+
 struct Budget {
     label: String,
+    /// `None` for a standing budget, which no request can name.
+    owner: Option<Owner>,
     limits: Limits,
     used: Usage,
     reserved: Usage,
@@ -48,7 +85,7 @@ struct Budget {
 impl Budget {
     fn remaining(&self) -> Map<String, Value> {
         let mut out = Map::new();
-        let spent = |used: u64, reserved: u64| used + reserved;
+        let spent = |used: u64, reserved: u64| used.saturating_add(reserved);
         if let Some(limit) = self.limits.tool_calls {
             out.insert(
                 "tool_calls".into(),
@@ -84,12 +121,31 @@ impl Budget {
         }
         fraction
     }
+
+    /// Adds spend, saturating (`cost_usd` is already finite and non-negative).
+    fn spend(&mut self, tokens: u64, cost_usd: f64) {
+        self.used.tokens = self.used.tokens.saturating_add(tokens);
+        self.used.cost_usd = finite_sum(self.used.cost_usd, cost_usd);
+    }
+}
+
+fn finite_sum(a: f64, b: f64) -> f64 {
+    let sum = a + b;
+    if sum.is_finite() { sum } else { f64::MAX }
 }
 
 /// Why a call may not start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Exhausted {
     pub message: String,
+}
+
+impl Exhausted {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
 }
 
 /// A started call: what to tell the upstream, how long it may take, and what to settle.
@@ -109,11 +165,28 @@ pub struct Ticket {
 /// The outcome of a settled call, for the result's `_meta["concord/budget"]`.
 pub type Report = Value;
 
+/// A settled call: the report for the result's `_meta`, and what was wrong with the usage the
+/// upstream reported (each problem says what was charged instead), for the audit trail.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub report: Report,
+    pub usage_problems: Vec<String>,
+}
+
+/// Who is starting a call: the principal and the delegation chain it acts through.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub principal: &'a str,
+    pub chain: &'a [String],
+}
+
+/// A principal's standing budget: key, limits, window, chain deadline.
+pub type Standing<'a> = (&'a str, Limits, Option<Duration>, Option<Duration>);
+
 pub struct Ledger {
     warn_at: f64,
     max_depth: u32,
     budgets: Mutex<Books>,
-    next: Mutex<u64>,
 }
 
 #[derive(Default)]
@@ -127,9 +200,166 @@ struct Books {
 const ENVELOPE_LIFETIME: Duration = Duration::from_secs(3600);
 /// How long an envelope stays usable after its call has finished.
 const ENVELOPE_GRACE: Duration = Duration::from_secs(60);
+/// How long a standing budget is kept without use.
+const STANDING_LIFETIME: Duration = MAX_DEADLINE;
 
-fn number(value: Option<&Value>) -> Option<u64> {
-    value.and_then(Value::as_u64)
+/// What a request's envelope asks for, validated.
+#[derive(Debug, Default)]
+struct Request {
+    parent: Option<String>,
+    limits: Limits,
+    deadline: Option<Duration>,
+    reserve_tokens: u64,
+}
+
+/// A whole number in `0..=max`, or an error naming the field.
+fn whole(envelope: &Value, field: &str, max: u64) -> Result<Option<u64>, Exhausted> {
+    match envelope.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => match value.as_u64() {
+            Some(n) if n <= max => Ok(Some(n)),
+            _ => Err(Exhausted::new(format!(
+                "invalid budget envelope: `{field}` must be a whole number from 0 to {max}, got {}",
+                shorten(&value.to_string())
+            ))),
+        },
+    }
+}
+
+fn shorten(text: &str) -> String {
+    if text.len() <= 40 {
+        return text.to_string();
+    }
+    let mut end = 40;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+fn parse_request(envelope: Option<&Value>) -> Result<Request, Exhausted> {
+    let Some(envelope) = envelope else {
+        return Ok(Request::default());
+    };
+    if !envelope.is_object() {
+        return Err(Exhausted::new(
+            "invalid budget envelope: expected an object",
+        ));
+    }
+    let parent = match envelope.get("parent") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id))
+            if !id.is_empty()
+                && id.len() <= MAX_ID_LEN
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '.')) =>
+        {
+            Some(id.clone())
+        }
+        Some(other) => {
+            return Err(Exhausted::new(format!(
+                "invalid budget envelope: `parent` must be the id of an envelope the gateway issued, got {}",
+                shorten(&other.to_string())
+            )));
+        }
+    };
+    let cost_usd = match envelope.get("cost_usd") {
+        None | Some(Value::Null) => None,
+        Some(value) => match value.as_f64() {
+            Some(cost) if cost.is_finite() && cost >= 0.0 => Some(cost),
+            _ => {
+                return Err(Exhausted::new(format!(
+                    "invalid budget envelope: `cost_usd` must be a non-negative number, got {}",
+                    shorten(&value.to_string())
+                )));
+            }
+        },
+    };
+    Ok(Request {
+        parent,
+        limits: Limits {
+            tool_calls: whole(envelope, "tool_calls", u64::MAX)?,
+            tokens: whole(envelope, "tokens", u64::MAX)?,
+            cost_usd,
+        },
+        deadline: whole(envelope, "deadline_ms", u64::MAX)?.map(Duration::from_millis),
+        reserve_tokens: whole(envelope, "reserve_tokens", MAX_TOKENS)?.unwrap_or(0),
+    })
+}
+
+/// The tokens and cost an upstream reported, validated: whole non-negative token counts and a
+/// finite non-negative cost, each at most the per-call maximum. Anything else is charged as
+/// the nearest valid amount (nothing for a negative or malformed value, the maximum for a
+/// larger one) and named in the problems.
+fn reported_usage(usage: Option<&Value>) -> (u64, f64, Vec<String>) {
+    let mut problems = Vec::new();
+    let Some(usage) = usage else {
+        return (0, 0.0, problems);
+    };
+    let Some(fields) = usage.as_object() else {
+        problems.push(format!(
+            "usage {} is not an object; nothing charged",
+            shorten(&usage.to_string())
+        ));
+        return (0, 0.0, problems);
+    };
+    let mut tokens: u64 = 0;
+    for field in ["input_tokens", "output_tokens", "tokens"] {
+        let Some(value) = fields.get(field).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let counted = match (value.as_u64(), value.as_f64()) {
+            (Some(n), _) => n,
+            (None, Some(f)) if f.is_finite() && f >= 0.0 => f.ceil().min(u64::MAX as f64) as u64,
+            _ => {
+                problems.push(format!(
+                    "{field} {} is not a non-negative number; charged 0",
+                    shorten(&value.to_string())
+                ));
+                continue;
+            }
+        };
+        if counted > MAX_TOKENS {
+            problems.push(format!(
+                "{field} {counted} exceeds the maximum of {MAX_TOKENS} per call; charged {MAX_TOKENS}"
+            ));
+        }
+        tokens = tokens.saturating_add(counted.min(MAX_TOKENS));
+    }
+    if tokens > MAX_TOKENS {
+        problems.push(format!(
+            "{tokens} tokens in all exceed the maximum of {MAX_TOKENS} per call; charged {MAX_TOKENS}"
+        ));
+        tokens = MAX_TOKENS;
+    }
+    let cost = match fields.get("cost_usd").filter(|v| !v.is_null()) {
+        None => 0.0,
+        Some(value) => match value.as_f64() {
+            Some(cost) if cost.is_finite() && cost >= 0.0 => {
+                if cost > MAX_COST_USD {
+                    problems.push(format!(
+                        "cost_usd {cost} exceeds the maximum of {MAX_COST_USD} per call; charged {MAX_COST_USD}"
+                    ));
+                }
+                cost.min(MAX_COST_USD)
+            }
+            Some(cost) if cost < 0.0 => {
+                problems.push(format!(
+                    "cost_usd {cost} is negative (a cost is never a refund); charged 0"
+                ));
+                0.0
+            }
+            _ => {
+                problems.push(format!(
+                    "cost_usd {} is not a number; charged 0",
+                    shorten(&value.to_string())
+                ));
+                0.0
+            }
+        },
+    };
+    (tokens, cost, problems)
 }
 
 impl Ledger {
@@ -138,26 +368,28 @@ impl Ledger {
             warn_at,
             max_depth,
             budgets: Mutex::new(Books::default()),
-            next: Mutex::new(0),
         }
     }
 
-    fn new_id(&self) -> String {
-        let mut next = self.next.lock();
-        *next += 1;
-        format!("b{}-{:x}", *next, rand::random::<u64>())
+    /// A fresh envelope id: 128 random bits, so no caller can guess another's.
+    fn new_id() -> String {
+        format!("env-{:032x}", rand::random::<u128>())
     }
 
-    /// Starts a tool call. `standing`: the principal's configured budget (key, limits, window,
-    /// chain deadline) — the root of its chains. `envelope`: what the request's `_meta` asked.
+    /// Starts a tool call for `caller`. `standing`: the principal's configured budget (key,
+    /// limits, window, chain deadline) — the root of its chains. `envelope`: what the request's
+    /// `_meta["concord/budget"]` asked (its own limits, `deadline_ms`, `reserve_tokens`, and
+    /// `parent`, an envelope issued to this caller or to one it acts for).
     pub fn begin(
         &self,
-        principal: &str,
-        standing: Option<(&str, Limits, Option<Duration>, Option<Duration>)>,
+        caller: Caller<'_>,
+        standing: Option<Standing<'_>>,
         envelope: Option<&Value>,
-        reserve_tokens: u64,
     ) -> Result<Ticket, Exhausted> {
+        let request = parse_request(envelope)?;
+        let reserve_tokens = request.reserve_tokens;
         let now = Instant::now();
+        let later = |d: Duration| now.checked_add(d.min(MAX_DEADLINE)).unwrap_or(now);
         let mut books = self.budgets.lock();
         while let Some((at, _)) = books.closing.front()
             && *at <= now
@@ -171,18 +403,32 @@ impl Ledger {
             // Envelopes of calls that never finished (their tickets were dropped).
             budgets.retain(|_, b| b.expires_at > now || b.window.is_some());
         }
-        // The parent of this call: an envelope the gateway issued earlier, else the standing
-        // budget of the principal.
-        let parent_id = envelope
-            .and_then(|e| e.get("parent"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let parent = match parent_id {
+        // The parent of this call: an envelope the gateway issued earlier to this caller (or
+        // to one it acts for), else the standing budget of the principal.
+        let parent = match request.parent {
             Some(id) => {
-                if budgets.get(&id).is_none_or(|b| b.expires_at <= now) {
-                    return Err(Exhausted {
-                        message: format!("budget {id} is unknown or has expired"),
-                    });
+                let Some(budget) = budgets.get(&id) else {
+                    return Err(Exhausted::new(format!(
+                        "budget {id} is unknown or has expired"
+                    )));
+                };
+                // A standing budget is no envelope: it cannot be named.
+                let Some(owner) = &budget.owner else {
+                    return Err(Exhausted::new(format!(
+                        "budget {id} is unknown or has expired"
+                    )));
+                };
+                if budget.expires_at <= now {
+                    return Err(Exhausted::new(format!(
+                        "budget {id} is unknown or has expired"
+                    )));
+                }
+                if !owner.admits(caller.principal, caller.chain) {
+                    return Err(Exhausted::new(format!(
+                        "budget envelope {id} was not issued to {} (chain {}) nor to a caller it acts for",
+                        caller.principal,
+                        caller.chain.join(" → ")
+                    )));
                 }
                 Some(id)
             }
@@ -190,23 +436,24 @@ impl Ledger {
                 Some((key, limits, window, _)) => {
                     let id = format!("principal:{key}");
                     let budget = budgets.entry(id.clone()).or_insert_with(|| Budget {
-                        label: format!("the standing budget of {principal}"),
+                        label: format!("the standing budget of {}", caller.principal),
+                        owner: None,
                         limits,
                         used: Usage::default(),
                         reserved: Usage::default(),
                         parent: None,
                         deadline: None,
                         depth: 0,
-                        renews_at: window.map(|w| now + w),
+                        renews_at: window.map(later),
                         window,
-                        expires_at: now + Duration::from_secs(365 * 24 * 3600),
+                        expires_at: later(STANDING_LIFETIME),
                     });
                     budget.limits = limits;
                     if let (Some(renews), Some(window)) = (budget.renews_at, budget.window)
                         && now >= renews
                     {
                         budget.used = Usage::default();
-                        budget.renews_at = Some(now + window);
+                        budget.renews_at = Some(later(window));
                     }
                     Some(id)
                 }
@@ -217,14 +464,12 @@ impl Ledger {
             .as_ref()
             .and_then(|id| budgets.get(id))
             .map_or(0, |b| b.depth);
-        let depth = parent_depth + 1;
+        let depth = parent_depth.saturating_add(1);
         if depth > self.max_depth {
-            return Err(Exhausted {
-                message: format!(
-                    "delegation depth {depth} exceeds the maximum of {}",
-                    self.max_depth
-                ),
-            });
+            return Err(Exhausted::new(format!(
+                "delegation depth {depth} exceeds the maximum of {}",
+                self.max_depth
+            )));
         }
         // The chain from the parent to the root; deadlines and limits of all of it apply.
         let mut chain = Vec::new();
@@ -239,24 +484,16 @@ impl Ledger {
                 break;
             }
         }
-        // This call's own envelope, if it asked for limits.
-        let own_limits = Limits {
-            tool_calls: number(envelope.and_then(|e| e.get("tool_calls"))),
-            tokens: number(envelope.and_then(|e| e.get("tokens"))),
-            cost_usd: envelope
-                .and_then(|e| e.get("cost_usd"))
-                .and_then(Value::as_f64),
-        };
-        let own_deadline = number(envelope.and_then(|e| e.get("deadline_ms")))
-            .map(|ms| now + Duration::from_millis(ms));
+        let own_deadline = request.deadline.map(later);
         let standing_deadline = standing
             .and_then(|(_, _, _, d)| d)
             .filter(|_| {
                 parent
                     .as_deref()
-                    .is_some_and(|p| p.starts_with("principal:"))
+                    .and_then(|p| budgets.get(p))
+                    .is_some_and(|b| b.owner.is_none())
             })
-            .map(|d| now + d);
+            .map(later);
         let inherited_deadline = chain
             .iter()
             .filter_map(|id| budgets.get(id).and_then(|b| b.deadline))
@@ -266,52 +503,62 @@ impl Ledger {
             .flatten()
             .min();
         if deadline.is_some_and(|d| d <= now) {
-            return Err(Exhausted {
-                message: "the call chain's deadline has passed".into(),
-            });
+            return Err(Exhausted::new("the call chain's deadline has passed"));
         }
         // Reserve one tool call (and the declared tokens) at every level, or nowhere.
         for id in &chain {
             let budget = &budgets[id];
             if let Some(limit) = budget.limits.tool_calls
-                && budget.used.tool_calls + budget.reserved.tool_calls + 1 > limit
+                && budget
+                    .used
+                    .tool_calls
+                    .saturating_add(budget.reserved.tool_calls)
+                    .saturating_add(1)
+                    > limit
             {
-                return Err(Exhausted {
-                    message: format!(
-                        "tool_calls budget exhausted: {} allows {limit} tool calls and all are used or in flight",
-                        budget.label
-                    ),
-                });
+                return Err(Exhausted::new(format!(
+                    "tool_calls budget exhausted: {} allows {limit} tool calls and all are used or in flight",
+                    budget.label
+                )));
             }
             if let Some(limit) = budget.limits.tokens
-                && budget.used.tokens + budget.reserved.tokens + reserve_tokens.max(1) > limit
+                && budget
+                    .used
+                    .tokens
+                    .saturating_add(budget.reserved.tokens)
+                    .saturating_add(reserve_tokens.max(1))
+                    > limit
             {
-                return Err(Exhausted {
-                    message: format!(
-                        "tokens budget exhausted: {} allows {limit} tokens",
-                        budget.label
-                    ),
-                });
+                return Err(Exhausted::new(format!(
+                    "tokens budget exhausted: {} allows {limit} tokens",
+                    budget.label
+                )));
             }
             if let Some(limit) = budget.limits.cost_usd
                 && budget.used.cost_usd + budget.reserved.cost_usd >= limit
             {
-                return Err(Exhausted {
-                    message: format!("cost budget exhausted: {} allows ${limit:.4}", budget.label),
-                });
+                return Err(Exhausted::new(format!(
+                    "cost budget exhausted: {} allows ${limit:.4}",
+                    budget.label
+                )));
             }
         }
         for id in &chain {
             if let Some(budget) = budgets.get_mut(id) {
-                budget.reserved.tool_calls += 1;
-                budget.reserved.tokens += reserve_tokens;
+                budget.reserved.tool_calls = budget.reserved.tool_calls.saturating_add(1);
+                budget.reserved.tokens = budget.reserved.tokens.saturating_add(reserve_tokens);
             }
         }
-        // The child envelope the upstream carries into its own sub-calls.
-        let child_id = self.new_id();
+        // The child envelope the upstream carries into its own sub-calls; it belongs to this
+        // caller.
+        let child_id = Self::new_id();
         let child = Budget {
             label: format!("the budget of call {child_id}"),
-            limits: own_limits,
+            owner: Some(Owner {
+                principal: caller.principal.to_string(),
+                chain: caller.chain.to_vec(),
+            }),
+            limits: request.limits,
             used: Usage::default(),
             reserved: Usage::default(),
             parent: parent.clone(),
@@ -319,7 +566,7 @@ impl Ledger {
             depth,
             renews_at: None,
             window: None,
-            expires_at: deadline.unwrap_or(now + ENVELOPE_LIFETIME),
+            expires_at: deadline.unwrap_or(later(ENVELOPE_LIFETIME)),
         };
         let mut upstream_envelope = json!({"id": child_id, "depth": depth});
         let mut remaining = child.remaining();
@@ -343,8 +590,10 @@ impl Ledger {
         }
         upstream_envelope["remaining"] = Value::Object(remaining);
         if let Some(deadline) = deadline {
-            upstream_envelope["deadline_in_ms"] =
-                json!(deadline.saturating_duration_since(now).as_millis() as u64);
+            upstream_envelope["deadline_in_ms"] = json!(
+                u64::try_from(deadline.saturating_duration_since(now).as_millis())
+                    .unwrap_or(u64::MAX)
+            );
         }
         budgets.insert(child_id.clone(), child);
         Ok(Ticket {
@@ -360,11 +609,20 @@ impl Ledger {
     /// issued for it and to every budget above it, at once rather than when the call settles,
     /// so concurrent calls see it. Returns what is left: for each limit, the least remainder
     /// along the chain (an absent key is unlimited); `None` if the envelope is unknown or
-    /// closed.
+    /// closed. Sums saturate; a cost that is negative or not finite charges nothing.
     pub fn charge(&self, id: &str, tokens: u64, cost_usd: f64) -> Option<Map<String, Value>> {
+        let cost_usd = if cost_usd.is_finite() && cost_usd > 0.0 {
+            cost_usd
+        } else {
+            0.0
+        };
         let mut books = self.budgets.lock();
         let now = Instant::now();
-        if books.map.get(id).is_none_or(|b| b.expires_at <= now) {
+        if books
+            .map
+            .get(id)
+            .is_none_or(|b| b.expires_at <= now || b.owner.is_none())
+        {
             return None;
         }
         let mut left = Map::new();
@@ -376,8 +634,7 @@ impl Ledger {
             let Some(budget) = books.map.get_mut(&current) else {
                 break;
             };
-            budget.used.tokens += tokens;
-            budget.used.cost_usd += cost_usd;
+            budget.spend(tokens, cost_usd);
             for (key, value) in budget.remaining() {
                 let smaller = match left.get(&key) {
                     Some(current) if current.as_f64() <= value.as_f64() => current.clone(),
@@ -391,19 +648,10 @@ impl Ledger {
         Some(left)
     }
 
-    /// Settles a finished call with the usage its upstream reported, and reports what is left.
-    pub fn finish(&self, ticket: &Ticket, usage: Option<&Value>) -> Report {
-        let tokens = usage
-            .map(|u| {
-                number(u.get("input_tokens")).unwrap_or(0)
-                    + number(u.get("output_tokens")).unwrap_or(0)
-                    + number(u.get("tokens")).unwrap_or(0)
-            })
-            .unwrap_or(0);
-        let cost = usage
-            .and_then(|u| u.get("cost_usd"))
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0);
+    /// Settles a finished call with the usage its upstream reported (validated: see
+    /// [`Settlement::usage_problems`]), and reports what is left.
+    pub fn finish(&self, ticket: &Ticket, usage: Option<&Value>) -> Settlement {
+        let (tokens, cost, usage_problems) = reported_usage(usage);
         let mut books = self.budgets.lock();
         // The call is over: its envelope stays usable for a short grace (sub-calls that race
         // the end of the call), then it is closed.
@@ -424,9 +672,8 @@ impl Ledger {
                 .reserved
                 .tokens
                 .saturating_sub(ticket.reserved_tokens);
-            budget.used.tool_calls += 1;
-            budget.used.tokens += tokens;
-            budget.used.cost_usd += cost;
+            budget.used.tool_calls = budget.used.tool_calls.saturating_add(1);
+            budget.spend(tokens, cost);
             if budget.spent_fraction() >= self.warn_at {
                 warnings.push(format!(
                     "{} is {:.0}% spent",
@@ -442,7 +689,10 @@ impl Ledger {
         if !warnings.is_empty() {
             report["warning"] = json!(warnings.join("; "));
         }
-        report
+        Settlement {
+            report,
+            usage_problems,
+        }
     }
 }
 
@@ -450,6 +700,14 @@ impl Ledger {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    fn me(principal: &str) -> Vec<String> {
+        vec![principal.to_string()]
+    }
+
+    fn who<'a>(principal: &'a str, chain: &'a [String]) -> Caller<'a> {
+        Caller { principal, chain }
+    }
 
     fn calls(n: u64) -> Limits {
         Limits {
@@ -462,16 +720,18 @@ mod tests {
     fn concurrent_reservations_never_overshoot() {
         let ledger = Arc::new(Ledger::new(0.8, 8));
         // An envelope of 5 calls, then 10 threads starting sub-calls under it at once.
+        let alice = me("alice");
         let root = ledger
-            .begin("alice", None, Some(&json!({"tool_calls": 5})), 0)
+            .begin(who("alice", &alice), None, Some(&json!({"tool_calls": 5})))
             .unwrap();
         let parent = root.upstream_envelope["id"].as_str().unwrap().to_string();
         let handles: Vec<_> = (0..10)
             .map(|_| {
                 let (ledger, parent) = (ledger.clone(), parent.clone());
                 std::thread::spawn(move || {
+                    let alice = me("alice");
                     ledger
-                        .begin("alice", None, Some(&json!({"parent": parent})), 0)
+                        .begin(who("alice", &alice), None, Some(&json!({"parent": parent})))
                         .is_ok()
                 })
             })
@@ -488,15 +748,18 @@ mod tests {
     fn usage_settles_up_the_chain_and_warns_past_the_threshold() {
         let ledger = Ledger::new(0.5, 8);
         let standing = Some(("bob", calls(4), None, None));
-        let first = ledger.begin("bob", standing, None, 0).unwrap();
-        let report = ledger.finish(
-            &first,
-            Some(&json!({"input_tokens": 10, "output_tokens": 5})),
-        );
+        let bob = me("bob");
+        let first = ledger.begin(who("bob", &bob), standing, None).unwrap();
+        let report = ledger
+            .finish(
+                &first,
+                Some(&json!({"input_tokens": 10, "output_tokens": 5})),
+            )
+            .report;
         assert_eq!(report["remaining"]["tool_calls"], 3);
         assert!(report.get("warning").is_none());
-        let second = ledger.begin("bob", standing, None, 0).unwrap();
-        let report = ledger.finish(&second, None);
+        let second = ledger.begin(who("bob", &bob), standing, None).unwrap();
+        let report = ledger.finish(&second, None).report;
         assert!(
             report["warning"]
                 .as_str()
@@ -508,16 +771,18 @@ mod tests {
     #[test]
     fn depth_tokens_and_deadline_are_enforced() {
         let ledger = Ledger::new(0.8, 2);
+        let (c, d) = (me("c"), me("d"));
+        let (c, d) = (who("c", &c), who("d", &d));
         let one = ledger
-            .begin("c", None, Some(&json!({"tokens": 100})), 0)
+            .begin(c, None, Some(&json!({"tokens": 100})))
             .unwrap();
         let id1 = one.upstream_envelope["id"].as_str().unwrap().to_string();
         let two = ledger
-            .begin("c", None, Some(&json!({"parent": id1})), 60)
+            .begin(c, None, Some(&json!({"parent": id1, "reserve_tokens": 60})))
             .unwrap();
         let id2 = two.upstream_envelope["id"].as_str().unwrap().to_string();
         let too_deep = ledger
-            .begin("c", None, Some(&json!({"parent": id2})), 0)
+            .begin(c, None, Some(&json!({"parent": id2})))
             .unwrap_err();
         assert!(
             too_deep
@@ -526,7 +791,7 @@ mod tests {
         );
         // 60 of 100 tokens are reserved by the call in flight: another 50 do not fit.
         let tokens = ledger
-            .begin("c", None, Some(&json!({"parent": id1})), 50)
+            .begin(c, None, Some(&json!({"parent": id1, "reserve_tokens": 50})))
             .unwrap_err();
         assert!(
             tokens.message.contains("tokens budget exhausted"),
@@ -535,12 +800,12 @@ mod tests {
         ledger.finish(&two, Some(&json!({"tokens": 30})));
         assert!(
             ledger
-                .begin("c", None, Some(&json!({"parent": id1})), 50)
+                .begin(c, None, Some(&json!({"parent": id1, "reserve_tokens": 50})))
                 .is_ok()
         );
 
         let hurried = ledger
-            .begin("d", None, Some(&json!({"deadline_ms": 1})), 0)
+            .begin(d, None, Some(&json!({"deadline_ms": 1})))
             .unwrap();
         assert!(hurried.time_left.unwrap() <= Duration::from_millis(1));
         let parent = hurried.upstream_envelope["id"]
@@ -549,7 +814,7 @@ mod tests {
             .to_string();
         std::thread::sleep(Duration::from_millis(5));
         let late = ledger
-            .begin("d", None, Some(&json!({"parent": parent})), 0)
+            .begin(d, None, Some(&json!({"parent": parent})))
             .unwrap_err();
         assert!(
             late.message.contains("deadline has passed") || late.message.contains("expired"),
@@ -571,8 +836,10 @@ mod tests {
             None,
         ));
         // Two calls of one principal run at once (two agent runs).
-        let a = ledger.begin("erin", standing, None, 0).unwrap();
-        let b = ledger.begin("erin", standing, None, 0).unwrap();
+        let erin = me("erin");
+        let erin = who("erin", &erin);
+        let a = ledger.begin(erin, standing, None).unwrap();
+        let b = ledger.begin(erin, standing, None).unwrap();
         let id = |t: &Ticket| t.upstream_envelope["id"].as_str().unwrap().to_string();
         let left = ledger.charge(&id(&a), 600, 0.25).unwrap();
         assert_eq!(
@@ -586,7 +853,9 @@ mod tests {
         ledger.finish(&a, None);
         ledger.finish(&b, None);
         assert_eq!(ledger.charge(&id(&b), 0, 0.0).unwrap()["tokens"], 100);
-        let refused = ledger.begin("erin", standing, None, 200).unwrap_err();
+        let refused = ledger
+            .begin(erin, standing, Some(&json!({"reserve_tokens": 200})))
+            .unwrap_err();
         assert!(
             refused.message.contains("tokens budget exhausted"),
             "{refused:?}"

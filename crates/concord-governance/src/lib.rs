@@ -12,6 +12,9 @@ pub mod jwt;
 pub mod limits;
 pub mod policy;
 
+#[cfg(test)]
+mod proptests;
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use concord_config::AuthSettings;
@@ -19,7 +22,7 @@ use concord_store::Store;
 
 pub use audit::AuditLog;
 pub use identity::Principal;
-pub use policy::{Action, Decision, PolicyEngine, Reload, RuleSet};
+pub use policy::{Action, Decision, PolicyEngine, PolicyError, Reload, RuleSet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {

@@ -1,7 +1,9 @@
 //! One policy engine for tool calls, resource reads, prompt gets and state writes. Rules are CEL
 //! expressions over the request; any matching `deny` wins, then any matching `allow`; nothing
-//! matching means deny (auth on). A rule whose expression fails on a request (a field it reads
-//! is absent) does not match it: write `has(arguments.path) && …` to be explicit.
+//! matching means deny (auth on). Evaluation fails closed: an `allow` rule whose expression fails
+//! on a request (a field it reads is absent, a value of the wrong type) does not match it, and a
+//! `deny` rule that fails (or yields something other than a boolean) denies, naming the rule and
+//! the error. Write `has(arguments.path) && …` to be explicit.
 //!
 //! Variables a rule can read: `principal` (`id`, `kind`, `roles`, `chain`, `method`), `method`
 //! (`tools/call`, `resources/read`, `prompts/get`, `state/write`), `server`, `name` (the tool or
@@ -43,6 +45,11 @@ pub enum Decision {
     Deny {
         rule: Option<String>,
     },
+    /// A deny rule could not be evaluated on the request: it denies (fail closed).
+    DenyOnError {
+        rule: String,
+        error: String,
+    },
 }
 
 impl Decision {
@@ -56,8 +63,28 @@ impl Decision {
             Decision::Allow { rule } => rule,
             Decision::Deny { rule: Some(rule) } => rule,
             Decision::Deny { rule: None } => "(no rule allows it)",
+            Decision::DenyOnError { rule, .. } => rule,
         }
     }
+
+    /// Why the deciding rule could not be evaluated, when it could not (for the audit trail).
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Decision::DenyOnError { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Why a rule set or a policy file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A rule's `when` is not a CEL expression.
+    #[error("rule {rule:?}: `when` does not parse: {reason}")]
+    Parse { rule: String, reason: String },
+    /// The policy file could not be read or is not a valid policy file.
+    #[error(transparent)]
+    File(#[from] concord_config::ConfigError),
 }
 
 struct CompiledRule {
@@ -72,7 +99,7 @@ pub struct RuleSet {
 }
 
 impl RuleSet {
-    pub fn compile(rules: &[PolicyRule]) -> Result<RuleSet, String> {
+    pub fn compile(rules: &[PolicyRule]) -> Result<RuleSet, PolicyError> {
         let mut compiled = Vec::with_capacity(rules.len());
         for rule in rules {
             // The CEL parser can panic on some malformed input instead of returning an error;
@@ -81,13 +108,16 @@ impl RuleSet {
             let program = match parsed {
                 Ok(Ok(program)) => program,
                 Ok(Err(e)) => {
-                    return Err(format!("rule {:?}: `when` does not parse: {e}", rule.name));
+                    return Err(PolicyError::Parse {
+                        rule: rule.name.clone(),
+                        reason: e.to_string(),
+                    });
                 }
                 Err(_) => {
-                    return Err(format!(
-                        "rule {:?}: `when` does not parse: {:?}",
-                        rule.name, rule.when
-                    ));
+                    return Err(PolicyError::Parse {
+                        rule: rule.name.clone(),
+                        reason: format!("{:?}", rule.when),
+                    });
                 }
             };
             compiled.push(CompiledRule {
@@ -107,7 +137,25 @@ impl RuleSet {
         self.rules.is_empty()
     }
 
+    /// Decides a request (fail closed: see the module documentation).
     pub fn decide(&self, principal: &Principal, action: &Action<'_>) -> Decision {
+        self.decide_with(principal, action, true)
+    }
+
+    /// Decides whether a list shows an item to `principal` (the request has no arguments yet).
+    /// Here a deny rule that fails to evaluate does not hide the item — typically it reads an
+    /// argument a list has not got — because every use of the item is decided again, by
+    /// [`RuleSet::decide`], with its arguments; there the same rule fails closed.
+    pub fn decide_listing(&self, principal: &Principal, action: &Action<'_>) -> Decision {
+        self.decide_with(principal, action, false)
+    }
+
+    fn decide_with(
+        &self,
+        principal: &Principal,
+        action: &Action<'_>,
+        deny_on_error: bool,
+    ) -> Decision {
         let context = match context_for(principal, action) {
             Ok(context) => context,
             Err(e) => {
@@ -117,22 +165,40 @@ impl RuleSet {
         };
         let mut allowed_by = None;
         for rule in &self.rules {
-            // As with parsing: an interpreter panic is a non-match, never a crashed request.
+            // As with parsing: an interpreter panic is a failed evaluation, never a crashed
+            // request.
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 rule.program.execute(&context)
             }));
-            let matched = matches!(outcome, Ok(Ok(cel_interpreter::Value::Bool(true))));
-            if !matched {
-                continue;
-            }
-            match rule.effect {
-                Effect::Deny => {
+            let evaluated = match outcome {
+                Ok(Ok(cel_interpreter::Value::Bool(matched))) => Ok(matched),
+                Ok(Ok(other)) => Err(format!(
+                    "the expression yields {}, not a boolean",
+                    clip(&format!("{other:?}"))
+                )),
+                Ok(Err(e)) => Err(clip(&e.to_string())),
+                Err(_) => Err("the evaluator panicked".to_string()),
+            };
+            match (rule.effect, evaluated) {
+                (Effect::Deny, Ok(true)) => {
                     return Decision::Deny {
                         rule: Some(rule.name.clone()),
                     };
                 }
-                Effect::Allow if allowed_by.is_none() => allowed_by = Some(rule.name.clone()),
-                Effect::Allow => {}
+                // A deny rule that cannot be evaluated denies: failing open would let a request
+                // through that the rule was written to stop.
+                (Effect::Deny, Err(error)) if deny_on_error => {
+                    tracing::debug!(rule = %rule.name, %error, "a deny rule failed to evaluate; denying");
+                    return Decision::DenyOnError {
+                        rule: rule.name.clone(),
+                        error,
+                    };
+                }
+                (Effect::Allow, Ok(true)) if allowed_by.is_none() => {
+                    allowed_by = Some(rule.name.clone());
+                }
+                // An allow rule that cannot be evaluated allows nothing.
+                (Effect::Allow, _) | (Effect::Deny, _) => {}
             }
         }
         match allowed_by {
@@ -140,6 +206,18 @@ impl RuleSet {
             None => Decision::Deny { rule: None },
         }
     }
+}
+
+/// At most 200 bytes of `text` (an evaluation error may quote request data).
+fn clip(text: &str) -> String {
+    if text.len() <= 200 {
+        return text.to_string();
+    }
+    let mut end = 200;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 fn context_for(principal: &Principal, action: &Action<'_>) -> Result<Context<'static>, String> {
@@ -200,7 +278,7 @@ pub enum Reload {
 
 impl PolicyEngine {
     /// Compiles the inline rules and the file's; an error here stops the node from starting.
-    pub fn new(inline: Vec<PolicyRule>, file: Option<PathBuf>) -> Result<Self, String> {
+    pub fn new(inline: Vec<PolicyRule>, file: Option<PathBuf>) -> Result<Self, PolicyError> {
         let mut rules = inline.clone();
         let mut loaded_at = None;
         if let Some(path) = &file {
@@ -224,6 +302,11 @@ impl PolicyEngine {
         self.rules().decide(principal, action)
     }
 
+    /// See [`RuleSet::decide_listing`].
+    pub fn decide_listing(&self, principal: &Principal, action: &Action<'_>) -> Decision {
+        self.rules().decide_listing(principal, action)
+    }
+
     /// Reloads the file if it changed since the last load.
     pub fn reload_if_changed(&self) -> Reload {
         let Some(path) = &self.file else {
@@ -245,13 +328,15 @@ impl PolicyEngine {
                 *self.current.write() = Arc::new(set);
                 Reload::Loaded { rules: count }
             }
-            Err(error) => Reload::Refused { error },
+            Err(error) => Reload::Refused {
+                error: error.to_string(),
+            },
         }
     }
 }
 
-fn load(path: &Path) -> Result<Vec<PolicyRule>, String> {
-    concord_config::load_policy_file(path).map_err(|e| e.to_string())
+fn load(path: &Path) -> Result<Vec<PolicyRule>, PolicyError> {
+    Ok(concord_config::load_policy_file(path)?)
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {

@@ -1154,3 +1154,687 @@ async fn two_nodes_on_one_postgresql_build_one_verifiable_chain_and_share_api_ke
     first.close().await;
     second.close().await;
 }
+
+// ---- Budgets, audit and policy under abuse ("One front door": 4, 8 and the low items) ----
+
+mod abuse {
+    use super::*;
+    use concord_governance::audit::{AuditOptions, GAP_KIND};
+    use concord_governance::budgets::{Caller, Exhausted, Ledger, Limits, MAX_TOKENS, Ticket};
+    use concord_governance::policy::PolicyError;
+    use concord_store::AuditRow;
+
+    fn chain(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn id_of(ticket: &Ticket) -> String {
+        ticket.upstream_envelope["id"].as_str().unwrap().to_string()
+    }
+
+    fn as_parent(id: &str) -> Value {
+        json!({ "parent": id })
+    }
+
+    fn standing(
+        key: &str,
+        limits: Limits,
+    ) -> Option<(&str, Limits, Option<Duration>, Option<Duration>)> {
+        Some((key, limits, None, None))
+    }
+
+    #[test]
+    fn a_budget_envelope_is_usable_only_by_its_caller_and_those_acting_for_it() {
+        let ledger = Ledger::new(0.8, 8);
+        let (alice, mallory) = (chain(&["alice"]), chain(&["mallory"]));
+        let alice_limits = Limits {
+            tool_calls: Some(3),
+            ..Limits::default()
+        };
+        // Alice's call gets an envelope of 2 tool calls for its sub-calls.
+        let root = ledger
+            .begin(
+                Caller {
+                    principal: "alice",
+                    chain: &alice,
+                },
+                standing("alice", alice_limits),
+                Some(&json!({"tool_calls": 2})),
+            )
+            .unwrap();
+        let envelope = id_of(&root);
+        // Mallory names it as her parent: refused, naming the envelope and the caller.
+        let stolen = ledger
+            .begin(
+                Caller {
+                    principal: "mallory",
+                    chain: &mallory,
+                },
+                None,
+                Some(&as_parent(&envelope)),
+            )
+            .unwrap_err();
+        assert!(
+            stolen.message.contains(&format!(
+                "budget envelope {envelope} was not issued to mallory"
+            )),
+            "{stolen:?}"
+        );
+        // Nor can she splice alice into her chain after herself.
+        let spliced = chain(&["mallory", "alice"]);
+        assert!(
+            ledger
+                .begin(
+                    Caller {
+                        principal: "alice",
+                        chain: &spliced
+                    },
+                    None,
+                    Some(&as_parent(&envelope)),
+                )
+                .is_err()
+        );
+        // Alice herself, and an agent acting for her (her chain extended), may draw on it.
+        ledger
+            .begin(
+                Caller {
+                    principal: "alice",
+                    chain: &alice,
+                },
+                None,
+                Some(&as_parent(&envelope)),
+            )
+            .unwrap();
+        let delegate = chain(&["alice", "agent:reader"]);
+        let delegated = ledger
+            .begin(
+                Caller {
+                    principal: "agent:reader",
+                    chain: &delegate,
+                },
+                None,
+                Some(&as_parent(&envelope)),
+            )
+            .unwrap();
+        // The envelope issued to the delegate's call is the delegate's: alice's sibling agent
+        // cannot use it, and the envelope (2 calls) is now spent, mallory or not.
+        let sibling = chain(&["alice", "agent:other"]);
+        assert!(
+            ledger
+                .begin(
+                    Caller {
+                        principal: "agent:other",
+                        chain: &sibling
+                    },
+                    None,
+                    Some(&as_parent(&id_of(&delegated))),
+                )
+                .unwrap_err()
+                .message
+                .contains("was not issued to agent:other")
+        );
+        let spent = ledger
+            .begin(
+                Caller {
+                    principal: "alice",
+                    chain: &alice,
+                },
+                None,
+                Some(&as_parent(&envelope)),
+            )
+            .unwrap_err();
+        assert!(
+            spent.message.contains("tool_calls budget exhausted"),
+            "{spent:?}"
+        );
+    }
+
+    #[test]
+    fn standing_budgets_cannot_be_named_as_a_parent() {
+        let ledger = Ledger::new(0.8, 8);
+        let (alice, mallory) = (chain(&["alice"]), chain(&["mallory"]));
+        let limits = Limits {
+            tool_calls: Some(2),
+            ..Limits::default()
+        };
+        // Alice's standing budget exists (she has called once).
+        let first = ledger
+            .begin(
+                Caller {
+                    principal: "alice",
+                    chain: &alice,
+                },
+                standing("alice", limits),
+                None,
+            )
+            .unwrap();
+        ledger.finish(&first, None);
+        // The attack of the issue: mallory names alice's standing budget by its old id.
+        for guess in ["principal:alice", "alice", "b1-0"] {
+            let refused = ledger
+                .begin(
+                    Caller {
+                        principal: "mallory",
+                        chain: &mallory,
+                    },
+                    None,
+                    Some(&as_parent(guess)),
+                )
+                .unwrap_err();
+            assert!(
+                refused.message.contains("is unknown or has expired"),
+                "{guess}: {refused:?}"
+            );
+            // Not even alice may name it: a standing budget is no envelope.
+            assert!(
+                ledger
+                    .begin(
+                        Caller {
+                            principal: "alice",
+                            chain: &alice
+                        },
+                        None,
+                        Some(&as_parent(guess)),
+                    )
+                    .is_err()
+            );
+        }
+        // Alice's second call is still hers to make.
+        let second = ledger
+            .begin(
+                Caller {
+                    principal: "alice",
+                    chain: &alice,
+                },
+                standing("alice", limits),
+                None,
+            )
+            .unwrap();
+        let report = ledger.finish(&second, None).report;
+        assert_eq!(report["remaining"]["tool_calls"], 0, "{report}");
+        // A malformed or oversized `parent` is refused before any lookup.
+        for bad in [
+            json!({"parent": 7}),
+            json!({"parent": "x".repeat(10_000)}),
+            json!({"parent": "a b"}),
+        ] {
+            let refused = ledger
+                .begin(
+                    Caller {
+                        principal: "mallory",
+                        chain: &mallory,
+                    },
+                    None,
+                    Some(&bad),
+                )
+                .unwrap_err();
+            assert!(
+                refused.message.contains("invalid budget envelope"),
+                "{refused:?}"
+            );
+            assert!(refused.message.len() < 300, "the id is not echoed whole");
+        }
+    }
+
+    #[test]
+    fn envelope_ids_are_random() {
+        let ledger = Ledger::new(0.8, 8);
+        let alice = chain(&["alice"]);
+        let mut seen = std::collections::HashSet::new();
+        let mut previous: Option<u128> = None;
+        let mut successive_close = 0;
+        for _ in 0..500 {
+            let ticket = ledger
+                .begin(
+                    Caller {
+                        principal: "alice",
+                        chain: &alice,
+                    },
+                    None,
+                    Some(&json!({})),
+                )
+                .unwrap();
+            let id = id_of(&ticket);
+            let hex = id.strip_prefix("env-").expect("env-<hex>");
+            assert_eq!(hex.len(), 32, "{id}: 128 bits");
+            let value = u128::from_str_radix(hex, 16).unwrap();
+            // No counter: successive ids are not near each other.
+            if previous.is_some_and(|p| p.abs_diff(value) < 1 << 64) {
+                successive_close += 1;
+            }
+            previous = Some(value);
+            assert!(seen.insert(id));
+            ledger.finish(&ticket, None);
+        }
+        assert_eq!(successive_close, 0);
+    }
+
+    #[test]
+    fn reservations_cannot_wrap_the_token_sum() {
+        let ledger = Ledger::new(0.8, 8);
+        let alice = chain(&["alice"]);
+        let me = Caller {
+            principal: "alice",
+            chain: &alice,
+        };
+        let limits = Limits {
+            tokens: Some(100),
+            ..Limits::default()
+        };
+        let first = ledger
+            .begin(
+                me,
+                standing("alice", limits),
+                Some(&json!({"reserve_tokens": 50})),
+            )
+            .unwrap();
+        // 50 + (2^64 - 10) used to wrap to 39, under the limit of 100.
+        let wrapping = ledger
+            .begin(
+                me,
+                standing("alice", limits),
+                Some(&json!({"reserve_tokens": u64::MAX - 10})),
+            )
+            .unwrap_err();
+        assert!(
+            wrapping
+                .message
+                .contains("`reserve_tokens` must be a whole number from 0 to"),
+            "{wrapping:?}"
+        );
+        // A negative or fractional reservation is refused too, not read as 0.
+        for bad in [json!(-1), json!(1.5), json!("10")] {
+            let refused: Exhausted = ledger
+                .begin(
+                    me,
+                    standing("alice", limits),
+                    Some(&json!({"reserve_tokens": bad})),
+                )
+                .unwrap_err();
+            assert!(refused.message.contains("reserve_tokens"), "{refused:?}");
+        }
+        // The budget still holds exactly what it did: 50 more tokens fit, 51 do not.
+        assert!(
+            ledger
+                .begin(
+                    me,
+                    standing("alice", limits),
+                    Some(&json!({"reserve_tokens": 51}))
+                )
+                .unwrap_err()
+                .message
+                .contains("tokens budget exhausted")
+        );
+        ledger
+            .begin(
+                me,
+                standing("alice", limits),
+                Some(&json!({"reserve_tokens": 50})),
+            )
+            .unwrap();
+        ledger.finish(&first, None);
+        // Reservations of the largest size on an unlimited budget saturate instead of wrapping.
+        let bob = chain(&["bob"]);
+        let bob = Caller {
+            principal: "bob",
+            chain: &bob,
+        };
+        let unlimited = Limits::default();
+        for _ in 0..3 {
+            ledger
+                .begin(
+                    bob,
+                    standing("bob", unlimited),
+                    Some(&json!({"reserve_tokens": MAX_TOKENS, "deadline_ms": u64::MAX})),
+                )
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn reported_usage_is_validated_a_negative_cost_never_refunds_and_huge_counts_saturate() {
+        let ledger = Ledger::new(0.99, 8);
+        let alice = chain(&["alice"]);
+        let me = Caller {
+            principal: "alice",
+            chain: &alice,
+        };
+        let limits = Limits {
+            tokens: Some(1_000_000),
+            cost_usd: Some(1.0),
+            ..Limits::default()
+        };
+        let call = |usage: Value| {
+            let ticket = ledger.begin(me, standing("alice", limits), None).unwrap();
+            ledger.finish(&ticket, Some(&usage))
+        };
+        let settled = call(json!({"cost_usd": 0.9}));
+        assert!(settled.usage_problems.is_empty());
+        assert!((settled.report["remaining"]["cost_usd"].as_f64().unwrap() - 0.1).abs() < 1e-9);
+        // A negative cost used to be added as is: a refund of $5.
+        let settled = call(json!({"cost_usd": -5.0}));
+        let left = settled.report["remaining"]["cost_usd"].as_f64().unwrap();
+        assert!(
+            (left - 0.1).abs() < 1e-9,
+            "a negative cost refunded: {left}"
+        );
+        assert!(
+            settled.usage_problems[0].contains("negative"),
+            "{:?}",
+            settled.usage_problems
+        );
+        // Token counts that would wrap (or panic) when summed: charged at the per-call maximum.
+        let settled = call(json!({
+            "input_tokens": u64::MAX,
+            "output_tokens": u64::MAX,
+            "tokens": "lots",
+        }));
+        assert_eq!(settled.report["remaining"]["tokens"], 0);
+        let problems = settled.usage_problems.join("; ");
+        assert!(
+            problems.contains("input_tokens 18446744073709551615 exceeds the maximum"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("tokens \"lots\" is not a non-negative number"),
+            "{problems}"
+        );
+        // The budget is spent: the next call is refused, not wrapped round to a fresh budget.
+        let refused = ledger
+            .begin(me, standing("alice", limits), None)
+            .unwrap_err();
+        assert!(
+            refused.message.contains("tokens budget exhausted"),
+            "{refused:?}"
+        );
+        // A charge made during a call (an agent's model turn) cannot refund either.
+        let ledger = Ledger::new(0.99, 8);
+        let ticket = ledger.begin(me, standing("alice", limits), None).unwrap();
+        let left = ledger.charge(&id_of(&ticket), 10, 0.25).unwrap();
+        assert_eq!(left["cost_usd"], json!(0.75));
+        let left = ledger.charge(&id_of(&ticket), u64::MAX, -100.0).unwrap();
+        assert_eq!(
+            (left["cost_usd"].clone(), left["tokens"].clone()),
+            (json!(0.75), json!(0))
+        );
+        // A standing budget is no envelope to charge.
+        assert!(ledger.charge("principal:alice", 1, 0.0).is_none());
+    }
+
+    async fn rows(store: &Store) -> Vec<AuditRow> {
+        store.audit_rows(0, 100_000).await.unwrap()
+    }
+
+    fn data(row: &AuditRow) -> Value {
+        serde_json::from_str(&row.data).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_auth_failures_is_a_few_counted_rows() {
+        let (_dir, store) = sqlite_store().await;
+        let log = AuditLog::start(store.clone());
+        for _ in 0..1000 {
+            log.record_noise(
+                "auth_failure",
+                "-",
+                json!({"path": "/mcp", "reason": "authentication required"}),
+            );
+        }
+        for _ in 0..10 {
+            log.record_noise(
+                "auth_failure",
+                "-",
+                json!({"path": "/mcp", "reason": "malformed token"}),
+            );
+        }
+        log.flush().await;
+        let stored = rows(&store).await;
+        // Per distinct failure: the first at once, the rest as one counted row.
+        assert_eq!(stored.len(), 4, "{stored:#?}");
+        let count = |reason: &str| {
+            stored
+                .iter()
+                .map(data)
+                .filter(|d| d["reason"] == reason)
+                .map(|d| d["count"].as_u64().unwrap())
+                .sum::<u64>()
+        };
+        assert_eq!(count("authentication required"), 1000);
+        assert_eq!(count("malformed token"), 10);
+        assert!(stored.iter().all(|r| r.kind == "auth_failure"));
+        assert_eq!(audit::verify(&store).await.unwrap(), Ok(4));
+    }
+
+    #[tokio::test]
+    async fn too_many_distinct_noise_events_are_dropped_and_counted_in_the_chain() {
+        let (_dir, store) = sqlite_store().await;
+        let log = AuditLog::start_with(
+            store.clone(),
+            AuditOptions {
+                max_noise_keys: 5,
+                ..AuditOptions::default()
+            },
+        );
+        for i in 0..50 {
+            log.record_noise("auth_failure", "-", json!({"path": format!("/p{i}")}));
+        }
+        log.flush().await;
+        let stored = rows(&store).await;
+        let gaps: Vec<Value> = stored
+            .iter()
+            .filter(|r| r.kind == GAP_KIND)
+            .map(data)
+            .collect();
+        assert_eq!(gaps.len(), 1, "{stored:#?}");
+        assert_eq!(gaps[0]["dropped_noise"], 45);
+        assert_eq!(gaps[0]["dropped_noise_by_kind"]["auth_failure"], 45);
+        assert_eq!(
+            stored.iter().filter(|r| r.kind == "auth_failure").count(),
+            5
+        );
+        assert_eq!(audit::verify(&store).await.unwrap(), Ok(6));
+    }
+
+    #[tokio::test]
+    async fn the_audit_queue_is_bounded_requests_wait_for_room_and_overflow_is_on_the_record() {
+        let (_dir, store) = sqlite_store().await;
+        let log = AuditLog::start_with(
+            store.clone(),
+            AuditOptions {
+                capacity: 10,
+                ..AuditOptions::default()
+            },
+        );
+        // Recorded without yielding (the writer cannot run in between): the queue takes twice
+        // its capacity, the rest is counted, never held without bound.
+        for i in 0..100 {
+            log.record("policy_decision", "alice", json!({"n": i}));
+        }
+        assert_eq!(log.queued(), 20);
+        // Past the capacity, noise is not queued either: it is counted and written later.
+        log.record_noise("auth_failure", "-", json!({"path": "/mcp"}));
+        assert_eq!(log.queued(), 20);
+        // A request waits until the writer has made room.
+        assert!(log.room(Duration::from_secs(10)).await);
+        assert!(log.queued() < 10);
+        log.flush().await;
+        let stored = rows(&store).await;
+        let gaps: Vec<Value> = stored
+            .iter()
+            .filter(|r| r.kind == GAP_KIND)
+            .map(data)
+            .collect();
+        assert_eq!(gaps.len(), 1, "{stored:#?}");
+        assert_eq!(gaps[0]["lost"], 80);
+        assert_eq!(gaps[0]["lost_by_kind"]["policy_decision"], 80);
+        assert!(
+            gaps[0]["causes"][0]
+                .as_str()
+                .unwrap()
+                .contains("queue full")
+        );
+        let decisions = stored
+            .iter()
+            .filter(|r| r.kind == "policy_decision")
+            .count();
+        let failures: u64 = stored
+            .iter()
+            .filter(|r| r.kind == "auth_failure")
+            .map(|r| data(r)["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!((decisions, failures), (20, 1));
+        assert_eq!(
+            audit::verify(&store).await.unwrap(),
+            Ok(stored.len() as u64)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_append_is_a_gap_marker_in_the_chain_once_the_store_is_back() {
+        let (dir, store) = sqlite_store().await;
+        let log = AuditLog::start(store.clone());
+        for i in 0..5 {
+            log.record("tool_call", "alice", json!({"n": i}));
+        }
+        log.flush().await;
+        let db = dir.path().join("state.db");
+        let sql = |statement: &'static str| {
+            let db = db.clone();
+            async move {
+                use sqlx::Connection;
+                let mut conn =
+                    sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+                        .await
+                        .unwrap();
+                sqlx::raw_sql(statement).execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+            }
+        };
+        // The store fails every append while the table is away.
+        sql("ALTER TABLE audit_log RENAME TO audit_log_away").await;
+        for i in 0..3 {
+            log.record("policy_decision", "mallory", json!({"n": i}));
+        }
+        log.record("tool_call", "mallory", json!({"n": 3}));
+        log.flush().await;
+        sql("ALTER TABLE audit_log_away RENAME TO audit_log").await;
+        assert_eq!(audit::verify(&store).await.unwrap(), Ok(5));
+        // Back: the next append starts with the gap marker.
+        log.record("tool_call", "alice", json!({"n": 5}));
+        log.flush().await;
+        let stored = rows(&store).await;
+        assert_eq!(stored.len(), 7, "{stored:#?}");
+        assert_eq!(stored[5].kind, GAP_KIND);
+        let gap = data(&stored[5]);
+        assert_eq!(gap["lost"], 4, "{gap}");
+        assert_eq!(
+            gap["lost_by_kind"],
+            json!({"policy_decision": 3, "tool_call": 1})
+        );
+        assert!(
+            gap["causes"][0].as_str().unwrap().starts_with("store:"),
+            "{gap}"
+        );
+        assert!(gap["from_ms"].as_u64().unwrap() <= gap["to_ms"].as_u64().unwrap());
+        assert_eq!(stored[6].kind, "tool_call");
+        assert_eq!(audit::verify(&store).await.unwrap(), Ok(7));
+    }
+
+    #[test]
+    fn a_deny_rule_that_fails_to_evaluate_denies_and_is_named() {
+        let engine = PolicyEngine::new(
+            vec![
+                rule("everyone", Effect::Allow, "true"),
+                // No `has(arguments.path)`: on a call without `path` this errors.
+                rule(
+                    "no-secrets",
+                    Effect::Deny,
+                    r#"arguments.path.startsWith("/secrets")"#,
+                ),
+            ],
+            None,
+        )
+        .unwrap();
+        let alice = principal("alice", &[]);
+        // Before: the erroring deny rule did not match and "everyone" allowed the call.
+        let decision = engine.decide(&alice, &call("fs__read_file", None));
+        assert!(!decision.allowed(), "{decision:?}");
+        assert_eq!(decision.rule(), "no-secrets");
+        assert!(decision.error().is_some(), "{decision:?}");
+        // A list (no arguments yet) still shows the tool: every call is decided again with its
+        // arguments, where the rule fails closed.
+        assert_eq!(
+            engine.decide_listing(&alice, &call("fs__read_file", None)),
+            Decision::Allow {
+                rule: "everyone".into()
+            }
+        );
+        // With the field present the rule evaluates as written.
+        let fine = json!({"path": "/tmp/x"});
+        assert_eq!(
+            engine.decide(&alice, &call("fs__read_file", fine.as_object())),
+            Decision::Allow {
+                rule: "everyone".into()
+            }
+        );
+        let numeric = json!({"path": 7});
+        assert!(
+            !engine
+                .decide(&alice, &call("fs__read_file", numeric.as_object()))
+                .allowed()
+        );
+        // A deny rule that yields no boolean fails closed too; an allow rule that errors
+        // allows nothing.
+        let engine = PolicyEngine::new(
+            vec![
+                rule("odd-deny", Effect::Deny, "arguments"),
+                rule("broken-allow", Effect::Allow, "arguments.missing == 1"),
+            ],
+            None,
+        )
+        .unwrap();
+        let decision = engine.decide(&alice, &call("fs__read_file", None));
+        assert_eq!(decision.rule(), "odd-deny");
+        assert!(
+            decision.error().unwrap().contains("not a boolean"),
+            "{decision:?}"
+        );
+        let engine = PolicyEngine::new(
+            vec![rule(
+                "broken-allow",
+                Effect::Allow,
+                "arguments.missing == 1",
+            )],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            engine.decide(&alice, &call("fs__read_file", None)),
+            Decision::Deny { rule: None }
+        );
+    }
+
+    #[test]
+    fn a_rule_that_does_not_parse_is_a_typed_error_naming_it() {
+        let refused = PolicyEngine::new(
+            vec![rule("bad", Effect::Allow, "principal.roles.exists(")],
+            None,
+        )
+        .err()
+        .expect("refused");
+        assert!(
+            matches!(&refused, PolicyError::Parse { rule, .. } if rule == "bad"),
+            "{refused:?}"
+        );
+        assert!(
+            refused
+                .to_string()
+                .starts_with("rule \"bad\": `when` does not parse"),
+            "{refused}"
+        );
+        let missing = PolicyEngine::new(Vec::new(), Some("/nonexistent/policy.toml".into()))
+            .err()
+            .expect("refused");
+        assert!(matches!(missing, PolicyError::File(_)), "{missing:?}");
+    }
+}

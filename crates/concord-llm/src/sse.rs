@@ -156,6 +156,10 @@ impl Decoder {
 }
 
 #[cfg(test)]
+#[path = "sse_proptests.rs"]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -516,8 +516,12 @@ impl GatewaySession {
     ) -> Result<ServerResult, GatewayError> {
         let downstream_token = context.meta.get_progress_token();
         let modern = is_modern(context);
+        // A per-request log level is asking for log lines as much as `logging/setLevel` is.
         let log_floor = if modern {
-            context.meta.log_level()
+            context
+                .meta
+                .log_level()
+                .filter(|_| self.admit_method(context, "logging/setLevel").is_ok())
         } else {
             None
         };

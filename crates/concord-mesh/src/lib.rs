@@ -11,11 +11,37 @@ use semver::{Version, VersionReq};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod net;
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum MeshError {
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    /// A part of the registration is larger than the registry keeps.
+    #[error("{field}: {size} bytes serialized, at most {limit}")]
+    TooLarge {
+        field: String,
+        size: usize,
+        limit: usize,
+    },
 }
+
+impl MeshError {
+    /// The field the error is about.
+    pub fn field(&self) -> &str {
+        match self {
+            MeshError::Invalid { field, .. } | MeshError::TooLarge { field, .. } => field,
+        }
+    }
+}
+
+/// The most a registration's `metadata` may take, serialized as JSON.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+/// The most capabilities, tags, dependencies (and tags of one dependency) a registration has.
+pub const MAX_LIST_ITEMS: usize = 64;
+/// The most words of a `command` endpoint, and the longest word.
+const MAX_COMMAND_WORDS: usize = 64;
+const MAX_COMMAND_WORD_LEN: usize = 4096;
 
 fn invalid(field: &str, message: impl Into<String>) -> MeshError {
     MeshError::Invalid {
@@ -40,6 +66,21 @@ pub struct Endpoint {
     pub url: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+}
+
+impl Endpoint {
+    /// What may be published of the endpoint: a URL without user information, query string
+    /// or fragment, and of a command only the program's name (no directory, no arguments).
+    pub fn public(&self) -> Endpoint {
+        Endpoint {
+            url: self.url.as_deref().map(net::public_url),
+            command: self
+                .command
+                .first()
+                .map(|program| vec![net::program_name(program)])
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// What an entity reports about itself in a heartbeat.
@@ -123,6 +164,18 @@ impl Registration {
         if self.capabilities.is_empty() {
             return Err(invalid("capabilities", "at least one capability"));
         }
+        for (field, count) in [
+            ("capabilities", self.capabilities.len()),
+            ("tags", self.tags.len()),
+            ("dependencies", self.dependencies.len()),
+        ] {
+            if count > MAX_LIST_ITEMS {
+                return Err(invalid(
+                    field,
+                    format!("at most {MAX_LIST_ITEMS}, got {count}"),
+                ));
+            }
+        }
         for capability in &self.capabilities {
             if !valid_word(capability) {
                 return Err(invalid(
@@ -144,14 +197,29 @@ impl Registration {
         }
         match (&self.endpoint.url, self.endpoint.command.is_empty()) {
             (Some(url), true) => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                if let Err(why) = net::HttpUrl::parse(url) {
                     return Err(invalid(
                         "endpoint.url",
-                        format!("expected an http:// or https:// URL, got {url:?}"),
+                        format!("{why}, got {:?}", net::public_url(url)),
                     ));
                 }
             }
-            (None, false) => {}
+            (None, false) => {
+                if self.endpoint.command.len() > MAX_COMMAND_WORDS
+                    || self
+                        .endpoint
+                        .command
+                        .iter()
+                        .any(|w| w.len() > MAX_COMMAND_WORD_LEN)
+                {
+                    return Err(invalid(
+                        "endpoint.command",
+                        format!(
+                            "at most {MAX_COMMAND_WORDS} words of at most {MAX_COMMAND_WORD_LEN} characters"
+                        ),
+                    ));
+                }
+            }
             _ => {
                 return Err(invalid(
                     "endpoint",
@@ -161,6 +229,40 @@ impl Registration {
         }
         if self.ttl_seconds == 0 || self.ttl_seconds > 86_400 {
             return Err(invalid("ttl_seconds", "between 1 and 86400"));
+        }
+        for (name, selector) in &self.dependencies {
+            let field = format!("dependencies.{name}");
+            if !valid_word(name) {
+                return Err(invalid(&field, "not a valid dependency name"));
+            }
+            if !valid_word(&selector.capability) {
+                return Err(invalid(
+                    &format!("{field}.capability"),
+                    format!("{:?} is not a valid name", selector.capability),
+                ));
+            }
+            if selector.tags.len() > MAX_LIST_ITEMS
+                || selector.tags.iter().any(|t| t.len() > 129)
+                || selector.version.as_ref().is_some_and(|v| v.len() > 256)
+                || selector.namespace.as_ref().is_some_and(|n| !valid_word(n))
+            {
+                return Err(invalid(
+                    &field,
+                    format!(
+                        "at most {MAX_LIST_ITEMS} tags of at most 128 characters, a version requirement of at most 256, a valid namespace"
+                    ),
+                ));
+            }
+        }
+        let metadata = serde_json::to_string(&self.metadata)
+            .map(|s| s.len())
+            .unwrap_or(usize::MAX);
+        if metadata > MAX_METADATA_BYTES {
+            return Err(MeshError::TooLarge {
+                field: "metadata".into(),
+                size: metadata,
+                limit: MAX_METADATA_BYTES,
+            });
         }
         Ok(version)
     }
@@ -455,5 +557,7 @@ pub fn resolve(
     Catalog::new(entities.to_vec()).resolve(selector, now_ms)
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

@@ -312,3 +312,64 @@ fn every_server_offers_mcp_so_tags_alone_pick_servers() {
     );
     assert_eq!(rejection(&resolution, "beta@1"), ["has excluded tag gpu"]);
 }
+
+#[test]
+fn registrations_are_bounded() {
+    let base = entity("x@1", "1.0.0", &[], "default", Health::Healthy).registration;
+    let mut big = base.clone();
+    big.metadata
+        .insert("blob".into(), Value::String("a".repeat(MAX_METADATA_BYTES)));
+    match big.validate().unwrap_err() {
+        MeshError::TooLarge { field, size, limit } => {
+            assert_eq!(field, "metadata");
+            assert!(size > limit && limit == MAX_METADATA_BYTES);
+        }
+        other => panic!("{other}"),
+    }
+    let mut fits = base.clone();
+    fits.metadata.insert(
+        "blob".into(),
+        Value::String("a".repeat(MAX_METADATA_BYTES - 100)),
+    );
+    assert!(fits.validate().is_ok());
+    let mut tags = base.clone();
+    tags.tags = (0..=MAX_LIST_ITEMS).map(|i| format!("t{i}")).collect();
+    assert_eq!(tags.validate().unwrap_err().field(), "tags");
+    let mut deps = base.clone();
+    deps.dependencies.insert(
+        "db".into(),
+        Selector {
+            capability: "sql".into(),
+            tags: vec!["x".repeat(500)],
+            ..Selector::default()
+        },
+    );
+    assert_eq!(deps.validate().unwrap_err().field(), "dependencies.db");
+    let mut command = base;
+    command.endpoint = Endpoint {
+        url: None,
+        command: vec!["x".repeat(5000)],
+    };
+    assert_eq!(command.validate().unwrap_err().field(), "endpoint.command");
+}
+
+#[test]
+fn the_public_endpoint_keeps_no_secret() {
+    let url = Endpoint {
+        url: Some("https://svc:hunter2@db.internal:5432/mcp?token=abc#x".into()),
+        command: vec![],
+    };
+    assert_eq!(
+        url.public().url.as_deref(),
+        Some("https://db.internal:5432/mcp")
+    );
+    let command = Endpoint {
+        url: None,
+        command: vec![
+            "/opt/tools/bin/server".into(),
+            "--password".into(),
+            "hunter2".into(),
+        ],
+    };
+    assert_eq!(command.public().command, vec!["server".to_string()]);
+}

@@ -16,8 +16,13 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
-    let config =
-        concord_config::Config::from_str_at("", Path::new("concord.toml"), &|_| None).unwrap();
+    let config = concord_config::Config::from_str_at(
+        // One principal (auth off) registers all of them.
+        "[node]\nregistry_max_per_principal = 100000\n",
+        Path::new("concord.toml"),
+        &|_| None,
+    )
+    .unwrap();
     let node = concord_node::start(
         &config,
         concord_node::NodeOptions {

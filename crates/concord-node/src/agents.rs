@@ -580,8 +580,10 @@ pub async fn usage_api(
         Err(rejection) => return bad(rejection.body_text()),
     };
     let since_ms = match &query.since {
-        Some(text) => match concord_config::parse_duration(text) {
-            Ok(back) => Some(now_ms().saturating_sub(back.as_millis() as u64)),
+        Some(text) => match since_duration(text) {
+            Ok(back) => {
+                Some(now_ms().saturating_sub(u64::try_from(back.as_millis()).unwrap_or(u64::MAX)))
+            }
             Err(e) => return bad(format!("since: {e}")),
         },
         None => None,
@@ -601,18 +603,62 @@ pub async fn usage_api(
                 .into_response();
         }
     };
-    let total = |f: fn(&concord_store::UsageRow) -> f64| records.iter().map(f).sum::<f64>();
+    // Exact, saturating sums (a float sum loses tokens past 2^53 and cannot say it did).
+    let tokens = |f: fn(&concord_store::UsageRow) -> u64| {
+        records
+            .iter()
+            .map(f)
+            .fold(0u64, |sum, n| sum.saturating_add(n))
+    };
+    let cost_usd = records
+        .iter()
+        .map(|r| r.cost_usd)
+        .filter(|c| c.is_finite())
+        .fold(0.0f64, |sum, c| {
+            let next = sum + c;
+            if next.is_finite() { next } else { f64::MAX }
+        });
     axum::Json(json!({
         "totals": {
             "calls": records.len(),
             "failed": records.iter().filter(|r| r.error.is_some()).count(),
-            "input_tokens": total(|r| r.input_tokens as f64) as u64,
-            "output_tokens": total(|r| r.output_tokens as f64) as u64,
-            "cost_usd": total(|r| r.cost_usd),
+            "input_tokens": tokens(|r| r.input_tokens),
+            "output_tokens": tokens(|r| r.output_tokens),
+            "cost_usd": cost_usd,
         },
         "records": records,
     }))
     .into_response()
+}
+
+/// The longest `since` the usage API takes (about 100 years): anything longer is a mistake,
+/// and a duration past what `Duration` holds must be a 400, not a dropped connection.
+const MAX_SINCE_SECS: f64 = 100.0 * 365.0 * 24.0 * 3600.0;
+
+/// `since` as a duration back from now: what `parse_duration` accepts, at most
+/// [`MAX_SINCE_SECS`].
+fn since_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let factor = match unit.trim() {
+        "" | "s" => Some(1.0),
+        "ms" => Some(0.001),
+        "m" => Some(60.0),
+        "h" => Some(3600.0),
+        _ => None,
+    };
+    if let (Ok(value), Some(factor)) = (number.parse::<f64>(), factor)
+        && value * factor > MAX_SINCE_SECS
+    {
+        return Err(format!(
+            "{text:?} is too long ago: at most {} days back",
+            (MAX_SINCE_SECS / 86_400.0) as u64
+        ));
+    }
+    concord_config::parse_duration(text)
 }
 
 pub(crate) fn failure(message: impl Into<String>) -> BuiltinOutcome {

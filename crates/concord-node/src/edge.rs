@@ -13,8 +13,13 @@ use serde_json::{Value, json};
 pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
 
-#[derive(Clone, Copy)]
-pub struct BodyLimit(pub usize);
+/// What the edge of an MCP endpoint needs: the body limit, and (auth on) the governance that
+/// decides the MCP methods the front door admits once per request.
+#[derive(Clone)]
+pub struct McpEdge {
+    pub max_body_bytes: usize,
+    pub governance: Option<std::sync::Arc<crate::governance::Governance>>,
+}
 
 fn jsonrpc_error(status: StatusCode, id: Value, code: i64, message: String) -> Response {
     let body = json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}});
@@ -26,8 +31,9 @@ fn jsonrpc_error(status: StatusCode, id: Value, code: i64, message: String) -> R
         .into_response()
 }
 
-/// Why a body is not one JSON-RPC 2.0 message, with the id to answer when it could be read.
-fn check_message(bytes: &Bytes) -> Result<(), (i64, Value, String)> {
+/// Why a body is not one JSON-RPC 2.0 message, with the id to answer when it could be read;
+/// for a well-formed request, its method and id.
+fn check_message(bytes: &Bytes) -> Result<Option<(String, Value)>, (i64, Value, String)> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| (PARSE_ERROR, Value::Null, format!("Parse error: {e}")))?;
     let object = match value {
@@ -72,8 +78,8 @@ fn check_message(bytes: &Bytes) -> Result<(), (i64, Value, String)> {
             format!("Invalid Request: \"id\" must be a string or a number, got {id}"),
         ));
     }
-    match object.get("method") {
-        Some(Value::String(_)) => {}
+    let method = match object.get("method") {
+        Some(Value::String(method)) => Some(method.clone()),
         Some(other) => {
             return Err((
                 INVALID_REQUEST,
@@ -91,8 +97,9 @@ fn check_message(bytes: &Bytes) -> Result<(), (i64, Value, String)> {
                     "Invalid Request: a message needs \"method\" (request or notification) or \"result\"/\"error\" (response)".into(),
                 ));
             }
+            None
         }
-    }
+    };
     if let Some(params) = object.get("params")
         && !matches!(params, Value::Object(_) | Value::Array(_))
     {
@@ -102,19 +109,15 @@ fn check_message(bytes: &Bytes) -> Result<(), (i64, Value, String)> {
             "Invalid Request: \"params\" must be an object".into(),
         ));
     }
-    Ok(())
+    Ok(method.map(|m| (m, answer_id)))
 }
 
-pub async fn jsonrpc_edge(
-    State(limit): State<BodyLimit>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub async fn jsonrpc_edge(State(edge): State<McpEdge>, request: Request, next: Next) -> Response {
     if request.method() != Method::POST {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
-    let bytes = match axum::body::to_bytes(body, limit.0).await {
+    let bytes = match axum::body::to_bytes(body, edge.max_body_bytes).await {
         Ok(bytes) => bytes,
         Err(_) => {
             return jsonrpc_error(
@@ -123,14 +126,41 @@ pub async fn jsonrpc_edge(
                 INVALID_REQUEST,
                 format!(
                     "Invalid Request: the body exceeds the limit of {} bytes",
-                    limit.0
+                    edge.max_body_bytes
                 ),
             );
         }
     };
-    if let Err((code, id, message)) = check_message(&bytes) {
-        tracing::debug!(code, %message, "rejected a malformed JSON-RPC body");
-        return jsonrpc_error(StatusCode::BAD_REQUEST, id, code, message);
+    let request_method = match check_message(&bytes) {
+        Ok(method) => method,
+        Err((code, id, message)) => {
+            tracing::debug!(code, %message, "rejected a malformed JSON-RPC body");
+            return jsonrpc_error(StatusCode::BAD_REQUEST, id, code, message);
+        }
+    };
+    // MCP methods decided once per request (`McpAccess::Method` rows) are decided here, before
+    // rmcp sees the request: rmcp acknowledges a `subscriptions/listen` stream before the
+    // handler runs, so a refusal there would come after the acknowledgement.
+    if let (Some(governance), Some((method, id))) = (&edge.governance, &request_method)
+        && let concord_mcp::McpAccess::Method(policy_method) =
+            concord_mcp::methods::access_of(method)
+    {
+        let Some(principal) = parts.extensions.get::<concord_governance::Principal>() else {
+            return jsonrpc_error(
+                StatusCode::UNAUTHORIZED,
+                id.clone(),
+                -32001,
+                "unauthorized".into(),
+            );
+        };
+        if !governance.decide_route(principal, policy_method, method, None) {
+            return jsonrpc_error(
+                StatusCode::OK,
+                id.clone(),
+                concord_mcp::codes::FORBIDDEN.into(),
+                format!("forbidden: the policy does not allow {policy_method}"),
+            );
+        }
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
@@ -140,13 +170,16 @@ pub async fn jsonrpc_edge(
 mod tests {
     use super::*;
 
-    fn check(text: &str) -> Result<(), (i64, Value, String)> {
+    fn check(text: &str) -> Result<Option<(String, Value)>, (i64, Value, String)> {
         check_message(&Bytes::from(text.to_string()))
     }
 
     #[test]
     fn accepts_requests_notifications_and_responses() {
-        assert!(check(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).is_ok());
+        assert_eq!(
+            check(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#),
+            Ok(Some(("ping".to_string(), json!(1))))
+        );
         assert!(check(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).is_ok());
         assert!(check(r#"{"jsonrpc":"2.0","id":"a","result":{}}"#).is_ok());
     }

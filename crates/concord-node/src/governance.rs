@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use concord_config::Config;
-use concord_governance::budgets::{Ledger, Limits, Ticket};
+use concord_governance::budgets::{Caller, Ledger, Limits, Ticket};
 use concord_governance::limits::RateLimiter;
 use concord_governance::{
     Action, AuditLog, AuthError, Authenticator, PolicyEngine, Principal, Reload,
@@ -108,17 +108,32 @@ impl Governance {
         self.audit.record(
             "policy_decision",
             &principal.id,
-            json!({
-                "method": "state/write",
-                "key": key,
-                "operations": operations,
-                "allowed": decision.allowed(),
-                "rule": decision.rule(),
-                "chain": principal.chain,
-            }),
+            with_rule_error(
+                json!({
+                    "method": "state/write",
+                    "key": key,
+                    "operations": operations,
+                    "allowed": decision.allowed(),
+                    "rule": decision.rule(),
+                    "chain": principal.chain,
+                }),
+                &decision,
+            ),
         );
         decision.allowed()
     }
+}
+
+/// A decision's audit data, plus why its rule failed to evaluate when a deny rule denied on
+/// an error (fail closed).
+pub(crate) fn with_rule_error(
+    mut data: serde_json::Value,
+    decision: &concord_governance::Decision,
+) -> serde_json::Value {
+    if let Some(error) = decision.error() {
+        data["rule_error"] = json!(error);
+    }
+    data
 }
 
 pub(crate) fn principal_of(identity: &Identity) -> Principal {
@@ -170,19 +185,26 @@ impl AccessControl for PolicyAccess {
             namespace: None,
             operations: &[],
         };
-        let decision = self.0.policy.decide(&principal, &action);
+        let decision = if request.listing {
+            self.0.policy.decide_listing(&principal, &action)
+        } else {
+            self.0.policy.decide(&principal, &action)
+        };
         if !request.listing {
             self.0.audit.record(
                 "policy_decision",
                 &principal.id,
-                json!({
-                    "method": request.method,
-                    "server": request.server,
-                    "name": request.name,
-                    "allowed": decision.allowed(),
-                    "rule": decision.rule(),
-                    "chain": principal.chain,
-                }),
+                with_rule_error(
+                    json!({
+                        "method": request.method,
+                        "server": request.server,
+                        "name": request.name,
+                        "allowed": decision.allowed(),
+                        "rule": decision.rule(),
+                        "chain": principal.chain,
+                    }),
+                    &decision,
+                ),
             );
         }
         decision.allowed()
@@ -227,18 +249,17 @@ impl AccessControl for PolicyAccess {
                 ..Admission::default()
             });
         }
-        let reserve_tokens = envelope
-            .and_then(|e| e.get("reserve_tokens"))
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0);
         let standing_ref = standing
             .as_ref()
             .map(|(key, limits, window, deadline)| (key.as_str(), *limits, *window, *deadline));
-        match self
-            .0
-            .ledger
-            .begin(principal, standing_ref, envelope, reserve_tokens)
-        {
+        // An envelope named as `parent` must have been issued to this caller (or to one it acts
+        // for): the ledger checks the principal and the delegation chain.
+        let no_chain = Vec::new();
+        let caller = Caller {
+            principal,
+            chain: identity.map_or(&no_chain, |i| &i.chain),
+        };
+        match self.0.ledger.begin(caller, standing_ref, envelope) {
             Ok(ticket) => {
                 upstream_meta.insert(BUDGET_META.into(), ticket.upstream_envelope.clone());
                 Ok(Admission {
@@ -293,7 +314,22 @@ impl AccessControl for PolicyAccess {
         let mut extra = serde_json::Map::new();
         if let Some(ticket) = ticket.and_then(|t| t.downcast::<Ticket>().ok()) {
             let usage = result_meta.and_then(|m| m.get("concord/usage"));
-            let report = self.0.ledger.finish(&ticket, usage);
+            let settled = self.0.ledger.finish(&ticket, usage);
+            if !settled.usage_problems.is_empty() {
+                // What the upstream reported was not charged as is (negative, malformed or
+                // beyond the per-call maximum): on the record, with what was charged instead.
+                tracing::warn!(server = outcome.server, tool = outcome.tool, problems = ?settled.usage_problems, "invalid usage report");
+                self.0.audit.record(
+                    "budget_usage_invalid",
+                    principal,
+                    json!({
+                        "server": outcome.server,
+                        "tool": outcome.tool,
+                        "problems": settled.usage_problems,
+                    }),
+                );
+            }
+            let report = settled.report;
             if let Some(warning) = report.get("warning") {
                 self.0.audit.record(
                     "budget_warning",
@@ -332,8 +368,30 @@ pub(crate) fn redact(value: &serde_json::Value, secret_words: &[String]) -> serd
     }
 }
 
+/// How long an authenticated request waits for room in the audit queue before it is turned
+/// away (503): a request whose decisions cannot be recorded does not run.
+const AUDIT_ROOM_WAIT: Duration = Duration::from_secs(10);
+
+/// At most `max` bytes of `text`.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// Authenticates `request`: the principal goes into its extensions (as `Identity` for the
 /// gateway, as `Principal` for the REST API); a refusal is the 401 to answer with.
+///
+/// Failures are audited as noise: one `auth_failure` entry per (source, route, reason) when
+/// first seen in a window, then one with the `count` of the rest at the window's end, so a
+/// flood of unauthenticated requests costs a few rows, not one each. An authenticated request
+/// waits for room in the audit queue first (backpressure), so the decisions it leads to are
+/// recorded rather than dropped.
 pub(crate) async fn authenticate_request(
     governance: &Governance,
     request: &mut Request,
@@ -344,21 +402,57 @@ pub(crate) async fn authenticate_request(
         .and_then(|v| v.to_str().ok());
     match governance.authenticator.authenticate(authorization).await {
         Ok(principal) => {
+            if !governance.audit.room(AUDIT_ROOM_WAIT).await {
+                tracing::warn!(path = %request.uri().path(), "request turned away: the audit trail is behind");
+                return Err(audit_behind());
+            }
             request.extensions_mut().insert(identity_of(&principal));
             request.extensions_mut().insert(principal.clone());
             Ok(principal)
         }
         Err(error) => {
-            let reason = error.to_string();
-            governance.audit.record(
-                "auth_failure",
-                "-",
-                json!({"path": request.uri().path(), "reason": reason}),
-            );
-            tracing::info!(path = %request.uri().path(), %reason, "request refused: not authenticated");
+            let reason = clip(&error.to_string(), 200);
+            // The route pattern, not the raw path: a flood over random paths is one event.
+            let path = request
+                .extensions()
+                .get::<axum::extract::MatchedPath>()
+                .map_or_else(
+                    || clip(request.uri().path(), 100),
+                    |m| m.as_str().to_string(),
+                );
+            let source = request
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0.ip().to_string());
+            let mut fields = json!({"path": path, "reason": reason});
+            if let Some(source) = &source {
+                fields["source"] = json!(source);
+            }
+            let first = governance.audit.record_noise("auth_failure", "-", fields);
+            if first {
+                tracing::info!(%path, %reason, source = source.as_deref().unwrap_or("-"), "request refused: not authenticated (further refusals alike are counted in the audit trail)");
+            } else {
+                tracing::debug!(%path, %reason, "request refused: not authenticated");
+            }
             Err(unauthorized(request, governance, &error))
         }
     }
+}
+
+fn audit_behind() -> Response {
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({
+            "jsonrpc": "2.0",
+            "id": null,
+            "error": {"code": -32000, "message": "the audit trail is behind; retry shortly"},
+        })),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 fn unauthorized(request: &Request, governance: &Governance, error: &AuthError) -> Response {

@@ -173,10 +173,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
     }
     let state = Arc::new(state_service);
     let state_for_watch = state.clone();
-    let registry_state = registry::RegistryState {
-        store: state.store().clone(),
-        beats: Arc::default(),
-    };
+    let registry_state = registry::RegistryState::new(state.store().clone(), config);
     let metrics = Arc::new(Metrics::new());
     let agents = Arc::new(
         agents::Agents::new(
@@ -254,6 +251,7 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         addr: options.listen,
         source,
     })?;
+    registry_state.set_local_addr(local_addr);
     gateway.start();
     if let Some(governance) = &governance {
         tokio::spawn(governance::watch_policy(
@@ -462,7 +460,10 @@ fn router(
         mcp = mcp.merge(own.http_router(&format!("/agents/{name}/mcp"), edge, shutdown.clone()));
     }
     let mcp = mcp.layer(middleware::from_fn_with_state(
-        edge::BodyLimit(edge.max_body_bytes),
+        edge::McpEdge {
+            max_body_bytes: edge.max_body_bytes,
+            governance: governance.clone(),
+        },
         edge::jsonrpc_edge,
     ));
     let mut app = Router::new()
@@ -480,6 +481,7 @@ fn router(
             &edge.allowed_origins,
         )),
         governance: governance.clone(),
+        sessions: Arc::default(),
     };
     if let Some(governance) = governance {
         let metadata = Router::new()

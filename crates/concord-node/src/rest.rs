@@ -21,9 +21,15 @@ fn status_of(error: &StateError) -> StatusCode {
     match error {
         StateError::Conflict(_) => StatusCode::CONFLICT,
         StateError::Leased { .. } | StateError::LeaseLost { .. } => StatusCode::LOCKED,
-        StateError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        StateError::TooLarge { .. } | StateError::TooManyChanges { .. } => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
         StateError::UnknownProposal(_) => StatusCode::NOT_FOUND,
-        StateError::ExpiredProposal(_) | StateError::ProposalNotOpen { .. } => StatusCode::GONE,
+        StateError::ExpiredProposal(_)
+        | StateError::ProposalNotOpen { .. }
+        | StateError::AlreadyCommitted(_) => StatusCode::GONE,
+        // The key was the caller's own, for another request: not a state conflict to rebase.
+        StateError::IdempotencyKeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         StateError::InvalidKey { .. } | StateError::InvalidOperation { .. } => {
             StatusCode::BAD_REQUEST
         }

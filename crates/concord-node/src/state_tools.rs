@@ -276,7 +276,7 @@ impl BuiltinTools for StateTools {
             ),
             tool(
                 "state_commit",
-                "Commit a proposal atomically. Refused with conflict=true, the current version and value if any key moved since it was read. Retrying a commit never applies it twice.",
+                "Commit a proposal atomically. Refused with conflict=true, the current version and value if any key moved since it was read. A proposal commits once: retrying with the same idempotency_key (yours alone; by default one per proposal) returns the first result, any other second commit is refused with already_committed=true.",
                 json!({"type": "object", "required": ["proposal_id"], "properties": {
                     "proposal_id": {"type": "string"}, "idempotency_key": {"type": "string"}}}),
                 commit_schema(),
@@ -393,6 +393,16 @@ impl BuiltinTools for StateTools {
                     "state_commit" => {
                         let id: String = arg(&arguments, "proposal_id")?;
                         let idempotency = optional(&arguments, "idempotency_key")?;
+                        // The committer must be allowed to write what the proposal writes, as
+                        // if it were proposing it now (the proposer may be someone else, or
+                        // the policy may have changed since).
+                        let proposal = match state.proposal(&id).await {
+                            Ok(proposal) => proposal,
+                            Err(e) => return Ok(refused(e)),
+                        };
+                        if let Err(reason) = may_write(&write_targets(&proposal.changes)) {
+                            return Ok(forbidden(reason));
+                        }
                         let result = state.commit(&id, idempotency, &author).await;
                         audit_write(governance.as_deref(), &author.principal, &result);
                         match result {

@@ -603,3 +603,9 @@ async fn state_over_rest_refuses_stale_and_malformed_writes() {
         json!({"key": "team/notes", "version": 1, "value": ["a"]})
     );
 }
+
+#[path = "integration/governance_abuse.rs"]
+mod governance_abuse;
+
+#[path = "integration/registry_abuse.rs"]
+mod registry_abuse;

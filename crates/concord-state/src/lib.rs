@@ -4,6 +4,7 @@
 //! commit time, so the guarantee holds however many nodes share the store.
 
 mod ops;
+mod request_hash;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +22,10 @@ pub use ops::Op;
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// How long a proposal may wait for its commit.
 pub const DEFAULT_PROPOSAL_TTL: Duration = Duration::from_secs(300);
+/// Most keys one write (a put, a proposal, hence a commit) may change. It also bounds a page of
+/// the change feed, which holds whole commits: a commit with more rows than the page asks for
+/// comes whole on a page of its own.
+pub const MAX_KEYS_PER_COMMIT: usize = 1000;
 
 /// What to do when a write's base version is no longer current.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -53,6 +58,20 @@ pub enum StateError {
     ExpiredProposal(String),
     #[error("proposal {id} is {status}, not waiting for a commit")]
     ProposalNotOpen { id: String, status: String },
+    /// A second commit of a proposal (another principal's, or under another idempotency key).
+    #[error(
+        "proposal {0} was already committed: a proposal commits once (retrying that commit with \
+         its idempotency key returns its result)"
+    )]
+    AlreadyCommitted(String),
+    /// The principal's idempotency key was used before for a different request.
+    #[error(
+        "idempotency key {key:?} was already used by {principal} for a different request (other \
+         keys, operations or base versions); a new request needs a new key"
+    )]
+    IdempotencyKeyReused { principal: String, key: String },
+    #[error("a write of {count} keys is over the limit of {limit} keys per commit")]
+    TooManyChanges { count: usize, limit: usize },
     #[error("{key} is leased by {holder} (fencing token {token}) until {expires_at_ms}; {}", match .presented {
         Some(t) => format!("fencing token {t} is stale"),
         None => "a write must carry the lease's fencing token".to_string(),
@@ -398,18 +417,13 @@ impl StateService {
     ) -> Result<Vec<FeedEntry>, StateError> {
         let (namespace, path_prefix) = prefix.split_once('/').unwrap_or((prefix, ""));
         parse_key(&format!("{namespace}/x"))?;
-        let mut rows = self
+        // The store pages whole commits (a page never ends inside a multi-key commit), so
+        // resuming after the last sequence number loses none of a commit's keys. A page is at
+        // most `limit` rows, or one commit of up to MAX_KEYS_PER_COMMIT.
+        let rows = self
             .store
             .changes_since(namespace, path_prefix, after_seq, limit)
             .await?;
-        // A full page may end in the middle of a multi-key commit: hand out only whole
-        // commits, so that resuming after the last sequence number loses none of its keys.
-        if rows.len() == limit as usize
-            && let Some(last) = rows.last().map(|(_, v)| v.seq)
-            && rows.first().is_some_and(|(_, v)| v.seq != last)
-        {
-            rows.retain(|(_, v)| v.seq != last);
-        }
         Ok(rows
             .into_iter()
             .map(|(key, v)| FeedEntry {
@@ -425,7 +439,7 @@ impl StateService {
     }
 
     /// Keys (`namespace/path`) changed after commit `after_seq`, with each change's sequence
-    /// number, oldest first.
+    /// number, oldest first; whole commits, as in [`Self::changes`].
     pub async fn changed_keys(
         &self,
         after_seq: u64,
@@ -473,9 +487,11 @@ impl StateService {
         changes: Vec<Change>,
         author: &Author,
     ) -> Result<Proposal, StateError> {
-        self.check_changes(&changes, author).await?;
+        self.check_changes(&changes, author, false).await?;
         let id = format!("p-{}", uuid::Uuid::new_v4().simple());
-        let expires_at_ms = now_ms() + self.options.proposal_ttl.as_millis() as u64;
+        let ttl_ms = u64::try_from(self.options.proposal_ttl.as_millis()).unwrap_or(u64::MAX);
+        // Capped at the largest time the store holds: a huge configured TTL means "never".
+        let expires_at_ms = now_ms().saturating_add(ttl_ms).min(i64::MAX.unsigned_abs());
         self.store
             .put_proposal(&StoredProposal {
                 id: id.clone(),
@@ -492,16 +508,25 @@ impl StateService {
         })
     }
 
-    /// Keys, operations and sizes, tried against the current values.
-    async fn check_changes(&self, changes: &[Change], author: &Author) -> Result<(), StateError> {
+    /// Keys, operations and sizes, tried against the current values, and every guard (the
+    /// policy hook, reviewers) asked about the value each key would get. `at_commit`: these
+    /// are the stored changes of a proposal being committed, checked again for the committer;
+    /// a change whose base is stale and whose operations no longer apply is left to the
+    /// commit, which refuses it as a conflict (nothing of it is written).
+    async fn check_changes(
+        &self,
+        changes: &[Change],
+        author: &Author,
+        at_commit: bool,
+    ) -> Result<(), StateError> {
         if changes.is_empty() {
             return Err(StateError::InvalidOperation {
                 key: String::new(),
                 reason: "a proposal needs at least one change".into(),
             });
         }
-        for change in changes {
-            let key = parse_key(&change.key)?;
+        let keys = check_keys(changes)?;
+        for (change, key) in changes.iter().zip(keys) {
             if change.ops.is_empty() {
                 return Err(StateError::InvalidOperation {
                     key: change.key.clone(),
@@ -509,12 +534,16 @@ impl StateService {
                 });
             }
             let current = self.store.get(&key).await?;
-            let value = ops::apply_all(&change.ops, current.value.clone()).map_err(|reason| {
-                StateError::InvalidOperation {
-                    key: change.key.clone(),
-                    reason,
+            let value = match ops::apply_all(&change.ops, current.value.clone()) {
+                Ok(value) => value,
+                Err(_) if at_commit && current.version != change.base_version => continue,
+                Err(reason) => {
+                    return Err(StateError::InvalidOperation {
+                        key: change.key.clone(),
+                        reason,
+                    });
                 }
-            })?;
+            };
             self.check_size(&change.key, &value)?;
             check_schema(&self.validators, &key.namespace, &change.key, &value)?;
             if !self.guards.is_empty() {
@@ -552,14 +581,8 @@ impl StateService {
         Ok(())
     }
 
-    /// Commits a proposal: one transaction that re-checks every base version. Retrying the
-    /// commit of the same proposal (or with the same idempotency key) never applies it twice.
-    pub async fn commit(
-        &self,
-        proposal_id: &str,
-        idempotency_key: Option<String>,
-        author: &Author,
-    ) -> Result<CommitResult, StateError> {
+    /// A stored proposal and its changes.
+    pub async fn proposal(&self, proposal_id: &str) -> Result<Proposal, StateError> {
         let stored = self
             .store
             .get_proposal(proposal_id)
@@ -567,34 +590,63 @@ impl StateService {
             .ok_or_else(|| StateError::UnknownProposal(proposal_id.to_string()))?;
         let changes: Vec<Change> = serde_json::from_value(stored.body)
             .map_err(|e| StoreError::Corrupt(format!("proposal {proposal_id} unreadable: {e}")))?;
+        Ok(Proposal {
+            id: stored.id,
+            status: stored.status,
+            changes,
+            expires_at_ms: stored.expires_at_ms,
+        })
+    }
+
+    /// Commits a proposal: one transaction that re-checks every base version, after the
+    /// proposal's changes passed every check of the propose path again for the committer
+    /// (operations, size, schema, guards). A proposal commits once: the transaction that
+    /// writes it also marks it committed, so of several commits of one proposal exactly one
+    /// applies and the others fail with [`StateError::AlreadyCommitted`]. Retrying the commit
+    /// with the same idempotency key (by default `proposal:ID`, which is the committer's own)
+    /// returns its result instead.
+    pub async fn commit(
+        &self,
+        proposal_id: &str,
+        idempotency_key: Option<String>,
+        author: &Author,
+    ) -> Result<CommitResult, StateError> {
+        let proposal = self.proposal(proposal_id).await?;
         let idempotency_key = idempotency_key.unwrap_or_else(|| format!("proposal:{proposal_id}"));
-        if stored.status == "validated" && stored.expires_at_ms < now_ms() {
-            self.store
-                .set_proposal_status(proposal_id, "validated", "expired")
-                .await?;
-            return Err(StateError::ExpiredProposal(proposal_id.to_string()));
+        match proposal.status.as_str() {
+            "validated" if proposal.expires_at_ms < now_ms() => {
+                self.store
+                    .set_proposal_status(proposal_id, "validated", "expired")
+                    .await?;
+                return Err(StateError::ExpiredProposal(proposal_id.to_string()));
+            }
+            "validated" => self.check_changes(&proposal.changes, author, true).await?,
+            // Only a retry of the commit that applied it gets past the store: it replays.
+            "committed" => {}
+            _ => {
+                return Err(StateError::ProposalNotOpen {
+                    id: proposal_id.to_string(),
+                    status: proposal.status,
+                });
+            }
         }
-        if stored.status != "validated" && stored.status != "committed" {
-            return Err(StateError::ProposalNotOpen {
-                id: proposal_id.to_string(),
-                status: stored.status,
-            });
-        }
+        let request = json!({"commit": proposal_id, "changes": hashed_changes(&proposal.changes)});
         let result = self
-            .apply(&changes, proposal_id, Some(&idempotency_key), author)
+            .apply(
+                &proposal.changes,
+                CommitRequest {
+                    proposal_id,
+                    idempotency_key: Some(&idempotency_key),
+                    request_hash: Some(request_hash::request_hash(&request)),
+                    closes_proposal: true,
+                },
+                author,
+            )
             .await;
-        match &result {
-            Ok(_) => {
-                self.store
-                    .set_proposal_status(proposal_id, "validated", "committed")
-                    .await?;
-            }
-            Err(StateError::Conflict(_)) => {
-                self.store
-                    .set_proposal_status(proposal_id, "validated", "conflicted")
-                    .await?;
-            }
-            Err(_) => {}
+        if let Err(StateError::Conflict(_)) = &result {
+            self.store
+                .set_proposal_status(proposal_id, "validated", "conflicted")
+                .await?;
         }
         result
     }
@@ -609,27 +661,55 @@ impl StateService {
         token: Option<u64>,
     ) -> Result<LeaseOutcome, StateError> {
         let key_ref = parse_key(key)?;
-        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let out_of_range = |reason: String| StateError::InvalidOperation {
+            key: key.to_string(),
+            reason,
+        };
+        let ttl_ms = u64::try_from(ttl.as_millis())
+            .map_err(|_| {
+                out_of_range(format!(
+                    "a lease of {ttl:?} is longer than the store can hold"
+                ))
+            })?
+            .max(1);
+        let leased = |error: StoreError| match error {
+            StoreError::OutOfRange(reason) => out_of_range(reason),
+            other => StateError::Store(other),
+        };
         if let Some(token) = token {
-            return Ok(match self.store.renew(&key_ref, token, ttl_ms).await? {
-                Some(lease) => LeaseOutcome::granted(lease),
-                None => {
-                    return Err(StateError::LeaseLost {
-                        key: key.to_string(),
-                        presented: token,
-                    });
-                }
-            });
+            return Ok(
+                match self
+                    .store
+                    .renew(&key_ref, token, ttl_ms)
+                    .await
+                    .map_err(leased)?
+                {
+                    Some(lease) => LeaseOutcome::granted(lease),
+                    None => {
+                        return Err(StateError::LeaseLost {
+                            key: key.to_string(),
+                            presented: token,
+                        });
+                    }
+                },
+            );
         }
-        Ok(match self.store.claim(&key_ref, holder, ttl_ms).await? {
-            concord_store::Claim::Granted(lease) => LeaseOutcome::granted(lease),
-            concord_store::Claim::Held(lease) => LeaseOutcome {
-                granted: false,
-                token: None,
-                holder: lease.holder,
-                expires_at_ms: lease.expires_at_ms,
+        Ok(
+            match self
+                .store
+                .claim(&key_ref, holder, ttl_ms)
+                .await
+                .map_err(leased)?
+            {
+                concord_store::Claim::Granted(lease) => LeaseOutcome::granted(lease),
+                concord_store::Claim::Held(lease) => LeaseOutcome {
+                    granted: false,
+                    token: None,
+                    holder: lease.holder,
+                    expires_at_ms: lease.expires_at_ms,
+                },
             },
-        })
+        )
     }
 
     /// Releases the live lease held under `token`.
@@ -655,39 +735,52 @@ impl StateService {
     ) -> Result<CommitResult, StateError> {
         // The commit applies the operations and checks size and schema inside its transaction,
         // with the same errors; a separate pass runs only when guards must see the new values.
-        if !self.guards.is_empty() {
-            self.check_changes(&changes, author).await?;
-        }
         if changes.is_empty() {
             return Err(StateError::InvalidOperation {
                 key: String::new(),
                 reason: "a write needs at least one change".into(),
             });
         }
+        if !self.guards.is_empty() {
+            self.check_changes(&changes, author, false).await?;
+        }
         let proposal_id = format!("put-{}", uuid::Uuid::new_v4().simple());
-        // A fresh put has nothing to be a retry of; only a caller's own key can repeat.
-        self.apply(&changes, &proposal_id, idempotency_key.as_deref(), author)
-            .await
+        // A fresh put has nothing to be a retry of; only a caller's own key can repeat, and
+        // only for this same request.
+        let request_hash = idempotency_key
+            .as_ref()
+            .map(|_| request_hash::request_hash(&json!({"put": hashed_changes(&changes)})));
+        self.apply(
+            &changes,
+            CommitRequest {
+                proposal_id: &proposal_id,
+                idempotency_key: idempotency_key.as_deref(),
+                request_hash,
+                closes_proposal: false,
+            },
+            author,
+        )
+        .await
     }
 
     async fn apply(
         &self,
         changes: &[Change],
-        proposal_id: &str,
-        idempotency_key: Option<&str>,
+        request: CommitRequest<'_>,
         author: &Author,
     ) -> Result<CommitResult, StateError> {
-        let keys: Vec<KeyRef> = changes
-            .iter()
-            .map(|c| parse_key(&c.key))
-            .collect::<Result<_, _>>()?;
+        let keys = check_keys(changes)?;
         let policies: Vec<ConflictPolicy> =
             keys.iter().map(|k| self.policy(&k.namespace)).collect();
+        let proposal_id = request.proposal_id;
         let meta = CommitMeta {
             author: author.principal.clone(),
             proposal_id: Some(proposal_id.to_string()),
             trace_id: author.trace_id.clone(),
-            idempotency_key: idempotency_key.map(str::to_string),
+            // Keys are the committing principal's own, bound to this request.
+            idempotency_key: request.idempotency_key.map(str::to_string),
+            request_hash: request.request_hash,
+            closes_proposal: request.closes_proposal,
             keep_versions: self.options.keep_versions,
         };
         let limit = self.options.max_value_bytes;
@@ -716,7 +809,8 @@ impl StateService {
                         &validators,
                     )
                 })
-                .await?;
+                .await
+                .map_err(refusal_of)?;
             match outcome {
                 Transacted::Refused(StateError::NeedBaseValues) if base_values.is_none() => {
                     let mut values = Vec::with_capacity(changes.len());
@@ -747,6 +841,68 @@ impl StateService {
             }),
             Transacted::Refused(error) => Err(error),
         }
+    }
+}
+
+/// What a commit is, besides its changes.
+struct CommitRequest<'a> {
+    proposal_id: &'a str,
+    idempotency_key: Option<&'a str>,
+    /// The hash the idempotency key is bound to (see `request_hash`).
+    request_hash: Option<String>,
+    /// The commit of a stored proposal, which it closes.
+    closes_proposal: bool,
+}
+
+/// What an idempotency key is bound to: the keys, operations and base versions of a write (the
+/// lease token is not part of it: a retry may carry a renewed one).
+fn hashed_changes(changes: &[Change]) -> Value {
+    Value::Array(
+        changes
+            .iter()
+            .map(|c| json!({"key": c.key, "base_version": c.base_version, "ops": c.ops}))
+            .collect(),
+    )
+}
+
+/// The keys of a write, checked: at least one, at most [`MAX_KEYS_PER_COMMIT`], each valid and
+/// named once.
+fn check_keys(changes: &[Change]) -> Result<Vec<KeyRef>, StateError> {
+    if changes.len() > MAX_KEYS_PER_COMMIT {
+        return Err(StateError::TooManyChanges {
+            count: changes.len(),
+            limit: MAX_KEYS_PER_COMMIT,
+        });
+    }
+    let keys: Vec<KeyRef> = changes
+        .iter()
+        .map(|c| parse_key(&c.key))
+        .collect::<Result<_, _>>()?;
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    for (key, change) in keys.iter().zip(changes) {
+        if !seen.insert(key) {
+            return Err(StateError::InvalidOperation {
+                key: change.key.clone(),
+                reason: "the key is named twice in one write; put all its operations in one change"
+                    .into(),
+            });
+        }
+    }
+    Ok(keys)
+}
+
+/// A store error as the state service reports it: the refusals the store decides itself
+/// (idempotency key reused, proposal already committed) get their own errors.
+fn refusal_of(error: StoreError) -> StateError {
+    match error {
+        StoreError::IdempotencyKeyReused { principal, key } => {
+            StateError::IdempotencyKeyReused { principal, key }
+        }
+        StoreError::ProposalClosed { id, status } if status == "committed" => {
+            StateError::AlreadyCommitted(id)
+        }
+        StoreError::ProposalClosed { id, status } => StateError::ProposalNotOpen { id, status },
+        other => StateError::Store(other),
     }
 }
 
@@ -903,6 +1059,18 @@ pub fn error_details(error: &StateError) -> Value {
             "error": error.to_string(),
             "key": key,
             "lease": {"holder": holder, "token": token, "expires_at_ms": expires_at_ms},
+        }),
+        StateError::IdempotencyKeyReused { key, .. } => json!({
+            "conflict": false,
+            "error": error.to_string(),
+            "idempotency_key_reused": true,
+            "idempotency_key": key,
+        }),
+        StateError::AlreadyCommitted(id) => json!({
+            "conflict": false,
+            "error": error.to_string(),
+            "already_committed": true,
+            "proposal_id": id,
         }),
         other => json!({"conflict": false, "error": other.to_string()}),
     }

@@ -196,6 +196,10 @@ pub(crate) fn diff(from: Option<&Value>, to: Option<&Value>) -> Value {
 }
 
 #[cfg(test)]
+#[path = "ops_proptests.rs"]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -718,3 +718,6 @@ both_backends!(
         f.finish().await;
     }
 );
+
+#[path = "integration/holes.rs"]
+mod holes;

@@ -22,6 +22,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::value_cache::ValueCache;
 use crate::{CommitMeta, Committed, Current, KeyRef, StoreError, Transacted, Write, now_ms, plan};
 
+/// One commit's outcome: committed (or replayed), refused by its decision, or failed on its own
+/// (an idempotency key reused for another request, a proposal no longer open).
+pub(crate) type Outcome = Result<Transacted<Refusal>, StoreError>;
+
 /// A decision's refusal, type-erased on its way through the queue.
 pub(crate) type Refusal = Box<dyn Any + Send>;
 /// Called once per attempt (a failed batch retries its commits one by one).
@@ -34,7 +38,44 @@ pub(crate) struct Job {
     pub keys: Vec<KeyRef>,
     pub meta: CommitMeta,
     decide: Decide,
-    done: oneshot::Sender<Result<Transacted<Refusal>, StoreError>>,
+    done: oneshot::Sender<Outcome>,
+}
+
+impl Job {
+    /// Under which name this commit's idempotency key is looked up and recorded.
+    pub fn idempotency(&self) -> Option<IdempotencyKey> {
+        IdempotencyKey::of(&self.meta)
+    }
+}
+
+/// How a commit's idempotency key is found again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum IdempotencyKey {
+    /// Shared by everyone and bound to nothing (`state_commits.idempotency_key`): commits from
+    /// before schema version 8, and the store's own callers that give no request hash.
+    Global(String),
+    /// One principal's key, bound to the request it was first used for (`state_idempotency`).
+    Scoped { principal: String, key: String },
+}
+
+impl IdempotencyKey {
+    pub fn of(meta: &CommitMeta) -> Option<IdempotencyKey> {
+        let key = meta.idempotency_key.clone()?;
+        Some(match meta.request_hash {
+            Some(_) => IdempotencyKey::Scoped {
+                principal: meta.author.clone(),
+                key,
+            },
+            None => IdempotencyKey::Global(key),
+        })
+    }
+}
+
+/// An earlier commit's result under an idempotency key, and the request it answered.
+pub(crate) struct StoredResult {
+    pub committed: Committed,
+    /// None for global keys, which are bound to no request.
+    pub request_hash: Option<String>,
 }
 
 /// Reads and writes batches for one database.
@@ -43,7 +84,7 @@ pub(crate) trait BatchWriter: Send + 'static {
     fn write(
         &mut self,
         jobs: &mut [Job],
-    ) -> impl Future<Output = Result<Vec<Transacted<Refusal>>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Outcome>, StoreError>> + Send;
 
     fn close(self) -> impl Future<Output = ()> + Send;
 }
@@ -97,12 +138,7 @@ impl GroupCommitter {
     /// Queues one commit and waits until its batch is durable (or refused, or failed). A caller
     /// that stops waiting does not withdraw the commit: like a database commit in flight, it
     /// either happens or not, and an idempotency key makes the retry safe.
-    pub async fn commit(
-        &self,
-        keys: Vec<KeyRef>,
-        meta: CommitMeta,
-        decide: Decide,
-    ) -> Result<Transacted<Refusal>, StoreError> {
+    pub async fn commit(&self, keys: Vec<KeyRef>, meta: CommitMeta, decide: Decide) -> Outcome {
         let (done, outcome) = oneshot::channel();
         let job = Job {
             keys,
@@ -165,7 +201,7 @@ async fn commit_jobs<W: BatchWriter>(writer: &mut W, mut jobs: Vec<Job>) {
     match writer.write(&mut jobs).await {
         Ok(outcomes) => {
             for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                let _ = job.done.send(Ok(outcome));
+                let _ = job.done.send(outcome);
             }
         }
         Err(error) if jobs.len() == 1 => {
@@ -177,10 +213,11 @@ async fn commit_jobs<W: BatchWriter>(writer: &mut W, mut jobs: Vec<Job>) {
             tracing::warn!(%error, commits = jobs.len(), "a group commit failed; committing its commits one by one");
             for job in jobs {
                 let mut alone = vec![job];
-                let outcome = writer
-                    .write(&mut alone)
-                    .await
-                    .map(|mut outcomes| outcomes.remove(0));
+                let outcome = match writer.write(&mut alone).await {
+                    Ok(mut outcomes) if !outcomes.is_empty() => outcomes.remove(0),
+                    Ok(_) => Err(StoreError::Corrupt("a commit got no outcome".into())),
+                    Err(error) => Err(error),
+                };
                 if let Some(job) = alone.pop() {
                     let _ = job.done.send(outcome);
                 }
@@ -198,14 +235,23 @@ pub(crate) fn wanted_keys(jobs: &[Job]) -> Vec<KeyRef> {
 }
 
 /// Every idempotency key the batch carries, sorted, once.
-pub(crate) fn idempotency_keys(jobs: &[Job]) -> Vec<String> {
-    let mut keys: Vec<String> = jobs
-        .iter()
-        .filter_map(|job| job.meta.idempotency_key.clone())
-        .collect();
+pub(crate) fn idempotency_keys(jobs: &[Job]) -> Vec<IdempotencyKey> {
+    let mut keys: Vec<IdempotencyKey> = jobs.iter().filter_map(Job::idempotency).collect();
     keys.sort();
     keys.dedup();
     keys
+}
+
+/// Every proposal a commit of the batch closes, sorted, once.
+pub(crate) fn closed_proposals(jobs: &[Job]) -> Vec<String> {
+    let mut ids: Vec<String> = jobs
+        .iter()
+        .filter(|job| job.meta.closes_proposal)
+        .filter_map(|job| job.meta.proposal_id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// A key's newest value in the batch (the only one the current-value table needs).
@@ -232,6 +278,23 @@ pub(crate) struct PlannedCommit {
     versions: Vec<(String, String, u64)>,
 }
 
+impl PlannedCommit {
+    /// The key `state_commits.idempotency_key` keeps (global keys only).
+    pub fn global_key(&self) -> Option<&str> {
+        match IdempotencyKey::of(&self.meta) {
+            Some(IdempotencyKey::Global(_)) => self.meta.idempotency_key.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// (principal, key, request hash) of a scoped idempotency key, for `state_idempotency`.
+    pub fn scoped_key(&self) -> Option<(&str, &str, &str)> {
+        let key = self.meta.idempotency_key.as_deref()?;
+        let hash = self.meta.request_hash.as_deref()?;
+        Some((self.meta.author.as_str(), key, hash))
+    }
+}
+
 enum Planned {
     Fresh(usize),
     /// The same idempotency key as an earlier commit of this batch.
@@ -239,6 +302,8 @@ enum Planned {
     /// The same idempotency key as a commit already stored.
     Stored(Committed),
     Refused(Refusal),
+    /// Not decided: the commit is not allowed to happen at all.
+    Failed(StoreError),
 }
 
 /// What a batch decided, before sequence numbers are assigned.
@@ -249,6 +314,8 @@ pub(crate) struct Plan {
     pub latest: HashMap<KeyRef, Latest>,
     /// Per key, the newest version the history no longer keeps.
     pub prune: HashMap<KeyRef, u64>,
+    /// Proposals the batch commits (each moves from `validated` to `committed`).
+    pub closed_proposals: Vec<String>,
 }
 
 impl Plan {
@@ -260,7 +327,7 @@ impl Plan {
         }
     }
 
-    pub fn into_outcomes(self, first_seq: u64) -> Vec<Transacted<Refusal>> {
+    pub fn into_outcomes(self, first_seq: u64) -> Vec<Outcome> {
         let committed = |index: usize, replayed: bool| Committed {
             seq: first_seq + index as u64,
             versions: self.commits[index].versions.clone(),
@@ -269,10 +336,11 @@ impl Plan {
         let mut outcomes = Vec::with_capacity(self.outcomes.len());
         for planned in self.outcomes {
             outcomes.push(match planned {
-                Planned::Fresh(index) => Transacted::Committed(committed(index, false)),
-                Planned::RepeatOf(index) => Transacted::Committed(committed(index, true)),
-                Planned::Stored(earlier) => Transacted::Committed(earlier),
-                Planned::Refused(refusal) => Transacted::Refused(refusal),
+                Planned::Fresh(index) => Ok(Transacted::Committed(committed(index, false))),
+                Planned::RepeatOf(index) => Ok(Transacted::Committed(committed(index, true))),
+                Planned::Stored(earlier) => Ok(Transacted::Committed(earlier)),
+                Planned::Refused(refusal) => Ok(Transacted::Refused(refusal)),
+                Planned::Failed(error) => Err(error),
             });
         }
         outcomes
@@ -281,10 +349,16 @@ impl Plan {
 
 /// Decides `jobs` in order against `overlay` (the current state of every key they name), which
 /// each commit updates for the ones after it. `stored`: earlier results of the batch's
-/// idempotency keys.
+/// idempotency keys; `proposals`: the status of every proposal a commit of the batch closes.
+///
+/// A repeated idempotency key answers with the first commit's result when the request is the
+/// same one (same hash) and fails otherwise; that is settled before the proposal's status is
+/// looked at, so a retry of a proposal's commit gets its result back, while any other second
+/// commit of a proposal fails.
 pub(crate) fn plan_batch(
     jobs: &mut [Job],
-    stored: HashMap<String, Committed>,
+    stored: HashMap<IdempotencyKey, StoredResult>,
+    mut proposals: HashMap<String, String>,
     mut overlay: HashMap<KeyRef, Current>,
 ) -> Plan {
     let mut out = Plan {
@@ -293,16 +367,51 @@ pub(crate) fn plan_batch(
         history: Vec::new(),
         latest: HashMap::new(),
         prune: HashMap::new(),
+        closed_proposals: Vec::new(),
     };
-    let mut in_batch: HashMap<String, usize> = HashMap::new();
+    let mut in_batch: HashMap<IdempotencyKey, usize> = HashMap::new();
     for job in jobs.iter_mut() {
-        if let Some(key) = &job.meta.idempotency_key {
-            if let Some(earlier) = stored.get(key) {
-                out.outcomes.push(Planned::Stored(earlier.clone()));
+        let idempotency = job.idempotency();
+        if let Some(key) = &idempotency {
+            let earlier = match stored.get(key) {
+                Some(earlier) => Some((
+                    earlier.request_hash.as_deref(),
+                    Planned::Stored(earlier.committed.clone()),
+                )),
+                None => in_batch.get(key).map(|&index| {
+                    (
+                        out.commits[index].meta.request_hash.as_deref(),
+                        Planned::RepeatOf(index),
+                    )
+                }),
+            };
+            if let Some((first_hash, replay)) = earlier {
+                out.outcomes
+                    .push(match (first_hash, job.meta.request_hash.as_deref()) {
+                        (Some(first), Some(this)) if first != this => {
+                            Planned::Failed(StoreError::IdempotencyKeyReused {
+                                principal: job.meta.author.clone(),
+                                key: job.meta.idempotency_key.clone().unwrap_or_default(),
+                            })
+                        }
+                        _ => replay,
+                    });
                 continue;
             }
-            if let Some(&index) = in_batch.get(key) {
-                out.outcomes.push(Planned::RepeatOf(index));
+        }
+        let closes = job
+            .meta
+            .proposal_id
+            .clone()
+            .filter(|_| job.meta.closes_proposal);
+        if let Some(id) = &closes {
+            let status = proposals.get(id).map_or("unknown", String::as_str);
+            if status != "validated" {
+                out.outcomes
+                    .push(Planned::Failed(StoreError::ProposalClosed {
+                        id: id.clone(),
+                        status: status.to_string(),
+                    }));
                 continue;
             }
         }
@@ -319,7 +428,13 @@ pub(crate) fn plan_batch(
             }
         };
         let index = out.commits.len();
-        let versions = plan(0, &currents, &writes).versions;
+        let versions = match plan(0, &currents, &writes) {
+            Ok(planned) => planned.versions,
+            Err(error) => {
+                out.outcomes.push(Planned::Failed(error));
+                continue;
+            }
+        };
         for (write, (_, _, version)) in writes.into_iter().zip(&versions) {
             let text = write.value.to_string();
             if let Some(keep) = job.meta.keep_versions.filter(|&keep| *version > keep) {
@@ -347,8 +462,12 @@ pub(crate) fn plan_batch(
                 },
             );
         }
-        if let Some(key) = &job.meta.idempotency_key {
-            in_batch.insert(key.clone(), index);
+        if let Some(key) = idempotency {
+            in_batch.insert(key, index);
+        }
+        if let Some(id) = closes {
+            proposals.insert(id.clone(), "committed".to_string());
+            out.closed_proposals.push(id);
         }
         out.commits.push(PlannedCommit {
             meta: job.meta.clone(),

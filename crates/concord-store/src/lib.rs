@@ -35,7 +35,7 @@ pub use governance::{ApiKeyRecord, AuditDraft, AuditRow, GENESIS_HASH};
 use group_commit::{Decide, GroupCommitter};
 pub use migrate::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS, migrate};
 use postgres_batch::PostgresWriter;
-pub use registry::RegistryRow;
+pub use registry::{LEGACY_OWNER, Owned, Registered, RegistryHead, RegistryRow};
 use sqlite_batch::SqliteWriter;
 use std::sync::Arc;
 pub use usage::{UsageFilter, UsageRow};
@@ -68,6 +68,20 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is closed")]
     Closed,
+    /// A commit repeated an idempotency key of its principal with a different request.
+    #[error(
+        "idempotency key {key:?} of {principal} was already used for a different request (other \
+         keys, operations or base versions); a new request needs a new key"
+    )]
+    IdempotencyKeyReused { principal: String, key: String },
+    /// A commit of a proposal found it no longer waiting for its commit (committed already,
+    /// conflicted, expired or unknown).
+    #[error("proposal {id} is {status}, not waiting for a commit")]
+    ProposalClosed { id: String, status: String },
+    /// A number outside what the store can hold (a lease ending past the largest time, a
+    /// counter at its maximum).
+    #[error("{0}")]
+    OutOfRange(String),
 }
 
 /// A key as stored: `namespace` and `key` (the state crate validates both).
@@ -120,6 +134,18 @@ pub struct CommitMeta {
     /// A retried commit with the same key returns the first commit's result instead of
     /// applying again.
     pub idempotency_key: Option<String>,
+    /// With an `idempotency_key`: the key is the `author`'s alone (another principal's commit
+    /// with the same key is a different commit) and is bound to this hash of the request; the
+    /// same author repeating the key with another hash fails with
+    /// [`StoreError::IdempotencyKeyReused`]. Without one the key is global and unbound, as keys
+    /// were before schema version 8 (kept for the store's own callers; the state service always
+    /// gives a hash).
+    pub request_hash: Option<String>,
+    /// This commit is the one commit of proposal `proposal_id`: in the same transaction the
+    /// proposal moves from `validated` to `committed`, and a commit that finds it in any other
+    /// status fails with [`StoreError::ProposalClosed`]. So a proposal commits once, however many
+    /// commits of it race (a repeat with the first commit's idempotency key still replays).
+    pub closes_proposal: bool,
     /// Keep only this many newest versions of each written key in the history (None: all).
     /// Commit rows are never pruned, so sequence numbers are never reused.
     pub keep_versions: Option<u64>,
@@ -385,6 +411,11 @@ impl Store {
     /// sequence number above `after_seq`, in sequence order: the change feed. Sequence numbers
     /// become visible in order (see `transact`), so resuming from the last one seen never
     /// skips a commit and never repeats one.
+    ///
+    /// A page holds whole commits only (every row of the page's commits under the prefix), so
+    /// resuming after its last sequence number loses nothing: at most `limit` rows, except that
+    /// a first commit with more rows than that comes whole on a page of its own (the state
+    /// service bounds how many keys a commit may write).
     pub async fn changes_since(
         &self,
         namespace: &str,
@@ -393,17 +424,26 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<(KeyRef, Version)>, StoreError> {
         const COLUMNS: &str = "h.key, h.version, h.value, h.seq, c.author, c.proposal_id, c.trace_id, c.committed_at_ms";
+        // Nothing can come after a sequence number the store cannot hold.
+        let Ok(after) = i64::try_from(after_seq) else {
+            return Ok(Vec::new());
+        };
+        let limit = i64::from(limit.max(1));
         let upper = format!("{prefix}\u{10FFFF}");
+        // The commits that the first `limit` rows belong to, and then every row of them.
         let rows: Vec<(String, Version)> = match &self.backend {
             Backend::Sqlite(pool) => sqlx::query(&format!(
                 "SELECT {COLUMNS} FROM state_history h JOIN state_commits c ON c.seq = h.seq \
-                 WHERE h.ns = ? AND h.key >= ? AND h.key < ? AND h.seq > ? ORDER BY h.seq, h.key LIMIT ?"
+                 WHERE h.ns = ?1 AND h.key >= ?2 AND h.key < ?3 AND h.seq > ?4 AND h.seq <= ( \
+                   SELECT MAX(seq) FROM (SELECT seq FROM state_history \
+                     WHERE ns = ?1 AND key >= ?2 AND key < ?3 AND seq > ?4 ORDER BY seq LIMIT ?5)) \
+                 ORDER BY h.seq, h.key"
             ))
             .bind(namespace)
             .bind(prefix)
             .bind(&upper)
-            .bind(after_seq as i64)
-            .bind(limit as i64)
+            .bind(after)
+            .bind(limit)
             .fetch_all(pool)
             .await?
             .into_iter()
@@ -416,13 +456,16 @@ impl Store {
             .collect::<Result<_, StoreError>>()?,
             Backend::Postgres(pool) => sqlx::query(&format!(
                 "SELECT {COLUMNS} FROM state_history h JOIN state_commits c ON c.seq = h.seq \
-                 WHERE h.ns = $1 AND h.key >= $2 AND h.key < $3 AND h.seq > $4 ORDER BY h.seq, h.key LIMIT $5"
+                 WHERE h.ns = $1 AND h.key >= $2 AND h.key < $3 AND h.seq > $4 AND h.seq <= ( \
+                   SELECT MAX(seq) FROM (SELECT seq FROM state_history \
+                     WHERE ns = $1 AND key >= $2 AND key < $3 AND seq > $4 ORDER BY seq LIMIT $5) AS page) \
+                 ORDER BY h.seq, h.key COLLATE \"C\""
             ))
             .bind(namespace)
             .bind(prefix)
             .bind(&upper)
-            .bind(after_seq as i64)
-            .bind(limit as i64)
+            .bind(after)
+            .bind(limit)
             .fetch_all(pool)
             .await?
             .into_iter()
@@ -434,6 +477,7 @@ impl Store {
             })
             .collect::<Result<_, StoreError>>()?,
         };
+        let rows = whole_commits(rows, limit, |(_, version)| version.seq);
         Ok(rows
             .into_iter()
             .map(|(key, version)| {
@@ -449,35 +493,44 @@ impl Store {
     }
 
     /// Keys changed by commits after `after_seq` in any namespace, oldest first, with the
-    /// sequence number of each change (for watchers of individual keys).
+    /// sequence number of each change (for watchers of individual keys). Whole commits, as in
+    /// [`Store::changes_since`].
     pub async fn changed_keys_since(
         &self,
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<(KeyRef, u64)>, StoreError> {
+        let Ok(after) = i64::try_from(after_seq) else {
+            return Ok(Vec::new());
+        };
+        let limit = i64::from(limit.max(1));
         let rows: Vec<(String, String, i64)> = match &self.backend {
             Backend::Sqlite(pool) => sqlx::query(
-                "SELECT ns, key, seq FROM state_history WHERE seq > ? ORDER BY seq LIMIT ?",
+                "SELECT ns, key, seq FROM state_history WHERE seq > ?1 AND seq <= ( \
+                   SELECT MAX(seq) FROM (SELECT seq FROM state_history WHERE seq > ?1 ORDER BY seq LIMIT ?2)) \
+                 ORDER BY seq, ns, key",
             )
-            .bind(after_seq as i64)
-            .bind(limit as i64)
+            .bind(after)
+            .bind(limit)
             .fetch_all(pool)
             .await?
             .into_iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect(),
             Backend::Postgres(pool) => sqlx::query(
-                "SELECT ns, key, seq FROM state_history WHERE seq > $1 ORDER BY seq LIMIT $2",
+                "SELECT ns, key, seq FROM state_history WHERE seq > $1 AND seq <= ( \
+                   SELECT MAX(seq) FROM (SELECT seq FROM state_history WHERE seq > $1 ORDER BY seq LIMIT $2) AS page) \
+                 ORDER BY seq, ns COLLATE \"C\", key COLLATE \"C\"",
             )
-            .bind(after_seq as i64)
-            .bind(limit as i64)
+            .bind(after)
+            .bind(limit)
             .fetch_all(pool)
             .await?
             .into_iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect(),
         };
-        Ok(rows
+        Ok(whole_commits(rows, limit, |(_, _, seq)| *seq as u64)
             .into_iter()
             .map(|(namespace, key, seq)| (KeyRef { namespace, key }, seq as u64))
             .collect())
@@ -502,6 +555,10 @@ impl Store {
 
     /// The value `key` had at `version`, if that version is still kept.
     pub async fn value_at(&self, key: &KeyRef, version: u64) -> Result<Option<Value>, StoreError> {
+        // Version 0 is absence; a version the store cannot hold was never written.
+        let Ok(stored_version) = i64::try_from(version) else {
+            return Ok(None);
+        };
         if version == 0 {
             return Ok(None);
         }
@@ -520,7 +577,7 @@ impl Store {
                     )
                     .bind(&key.namespace)
                     .bind(&key.key)
-                    .bind(version as i64)
+                    .bind(stored_version)
                     .fetch_optional(pool)
                     .await?
                 }
@@ -529,7 +586,7 @@ impl Store {
                 )
                 .bind(&key.namespace)
                 .bind(&key.key)
-                .bind(version as i64)
+                .bind(stored_version)
                 .fetch_optional(pool)
                 .await?,
             };
@@ -538,7 +595,9 @@ impl Store {
 
     /// Runs one commit: locks `keys`, reads them, lets `decide` compute the writes (or refuse),
     /// and writes them atomically with a new commit sequence number. A repeated idempotency
-    /// key returns the first commit's result without calling `decide`. The commit joins a group
+    /// key returns the first commit's result without calling `decide` (or fails, when
+    /// [`CommitMeta::request_hash`] says it was another request); a commit that closes a
+    /// proposal fails unless the proposal is still open (see [`CommitMeta::closes_proposal`]). The commit joins a group
     /// commit (see `group_commit`), where `decide` may be called again if the group's
     /// transaction fails and the commit is retried alone.
     pub async fn transact<R, F>(
@@ -571,13 +630,14 @@ impl Store {
 
     pub async fn put_proposal(&self, proposal: &StoredProposal) -> Result<(), StoreError> {
         let body = proposal.body.to_string();
+        let expires_at_ms = stored_i64(proposal.expires_at_ms, "a proposal's expiry")?;
         match &self.backend {
             Backend::Sqlite(pool) => {
                 sqlx::query("INSERT INTO state_proposals (id, body, status, expires_at_ms) VALUES (?, ?, ?, ?)")
                     .bind(&proposal.id)
                     .bind(&body)
                     .bind(&proposal.status)
-                    .bind(proposal.expires_at_ms as i64)
+                    .bind(expires_at_ms)
                     .execute(pool)
                     .await?;
             }
@@ -586,7 +646,7 @@ impl Store {
                     .bind(&proposal.id)
                     .bind(&body)
                     .bind(&proposal.status)
-                    .bind(proposal.expires_at_ms as i64)
+                    .bind(expires_at_ms)
                     .execute(pool)
                     .await?;
             }
@@ -662,14 +722,18 @@ impl Store {
         ttl_ms: u64,
     ) -> Result<Claim, StoreError> {
         self.lease_op(key, |now, current| match current {
-            Some(lease) if lease.expires_at_ms > now => LeaseChange::Keep(Claim::Held(lease)),
+            Some(lease) if lease.expires_at_ms > now => Ok(LeaseChange::Keep(Claim::Held(lease))),
             previous => {
-                let lease = Lease {
-                    token: previous.map_or(1, |l| l.token + 1),
-                    holder: holder.to_string(),
-                    expires_at_ms: now + ttl_ms,
+                let token = match previous {
+                    None => 1,
+                    Some(previous) => next_token(previous.token)?,
                 };
-                LeaseChange::Set(lease.clone(), Claim::Granted(lease))
+                let lease = Lease {
+                    token,
+                    holder: holder.to_string(),
+                    expires_at_ms: lease_end(now, ttl_ms)?,
+                };
+                Ok(LeaseChange::Set(lease.clone(), Claim::Granted(lease)))
             }
         })
         .await
@@ -685,12 +749,12 @@ impl Store {
         self.lease_op(key, |now, current| match current {
             Some(lease) if lease.token == token && lease.expires_at_ms > now => {
                 let renewed = Lease {
-                    expires_at_ms: now + ttl_ms,
+                    expires_at_ms: lease_end(now, ttl_ms)?,
                     ..lease
                 };
-                LeaseChange::Set(renewed.clone(), Some(renewed))
+                Ok(LeaseChange::Set(renewed.clone(), Some(renewed)))
             }
-            _ => LeaseChange::Keep(None),
+            _ => Ok(LeaseChange::Keep(None)),
         })
         .await
     }
@@ -700,15 +764,15 @@ impl Store {
         self.lease_op(key, |now, current| match current {
             Some(lease) if lease.token == token && lease.expires_at_ms > now => {
                 // Expire it now; the row keeps the token so the next claim's is larger.
-                LeaseChange::Set(
+                Ok(LeaseChange::Set(
                     Lease {
                         expires_at_ms: now,
                         ..lease
                     },
                     true,
-                )
+                ))
             }
-            _ => LeaseChange::Keep(false),
+            _ => Ok(LeaseChange::Keep(false)),
         })
         .await
     }
@@ -717,7 +781,7 @@ impl Store {
     async fn lease_op<T>(
         &self,
         key: &KeyRef,
-        change: impl FnOnce(u64, Option<Lease>) -> LeaseChange<T>,
+        change: impl FnOnce(u64, Option<Lease>) -> Result<LeaseChange<T>, StoreError>,
     ) -> Result<T, StoreError> {
         let now = now_ms();
         match &self.backend {
@@ -736,7 +800,7 @@ impl Store {
                     holder,
                     expires_at_ms: expires as u64,
                 });
-                match change(now, current) {
+                match change(now, current)? {
                     LeaseChange::Keep(out) => Ok(out),
                     LeaseChange::Set(lease, out) => {
                         sqlx::query(
@@ -745,9 +809,9 @@ impl Store {
                         )
                         .bind(&key.namespace)
                         .bind(&key.key)
-                        .bind(lease.token as i64)
+                        .bind(stored_i64(lease.token, "a fencing token")?)
                         .bind(&lease.holder)
-                        .bind(lease.expires_at_ms as i64)
+                        .bind(stored_i64(lease.expires_at_ms, "a lease's end")?)
                         .execute(&mut *tx)
                         .await?;
                         tx.commit().await?;
@@ -773,7 +837,7 @@ impl Store {
                     holder,
                     expires_at_ms: expires as u64,
                 });
-                match change(now, current) {
+                match change(now, current)? {
                     LeaseChange::Keep(out) => Ok(out),
                     LeaseChange::Set(lease, out) => {
                         sqlx::query(
@@ -782,9 +846,9 @@ impl Store {
                         )
                         .bind(&key.namespace)
                         .bind(&key.key)
-                        .bind(lease.token as i64)
+                        .bind(stored_i64(lease.token, "a fencing token")?)
                         .bind(&lease.holder)
-                        .bind(lease.expires_at_ms as i64)
+                        .bind(stored_i64(lease.expires_at_ms, "a lease's end")?)
                         .execute(&mut *tx)
                         .await?;
                         tx.commit().await?;
@@ -1007,8 +1071,8 @@ fn redact(url: &str) -> String {
 
 /// The result of a commit before it is written: each write's new version follows its key's
 /// current version.
-fn plan(seq: u64, currents: &[Current], writes: &[Write]) -> Committed {
-    Committed {
+fn plan(seq: u64, currents: &[Current], writes: &[Write]) -> Result<Committed, StoreError> {
+    Ok(Committed {
         seq,
         versions: writes
             .iter()
@@ -1017,11 +1081,62 @@ fn plan(seq: u64, currents: &[Current], writes: &[Write]) -> Committed {
                     .iter()
                     .find(|c| c.key == write.key)
                     .map_or(0, |c| c.version);
-                (write.key.namespace.clone(), write.key.key.clone(), base + 1)
+                let version = base
+                    .checked_add(1)
+                    .filter(|&v| i64::try_from(v).is_ok())
+                    .ok_or_else(|| {
+                        StoreError::OutOfRange(format!(
+                            "{}/{} is at version {base}, the last one the store can hold",
+                            write.key.namespace, write.key.key
+                        ))
+                    })?;
+                Ok((write.key.namespace.clone(), write.key.key.clone(), version))
             })
-            .collect(),
+            .collect::<Result<_, StoreError>>()?,
         replayed: false,
+    })
+}
+
+/// Keeps whole commits of `rows` (sorted by sequence number, every row of each commit present):
+/// when there are more than `limit` rows, the last commit is dropped unless it is the only one,
+/// so a page ends at a commit boundary and is over `limit` only when one commit is.
+fn whole_commits<T>(mut rows: Vec<T>, limit: i64, seq: impl Fn(&T) -> u64) -> Vec<T> {
+    let over = usize::try_from(limit).is_ok_and(|limit| rows.len() > limit);
+    if over
+        && let (Some(first), Some(last)) = (rows.first().map(&seq), rows.last().map(&seq))
+        && first != last
+    {
+        rows.retain(|row| seq(row) != last);
     }
+    rows
+}
+
+/// When a lease of `ttl_ms` from `now` ends; an error past the largest time the store holds.
+fn lease_end(now: u64, ttl_ms: u64) -> Result<u64, StoreError> {
+    now.checked_add(ttl_ms)
+        .filter(|&end| i64::try_from(end).is_ok())
+        .ok_or_else(|| {
+            StoreError::OutOfRange(format!(
+                "a lease of {ttl_ms} ms would end past the largest time the store can hold ({} ms \
+                 since the epoch)",
+                i64::MAX
+            ))
+        })
+}
+
+/// The fencing token after `token`.
+fn next_token(token: u64) -> Result<u64, StoreError> {
+    token
+        .checked_add(1)
+        .filter(|&next| i64::try_from(next).is_ok())
+        .ok_or_else(|| StoreError::OutOfRange(format!("fencing token {token} is the last one")))
+}
+
+/// `value` as the BIGINT the store keeps it in.
+fn stored_i64(value: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| {
+        StoreError::OutOfRange(format!("{what} of {value} is more than the store holds"))
+    })
 }
 
 fn current_of(key: &KeyRef, row: Option<(i64, String)>) -> Result<Current, StoreError> {

@@ -19,6 +19,8 @@ pub const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0004_registry.sql"),
     include_str!("../migrations/sqlite/0005_usage.sql"),
     include_str!("../migrations/sqlite/0006_conversations.sql"),
+    include_str!("../migrations/sqlite/0007_registry_owners.sql"),
+    include_str!("../migrations/sqlite/0008_idempotency.sql"),
 ];
 
 /// The PostgreSQL schema migrations this binary knows, in order: migration N is `[N - 1]`.
@@ -29,6 +31,8 @@ pub const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0004_registry.sql"),
     include_str!("../migrations/postgres/0005_usage.sql"),
     include_str!("../migrations/postgres/0006_conversations.sql"),
+    include_str!("../migrations/postgres/0007_registry_owners.sql"),
+    include_str!("../migrations/postgres/0008_idempotency.sql"),
 ];
 
 /// The advisory lock PostgreSQL nodes migrate under (one key for the whole server: migrations

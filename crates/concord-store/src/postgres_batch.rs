@@ -1,7 +1,8 @@
 //! PostgreSQL's side of group commit. Several nodes may write the same database, so a batch
-//! takes transaction-scoped advisory locks on every idempotency key and then every key it names
-//! (each class sorted, so batches on different nodes cannot deadlock; a key that does not exist
-//! yet has no row to lock), reads them, decides, takes a block of sequence numbers from the one
+//! takes transaction-scoped advisory locks on every idempotency key, then row locks on every
+//! proposal it commits, then advisory locks on every key it names (each class sorted, so batches
+//! on different nodes cannot deadlock; a key that does not exist yet has no row to lock), reads
+//! them, decides, takes a block of sequence numbers from the one
 //! sequence row (locked until commit, so sequence numbers become visible in order and a change
 //! feed resuming from one never misses an earlier commit), and writes the rows as arrays
 //! (`unnest`). No cache: another node may write any key at any time.
@@ -12,9 +13,10 @@ use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Row};
 
 use crate::group_commit::{
-    BatchWriter, Job, Plan, Refusal, idempotency_keys, plan_batch, wanted_keys,
+    BatchWriter, IdempotencyKey, Job, Outcome, Plan, StoredResult, closed_proposals,
+    idempotency_keys, plan_batch, wanted_keys,
 };
-use crate::{Committed, Current, KeyRef, StoreError, Transacted, keyed_current, replayed};
+use crate::{Current, KeyRef, StoreError, keyed_current, replayed};
 
 pub(crate) struct PostgresWriter {
     pool: PgPool,
@@ -27,7 +29,7 @@ impl PostgresWriter {
 }
 
 impl BatchWriter for PostgresWriter {
-    async fn write(&mut self, jobs: &mut [Job]) -> Result<Vec<Transacted<Refusal>>, StoreError> {
+    async fn write(&mut self, jobs: &mut [Job]) -> Result<Vec<Outcome>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let (plan, first_seq) = write_batch(&mut tx, jobs).await?;
         tx.commit().await?;
@@ -39,26 +41,90 @@ impl BatchWriter for PostgresWriter {
 
 async fn write_batch(tx: &mut PgConnection, jobs: &mut [Job]) -> Result<(Plan, u64), StoreError> {
     let idempotency = idempotency_keys(jobs);
-    let mut stored: HashMap<String, Committed> = HashMap::new();
+    let mut stored: HashMap<IdempotencyKey, StoredResult> = HashMap::new();
     if !idempotency.is_empty() {
+        let mut global = Vec::new();
+        let (mut principals, mut scoped) = (Vec::new(), Vec::new());
+        let mut lock_names = Vec::with_capacity(idempotency.len());
+        for key in &idempotency {
+            match key {
+                IdempotencyKey::Global(name) => {
+                    lock_names.push(format!("idem:{name}"));
+                    global.push(name.as_str());
+                }
+                IdempotencyKey::Scoped { principal, key } => {
+                    lock_names.push(format!("idem:{principal}/{key}"));
+                    principals.push(principal.as_str());
+                    scoped.push(key.as_str());
+                }
+            }
+        }
         // Serialises commits that share an idempotency key, so a retry racing the original
-        // waits for it and then sees its result.
+        // waits for it and then sees its result. (Names that hash alike only share a lock.)
         sqlx::query(
             "SELECT count(pg_advisory_xact_lock(h)) FROM ( \
-               SELECT DISTINCT hashtextextended('idem:' || k, 7) AS h FROM unnest($1::text[]) k ORDER BY h) s",
+               SELECT DISTINCT hashtextextended(k, 7) AS h FROM unnest($1::text[]) k ORDER BY h) s",
         )
-        .bind(&idempotency)
+        .bind(&lock_names)
         .execute(&mut *tx)
         .await?;
+        if !global.is_empty() {
+            let rows = sqlx::query(
+                "SELECT idempotency_key, result FROM state_commits WHERE idempotency_key = ANY($1)",
+            )
+            .bind(&global)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in rows {
+                let (key, result): (String, String) = (row.get(0), row.get(1));
+                let committed = replayed(&result)?;
+                stored.insert(
+                    IdempotencyKey::Global(key),
+                    StoredResult {
+                        committed,
+                        request_hash: None,
+                    },
+                );
+            }
+        }
+        if !scoped.is_empty() {
+            let rows = sqlx::query(
+                "SELECT i.principal, i.key, i.request_hash, c.result \
+                 FROM unnest($1::text[], $2::text[]) AS q(principal, key) \
+                 JOIN state_idempotency i ON i.principal = q.principal AND i.key = q.key \
+                 JOIN state_commits c ON c.seq = i.seq",
+            )
+            .bind(&principals)
+            .bind(&scoped)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in rows {
+                let (principal, key, request_hash, result): (String, String, String, String) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                let committed = replayed(&result)?;
+                stored.insert(
+                    IdempotencyKey::Scoped { principal, key },
+                    StoredResult {
+                        committed,
+                        request_hash: Some(request_hash),
+                    },
+                );
+            }
+        }
+    }
+    // The proposals this batch commits, locked (in id order) until it commits: a commit of the
+    // same proposal on another node waits, then finds it committed.
+    let closing = closed_proposals(jobs);
+    let mut proposals: HashMap<String, String> = HashMap::new();
+    if !closing.is_empty() {
         let rows = sqlx::query(
-            "SELECT idempotency_key, result FROM state_commits WHERE idempotency_key = ANY($1)",
+            "SELECT id, status FROM state_proposals WHERE id = ANY($1) ORDER BY id COLLATE \"C\" FOR UPDATE",
         )
-        .bind(&idempotency)
+        .bind(&closing)
         .fetch_all(&mut *tx)
         .await?;
         for row in rows {
-            let (key, result): (String, String) = (row.get(0), row.get(1));
-            stored.insert(key, replayed(&result)?);
+            proposals.insert(row.get(0), row.get(1));
         }
     }
     let wanted = wanted_keys(jobs);
@@ -89,7 +155,7 @@ async fn write_batch(tx: &mut PgConnection, jobs: &mut [Job]) -> Result<(Plan, u
         overlay.insert(key, current);
     }
 
-    let plan = plan_batch(jobs, stored, overlay);
+    let plan = plan_batch(jobs, stored, proposals, overlay);
     if plan.commits.is_empty() {
         return Ok((plan, 1));
     }
@@ -113,7 +179,7 @@ async fn write_batch(tx: &mut PgConnection, jobs: &mut [Job]) -> Result<(Plan, u
         proposals.push(commit.meta.proposal_id.as_deref());
         traces.push(commit.meta.trace_id.as_deref());
         times.push(commit.committed_at_ms as i64);
-        idempotency_keys.push(commit.meta.idempotency_key.as_deref());
+        idempotency_keys.push(commit.global_key());
         results.push(serde_json::to_string(&plan.committed(index, first_seq)).unwrap_or_default());
     }
     let rows = plan.latest.len();
@@ -178,6 +244,37 @@ async fn write_batch(tx: &mut PgConnection, jobs: &mut [Job]) -> Result<(Plan, u
     .bind(&row_seqs)
     .execute(&mut *tx)
     .await?;
+
+    let (mut scoped_principals, mut scoped_keys, mut scoped_hashes, mut scoped_seqs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (index, commit) in plan.commits.iter().enumerate() {
+        if let Some((principal, key, hash)) = commit.scoped_key() {
+            scoped_principals.push(principal);
+            scoped_keys.push(key);
+            scoped_hashes.push(hash);
+            scoped_seqs.push((first_seq + index as u64) as i64);
+        }
+    }
+    if !scoped_keys.is_empty() {
+        sqlx::query(
+            "INSERT INTO state_idempotency (principal, key, request_hash, seq) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])",
+        )
+        .bind(&scoped_principals)
+        .bind(&scoped_keys)
+        .bind(&scoped_hashes)
+        .bind(&scoped_seqs)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !plan.closed_proposals.is_empty() {
+        sqlx::query(
+            "UPDATE state_proposals SET status = 'committed' WHERE status = 'validated' AND id = ANY($1)",
+        )
+        .bind(&plan.closed_proposals)
+        .execute(&mut *tx)
+        .await?;
+    }
 
     if !plan.prune.is_empty() {
         let namespaces: Vec<&str> = plan.prune.keys().map(|k| k.namespace.as_str()).collect();

@@ -11,10 +11,11 @@ use sqlx::Connection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 
 use crate::group_commit::{
-    BatchWriter, Job, Plan, Refusal, idempotency_keys, plan_batch, wanted_keys,
+    BatchWriter, IdempotencyKey, Job, Outcome, Plan, StoredResult, closed_proposals,
+    idempotency_keys, plan_batch, wanted_keys,
 };
 use crate::value_cache::ValueCache;
-use crate::{Committed, Current, KeyRef, StoreError, Transacted, keyed_current, replayed};
+use crate::{Current, KeyRef, StoreError, keyed_current, replayed};
 
 pub(crate) struct SqliteWriter {
     connection: SqliteConnection,
@@ -37,10 +38,12 @@ impl SqliteWriter {
 }
 
 impl BatchWriter for SqliteWriter {
-    async fn write(&mut self, jobs: &mut [Job]) -> Result<Vec<Transacted<Refusal>>, StoreError> {
+    async fn write(&mut self, jobs: &mut [Job]) -> Result<Vec<Outcome>, StoreError> {
         match write_batch(&mut self.connection, self.last_seq, jobs).await {
             Ok((plan, first_seq)) => {
-                self.last_seq = Some(first_seq + plan.commits.len() as u64 - 1);
+                if !plan.commits.is_empty() {
+                    self.last_seq = Some(first_seq + plan.commits.len() as u64 - 1);
+                }
                 self.cache.record(
                     plan.latest
                         .iter()
@@ -72,16 +75,49 @@ async fn write_batch(
     // IMMEDIATE takes the write lock at once (other writers: leases, proposals, migrations).
     let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
 
-    let mut stored: HashMap<String, Committed> = HashMap::new();
+    let mut stored: HashMap<IdempotencyKey, StoredResult> = HashMap::new();
     for key in idempotency_keys(jobs) {
-        let result: Option<String> =
-            sqlx::query_scalar("SELECT result FROM state_commits WHERE idempotency_key = ?")
-                .bind(&key)
+        let found: Option<(String, Option<String>)> = match &key {
+            IdempotencyKey::Global(name) => {
+                sqlx::query_as("SELECT result, NULL FROM state_commits WHERE idempotency_key = ?")
+                    .bind(name)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+            IdempotencyKey::Scoped { principal, key } => {
+                sqlx::query_as(
+                    "SELECT c.result, i.request_hash FROM state_idempotency i \
+                     JOIN state_commits c ON c.seq = i.seq WHERE i.principal = ? AND i.key = ?",
+                )
+                .bind(principal)
+                .bind(key)
                 .fetch_optional(&mut *tx)
-                .await?;
-        if let Some(result) = result {
-            stored.insert(key, replayed(&result)?);
+                .await?
+            }
+        };
+        if let Some((result, request_hash)) = found {
+            let committed = replayed(&result)?;
+            stored.insert(
+                key,
+                StoredResult {
+                    committed,
+                    request_hash,
+                },
+            );
         }
+    }
+    // Under the write lock BEGIN IMMEDIATE took: nobody moves these proposals until we commit.
+    let closing = closed_proposals(jobs);
+    let mut proposals: HashMap<String, String> = HashMap::new();
+    if !closing.is_empty() {
+        let ids = Value::Array(closing.into_iter().map(Value::String).collect()).to_string();
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, status FROM state_proposals WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        proposals.extend(rows);
     }
     let overlay = read_currents(&mut tx, &wanted_keys(jobs)).await?;
     let last_seq = match last_seq {
@@ -94,7 +130,7 @@ async fn write_batch(
         }
     };
     let first_seq = last_seq + 1;
-    let plan = plan_batch(jobs, stored, overlay);
+    let plan = plan_batch(jobs, stored, proposals, overlay);
 
     if !plan.commits.is_empty() {
         let commit_rows: Vec<Value> = plan
@@ -109,7 +145,7 @@ async fn write_batch(
                     meta.proposal_id,
                     meta.trace_id,
                     commit.committed_at_ms,
-                    meta.idempotency_key,
+                    commit.global_key(),
                     serde_json::to_string(&plan.committed(index, first_seq)).unwrap_or_default(),
                 ])
             })
@@ -164,6 +200,39 @@ async fn write_batch(
         .bind(Value::Array(history_rows).to_string())
         .execute(&mut *tx)
         .await?;
+        let scoped: Vec<Value> = plan
+            .commits
+            .iter()
+            .enumerate()
+            .filter_map(|(index, commit)| {
+                let (principal, key, hash) = commit.scoped_key()?;
+                Some(json!([principal, key, hash, first_seq + index as u64]))
+            })
+            .collect();
+        if !scoped.is_empty() {
+            sqlx::query(
+                "INSERT INTO state_idempotency (principal, key, request_hash, seq) \
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?)",
+            )
+            .bind(Value::Array(scoped).to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !plan.closed_proposals.is_empty() {
+            let ids: Vec<Value> = plan
+                .closed_proposals
+                .iter()
+                .cloned()
+                .map(Value::String)
+                .collect();
+            sqlx::query(
+                "UPDATE state_proposals SET status = 'committed' \
+                 WHERE status = 'validated' AND id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(Value::Array(ids).to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
         if !plan.prune.is_empty() {
             let floors: Vec<Value> = plan
                 .prune

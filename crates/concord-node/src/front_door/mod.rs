@@ -14,6 +14,7 @@
 //! (`MatchedPath`), not just the raw path.
 
 mod hosts;
+mod sessions;
 
 use std::sync::Arc;
 
@@ -187,6 +188,7 @@ pub fn surface_of(matched: &str, method: &Method) -> Option<&'static Surface> {
 pub(crate) struct FrontDoor {
     pub hosts: Arc<HostPolicy>,
     pub governance: Option<Arc<Governance>>,
+    pub sessions: Arc<sessions::SessionOwners>,
 }
 
 fn refusal(status: StatusCode, code: i64, message: String) -> Response {
@@ -277,9 +279,10 @@ pub(crate) async fn admit(
             );
         }
     }
-    if !matches!(surface.access, Access::Mcp)
-        && let Err(limited) = governance.limits.admit(&principal.id, surface.path)
-    {
+    if surface.access == Access::Mcp {
+        return mcp_session(&door.sessions, &principal.id, request, next).await;
+    }
+    if let Err(limited) = governance.limits.admit(&principal.id, surface.path) {
         governance.audit.record(
             "rate_limited",
             &principal.id,
@@ -301,6 +304,49 @@ pub(crate) async fn admit(
     }
     next.run(request).await
 }
+
+/// An MCP request of an authenticated principal: a session it names must be its own, and a
+/// session the answer opens becomes its own.
+async fn mcp_session(
+    owners: &sessions::SessionOwners,
+    principal: &str,
+    request: Request,
+    next: Next,
+) -> Response {
+    let named = request
+        .headers()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let ending = request.method() == Method::DELETE;
+    if let Some(session) = &named
+        && owners.check(session, principal) == sessions::SessionCheck::NotYours
+    {
+        // What rmcp answers for a session it does not know: the client opens a new one.
+        return refusal(
+            StatusCode::NOT_FOUND,
+            -32600,
+            "Session not found".to_string(),
+        );
+    }
+    let response = next.run(request).await;
+    match named {
+        Some(session) if ending && response.status().is_success() => owners.forget(&session),
+        Some(_) => {}
+        None => {
+            if let Some(opened) = response
+                .headers()
+                .get(SESSION_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                owners.bind(opened, principal);
+            }
+        }
+    }
+    response
+}
+
+const SESSION_HEADER: &str = "mcp-session-id";
 
 /// The policy's `name` and `namespace` for a request on `surface`.
 fn subject_of(surface: &Surface, request: &Request) -> (String, Option<String>) {

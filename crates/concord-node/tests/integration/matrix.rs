@@ -441,3 +441,43 @@ async fn every_mcp_method_refuses_unruled_principals_and_admits_its_rule() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_session_answers_only_the_principal_that_opened_it() {
+    let extra = "[auth]\nenabled = true\n[[policy.rules]]\nname = \"all\"\neffect = \"allow\"\nwhen = 'method == \"tools/call\"'\n";
+    let (node, tokens) =
+        TestNode::start_with_keys(extra, &["alice".into(), "mallory".into()]).await;
+    let url = node.url();
+    let mut alice = Mcp::open(&url, &tokens["alice"]).await;
+    let stolen = Mcp {
+        url: url.clone(),
+        token: tokens["mallory"].clone(),
+        session: alice.session.clone(),
+        next_id: 100,
+    };
+    let call = serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "alpha__echo", "arguments": {"message": "x"}}});
+    assert_eq!(
+        stolen.post(call.clone()).await.status(),
+        404,
+        "mallory on alice's session"
+    );
+    let ending = client()
+        .delete(&url)
+        .bearer_auth(&tokens["mallory"])
+        .header("mcp-session-id", &alice.session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ending.status(), 404, "mallory cannot end alice's session");
+    let answer = alice
+        .call(
+            "tools/call",
+            serde_json::json!({"name": "alpha__echo", "arguments": {"message": "mine"}}),
+        )
+        .await;
+    assert_eq!(
+        answer["result"]["content"][0]["text"], "Echo: mine",
+        "{answer}"
+    );
+}
