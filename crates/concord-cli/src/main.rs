@@ -1042,11 +1042,22 @@ async fn costs(
             ),
         );
         let spent = groups.entry(key).or_default();
-        spent.calls += 1;
-        spent.failed += u64::from(record.get("error").is_some_and(|e| !e.is_null()));
-        spent.input += record["input_tokens"].as_u64().unwrap_or(0);
-        spent.output += record["output_tokens"].as_u64().unwrap_or(0);
-        spent.cost += record["cost_usd"].as_f64().unwrap_or(0.0);
+        // The node's numbers, summed without overflow: a count past u64 stays at its maximum,
+        // a cost that is not a finite amount is not added.
+        spent.calls = spent.calls.saturating_add(1);
+        spent.failed = spent
+            .failed
+            .saturating_add(u64::from(record.get("error").is_some_and(|e| !e.is_null())));
+        spent.input = spent
+            .input
+            .saturating_add(record["input_tokens"].as_u64().unwrap_or(0));
+        spent.output = spent
+            .output
+            .saturating_add(record["output_tokens"].as_u64().unwrap_or(0));
+        let cost = record["cost_usd"].as_f64().unwrap_or(0.0);
+        if cost.is_finite() && cost >= 0.0 {
+            spent.cost += cost;
+        }
     }
     println!("AGENT\tPROVIDER/MODEL\tCALLS\tFAILED\tINPUT\tOUTPUT\tCOST_USD");
     for ((agent, model), s) in &groups {

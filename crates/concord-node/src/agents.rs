@@ -193,6 +193,15 @@ impl Agents {
         let catalog = concord_mesh::Catalog::new(entities.to_vec());
         let mut names = HashSet::new();
         for selector in &agent.tool_servers {
+            // Only the default namespace is routed into the gateway's catalog: a server of the
+            // same name in another namespace must not stand for the routed one's tools.
+            if selector
+                .namespace
+                .as_deref()
+                .is_some_and(|n| n != "default")
+            {
+                continue;
+            }
             let resolution = catalog.resolve(selector, now).map_err(|e| e.to_string())?;
             names.extend(resolution.candidates.into_iter().map(|c| c.name));
         }

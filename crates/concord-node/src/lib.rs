@@ -313,9 +313,13 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
+        // The peer's address travels with each request (audit aggregates auth failures by it).
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
     });
     Ok(RunningNode {
         local_addr,

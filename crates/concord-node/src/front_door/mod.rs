@@ -426,13 +426,16 @@ impl Governance {
         self.audit.record(
             "policy_decision",
             &principal.id,
-            json!({
-                "method": method,
-                "name": name,
-                "allowed": decision.allowed(),
-                "rule": decision.rule(),
-                "chain": principal.chain,
-            }),
+            crate::governance::with_rule_error(
+                json!({
+                    "method": method,
+                    "name": name,
+                    "allowed": decision.allowed(),
+                    "rule": decision.rule(),
+                    "chain": principal.chain,
+                }),
+                &decision,
+            ),
         );
         decision.allowed()
     }
