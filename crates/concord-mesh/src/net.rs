@@ -73,6 +73,11 @@ impl HttpUrl {
         if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err("contains whitespace or control characters".into());
         }
+        // HTTP clients (WHATWG URL parsing, as reqwest does) read `\` as `/` in http(s) URLs,
+        // so `http://A\@B/` would be checked as host B here and connected to as host A.
+        if text.contains('\\') {
+            return Err("contains a backslash".into());
+        }
         let (scheme, rest) = if let Some(rest) = text.strip_prefix("http://") {
             (Scheme::Http, rest)
         } else if let Some(rest) = text.strip_prefix("https://") {
@@ -88,6 +93,11 @@ impl HttpUrl {
             None => (tail, None),
         };
         let path = if path.is_empty() { "/" } else { path }.to_string();
+        // A percent-encoded authority is decoded by clients before they resolve it: refused,
+        // so the host checked is the host connected to.
+        if authority.contains('%') {
+            return Err("the host part is percent-encoded".into());
+        }
         let (userinfo, hostport) = match authority.rsplit_once('@') {
             Some((userinfo, hostport)) => (Some(userinfo.to_string()), hostport),
             None => (None, authority),
@@ -446,6 +456,12 @@ mod tests {
             "http://a b/",
             "http://ex%61mple.com/",
             "http://[zz]/",
+            // Read by HTTP clients as host 0.0.0.0 (`\` is `/`), while the part after `@`
+            // names another host: the checked host must be the connected one.
+            "http://0.0.0.0:18901\\latest\\meta-data\\@127.0.0.1:18902/..",
+            "http://169.254.169.254\\@example.com/",
+            "http://127.0.0.1%2e/",
+            "http://a%40b@example.com/",
         ] {
             assert!(HttpUrl::parse(bad).is_err(), "{bad}");
         }

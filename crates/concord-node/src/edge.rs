@@ -141,6 +141,15 @@ pub async fn jsonrpc_edge(State(edge): State<McpEdge>, request: Request, next: N
     // MCP methods decided once per request (`McpAccess::Method` rows) are decided here, before
     // rmcp sees the request: rmcp acknowledges a `subscriptions/listen` stream before the
     // handler runs, so a refusal there would come after the acknowledgement.
+    // Opening a session costs the node memory for minutes: it counts against the principal's
+    // rate limit like any request the door limits.
+    if let (Some(governance), Some((method, _))) = (&edge.governance, &request_method)
+        && method == "initialize"
+        && let Some(principal) = parts.extensions.get::<concord_governance::Principal>()
+        && let Err(limited) = governance.limits.admit(&principal.id, "initialize")
+    {
+        return crate::front_door::rate_limited(governance, &principal.id, "initialize", &limited);
+    }
     if let (Some(governance), Some((method, id))) = (&edge.governance, &request_method)
         && let concord_mcp::McpAccess::Method(policy_method) =
             concord_mcp::methods::access_of(method)

@@ -65,6 +65,27 @@ pub(crate) fn check_write(
     Ok(())
 }
 
+/// With auth on, whether `principal` may read `key` (or every key under a prefix): the same
+/// `state/read` decision as the REST routes, so no way of reading state skips it.
+pub(crate) fn check_read(
+    governance: Option<&Governance>,
+    principal: Option<&concord_governance::Principal>,
+    key: &str,
+) -> Result<(), String> {
+    let Some(governance) = governance else {
+        return Ok(());
+    };
+    let Some(principal) = principal else {
+        return Err("not authenticated".into());
+    };
+    let namespace = key.split('/').next().unwrap_or_default();
+    if governance.decide_route(principal, "state/read", key, Some(namespace)) {
+        Ok(())
+    } else {
+        Err(format!("forbidden: {} may not read {key}", principal.id))
+    }
+}
+
 /// With auth on, a commit and a conflict go on the audit trail.
 fn audit_write(
     governance: Option<&Governance>,
@@ -360,6 +381,22 @@ impl BuiltinTools for StateTools {
                 principal: caller.principal,
                 trace_id: caller.trace_id,
             };
+            // Every read tool names the key or prefix it reads; it is decided before the read.
+            let read_subject = match name.as_str() {
+                "state_get" | "state_diff" | "state_history" => Some("key"),
+                "state_list" | "state_changes" => Some("prefix"),
+                _ => None,
+            };
+            if let Some(field) = read_subject {
+                let subject = arguments
+                    .get(field)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if let Err(refusal) = check_read(governance.as_deref(), principal.as_ref(), subject)
+                {
+                    return bad_arguments(refusal);
+                }
+            }
             let run = async {
                 Ok::<BuiltinOutcome, String>(match name.as_str() {
                     "state_get" => match state.get(&arg::<String>(&arguments, "key")?).await {

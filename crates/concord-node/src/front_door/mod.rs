@@ -84,7 +84,9 @@ const fn row(
 /// Every route of the node. `AGENT_MCP` stands for each agent's `/agents/NAME/mcp`.
 pub const SURFACES: &[Surface] = &[
     row("GET", "/healthz", Access::Public, Subject::Path),
+    row("HEAD", "/healthz", Access::Public, Subject::Path),
     row("GET", "/readyz", Access::Public, Subject::Path),
+    row("HEAD", "/readyz", Access::Public, Subject::Path),
     row(
         "GET",
         "/metrics",
@@ -266,6 +268,14 @@ pub(crate) async fn admit(
         Ok(principal) => principal,
         Err(response) => return response,
     };
+    // The rate limit comes before the decision: a principal hammering a route it may not use
+    // is slowed down like any other, and does not write an audit row per refusal. (MCP tool
+    // calls are limited per tool by the gateway; opening sessions by the edge.)
+    if surface.access != Access::Mcp
+        && let Err(limited) = governance.limits.admit(&principal.id, surface.path)
+    {
+        return rate_limited(governance, &principal.id, surface.path, &limited);
+    }
     if let Access::Policy(method) = surface.access {
         let (name, namespace) = subject_of(surface, &request);
         if !governance.decide_route(&principal, method, &name, namespace.as_deref()) {
@@ -282,27 +292,34 @@ pub(crate) async fn admit(
     if surface.access == Access::Mcp {
         return mcp_session(&door.sessions, &principal.id, request, next).await;
     }
-    if let Err(limited) = governance.limits.admit(&principal.id, surface.path) {
-        governance.audit.record(
-            "rate_limited",
-            &principal.id,
-            json!({"route": surface.path, "scope": limited.scope, "retry_after_ms": limited.retry_after_ms}),
-        );
-        let mut response = refusal(
-            StatusCode::TOO_MANY_REQUESTS,
-            concord_mcp::codes::RATE_LIMITED.into(),
-            format!(
-                "rate limit exceeded ({}); retry after {} ms",
-                limited.scope, limited.retry_after_ms
-            ),
-        );
-        let seconds = limited.retry_after_ms.div_ceil(1000).max(1);
-        if let Ok(value) = seconds.to_string().parse() {
-            response.headers_mut().insert(header::RETRY_AFTER, value);
-        }
-        return response;
-    }
     next.run(request).await
+}
+
+/// The 429 of a principal over its rate limit, audited.
+pub(crate) fn rate_limited(
+    governance: &Governance,
+    principal: &str,
+    what: &str,
+    limited: &concord_governance::limits::Limited,
+) -> Response {
+    governance.audit.record(
+        "rate_limited",
+        principal,
+        json!({"route": what, "scope": limited.scope, "retry_after_ms": limited.retry_after_ms}),
+    );
+    let mut response = refusal(
+        StatusCode::TOO_MANY_REQUESTS,
+        concord_mcp::codes::RATE_LIMITED.into(),
+        format!(
+            "rate limit exceeded ({}); retry after {} ms",
+            limited.scope, limited.retry_after_ms
+        ),
+    );
+    let seconds = limited.retry_after_ms.div_ceil(1000).max(1);
+    if let Ok(value) = seconds.to_string().parse() {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
 }
 
 /// An MCP request of an authenticated principal: a session it names must be its own, and a
@@ -371,7 +388,9 @@ fn subject_of(surface: &Surface, request: &Request) -> (String, Option<String>) 
                 .unwrap_or_default()
                 .split('&')
                 .filter_map(|pair| pair.split_once('='))
-                .find(|(k, _)| *k == parameter)
+                // Names are decoded as the handler's own query parser decodes them, so
+                // `pre%66ix=` is the same parameter here as there.
+                .find(|(k, _)| decode(&k.replace('+', " ")) == parameter)
                 .map(|(_, v)| decode(&v.replace('+', " ")))
                 .unwrap_or_default();
             let namespace = value.split('/').next().map(str::to_owned);
@@ -489,6 +508,14 @@ mod tests {
         assert_eq!(
             subject_of(feed, &request),
             ("tasks/".to_string(), Some("tasks".to_string()))
+        );
+        let encoded_name = Request::builder()
+            .uri("/api/v1/state/changes?pre%66ix=secret/")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(
+            subject_of(feed, &encoded_name),
+            ("secret/".to_string(), Some("secret".to_string()))
         );
         let heartbeat = surface_of("/api/v1/registry/{id}/heartbeat", &Method::POST).unwrap();
         let request = Request::builder()

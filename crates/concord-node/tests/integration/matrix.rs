@@ -173,7 +173,11 @@ async fn a_foreign_host_or_origin_is_refused_on_every_route() {
                 surface.path
             );
             let text = rebound.text().await.unwrap();
-            assert!(text.contains("rebind.attacker.example"), "{text}");
+            // (A HEAD answer has no body to name it in.)
+            assert!(
+                surface.method == "HEAD" || text.contains("rebind.attacker.example"),
+                "{text}"
+            );
             let cross = cross.send().await.unwrap();
             assert_eq!(
                 cross.status(),
@@ -480,4 +484,96 @@ async fn a_session_answers_only_the_principal_that_opened_it() {
         answer["result"]["content"][0]["text"], "Echo: mine",
         "{answer}"
     );
+}
+
+#[tokio::test]
+async fn reading_state_through_mcp_tools_needs_state_read_too() {
+    let extra = "[auth]\nenabled = true\n\
+        [[policy.rules]]\nname = \"tools\"\neffect = \"allow\"\nwhen = 'method == \"tools/call\"'\n\
+        [[policy.rules]]\nname = \"writes\"\neffect = \"allow\"\nwhen = 'method == \"state/write\"'\n\
+        [[policy.rules]]\nname = \"reads-but-secret\"\neffect = \"allow\"\nwhen = 'method == \"state/read\" && namespace != \"secret\"'\n";
+    let (node, tokens) = TestNode::start_with_keys(extra, &["bob".into()]).await;
+    let mut bob = Mcp::open(&node.url(), &tokens["bob"]).await;
+    for key in ["secret/plan", "open/plan"] {
+        let put = bob
+            .call(
+                "tools/call",
+                serde_json::json!({"name": "concord__state_put",
+                "arguments": {"key": key, "base_version": 0, "value": "TOPSECRET"}}),
+            )
+            .await;
+        assert_eq!(put["result"]["isError"], false, "{put}");
+    }
+    for (tool, field, subject) in [
+        ("concord__state_get", "key", "secret/plan"),
+        ("concord__state_history", "key", "secret/plan"),
+        ("concord__state_list", "prefix", "secret/"),
+        ("concord__state_changes", "prefix", "secret/"),
+    ] {
+        let answer = bob
+            .call(
+                "tools/call",
+                serde_json::json!({"name": tool, "arguments": {field: subject}}),
+            )
+            .await;
+        assert_eq!(answer["result"]["isError"], true, "{tool}: {answer}");
+        assert!(
+            !answer.to_string().contains("TOPSECRET"),
+            "{tool}: {answer}"
+        );
+        assert!(
+            answer.to_string().contains("may not read"),
+            "{tool}: {answer}"
+        );
+    }
+    let open = bob
+        .call(
+            "tools/call",
+            serde_json::json!({"name": "concord__state_get", "arguments": {"key": "open/plan"}}),
+        )
+        .await;
+    assert!(open.to_string().contains("TOPSECRET"), "{open}");
+}
+
+#[tokio::test]
+async fn the_rate_limit_comes_before_the_decision_and_covers_opening_sessions() {
+    let extra =
+        "[auth]\nenabled = true\n[limits]\nper_principal = { per_second = 0.01, burst = 3 }\n";
+    let (node, tokens) =
+        TestNode::start_with_keys(extra, &["mallory".into(), "other".into()]).await;
+    let usage = format!("http://{}/api/v1/usage", node.node.local_addr());
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let response = client()
+            .get(&usage)
+            .bearer_auth(&tokens["mallory"])
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [403, 403, 403, 429, 429, 429],
+        "refusals are rate-limited too"
+    );
+    // Opening sessions counts against the same limit.
+    let url = node.url();
+    let mut opened = Vec::new();
+    for _ in 0..5 {
+        let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "flood", "version": "1"}}});
+        let response = client()
+            .post(&url)
+            .bearer_auth(&tokens["other"])
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(init.to_string())
+            .send()
+            .await
+            .unwrap();
+        opened.push(response.status().as_u16());
+    }
+    assert_eq!(opened, [200, 200, 200, 429, 429]);
 }
