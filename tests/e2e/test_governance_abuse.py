@@ -85,7 +85,7 @@ cost_usd = 1.0
 """
     node = concord.start(
         "governance-abuse",
-        {"fx": fixture_server("fx"), "usage": stdio_server(sys.executable, directory / "usage_server.py")},
+        {"fx": fixture_server("fx"), "usage": stdio_server(sys.executable, directory / "usage_server.py", report_usage=True)},
         directory=directory,
         extra_config=extra,
     )

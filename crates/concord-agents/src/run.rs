@@ -3,6 +3,7 @@ use std::time::Instant;
 use concord_llm::{
     Attempt, ChatRequest, ChatResponse, FinishReason, Message, ToolCall, ToolSpec, Usage,
 };
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde_json::Value;
@@ -87,12 +88,40 @@ impl Left {
     }
 }
 
+/// Tool calls of one model turn that run at most, unless the agent says otherwise.
+pub const DEFAULT_MAX_TOOL_CALLS_PER_TURN: usize = 16;
+/// Tool calls of one turn that run at the same time at most, unless the agent says otherwise.
+pub const DEFAULT_MAX_PARALLEL_TOOL_CALLS: usize = 4;
+
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
     pub name: String,
     pub instructions: String,
     pub max_iterations: u32,
+    /// Tool calls of one model turn that run at most (0 counts as 1): a model may ask for any
+    /// number, and each call past this one gets a tool error naming the limit instead.
+    pub max_tool_calls_per_turn: usize,
+    /// Tool calls of one turn that run at the same time at most (0 counts as 1).
+    pub max_parallel_tool_calls: usize,
     pub output_schema: Option<Value>,
+}
+
+impl AgentSpec {
+    /// An agent with the default tool-call limits and no output schema.
+    pub fn new(
+        name: impl Into<String>,
+        instructions: impl Into<String>,
+        max_iterations: u32,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            instructions: instructions.into(),
+            max_iterations,
+            max_tool_calls_per_turn: DEFAULT_MAX_TOOL_CALLS_PER_TURN,
+            max_parallel_tool_calls: DEFAULT_MAX_PARALLEL_TOOL_CALLS,
+            output_schema: None,
+        }
+    }
 }
 
 /// What one run may spend. Tokens and cost count every model attempt, failed ones included.
@@ -347,27 +376,56 @@ pub async fn run(
                 }
             }
         }
-        for call in calls {
-            if let Some(max) = run.limits.tool_calls
-                && run.tool_calls >= max
-            {
-                return run.report(
-                    Ending::BudgetExhausted {
-                        budget: format!("tool calls ({max})"),
-                    },
-                    String::new(),
-                    None,
-                );
+        // At most `per_turn` of the calls run, at most `parallel` at a time; every call gets an
+        // answer, in the order they were asked for.
+        let per_turn = spec.max_tool_calls_per_turn.max(1);
+        let parallel = spec.max_parallel_tool_calls.max(1);
+        let mut answers: Vec<Option<String>> = vec![None; calls.len()];
+        let mut jobs = Vec::new();
+        // The tool-call budget ran out before this call: the ones before it run, then the run ends.
+        let mut out_of_calls = None;
+        for (index, call) in calls.iter().enumerate() {
+            if index >= per_turn {
+                answers[index] = Some(format!(
+                    "Error: not run: at most {per_turn} tool calls run per turn and this turn asked for {}; ask for this call again in a later turn if you still need it",
+                    calls.len()
+                ));
+                continue;
             }
-            let outcome = tokio::select! {
+            match prepare_call(&tool_specs, call) {
+                Err(error) => answers[index] = Some(format!("Error: {error}")),
+                Ok(arguments) => {
+                    if let Some(max) = run.limits.tool_calls
+                        && run.tool_calls.saturating_add(jobs.len() as u64) >= max
+                    {
+                        out_of_calls = Some((index, max));
+                        break;
+                    }
+                    jobs.push((index, arguments));
+                }
+            }
+        }
+        let running = futures::stream::iter(jobs.into_iter().map(|(index, arguments)| {
+            let call = &calls[index];
+            async move {
+                progress(LoopEvent::ToolCall {
+                    name: call.name.clone(),
+                });
+                (index, tools.call(&call.name, arguments, cancel).await)
+            }
+        }))
+        .buffer_unordered(parallel);
+        let mut running = std::pin::pin!(running);
+        loop {
+            let next = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return run.report(Ending::Cancelled, String::new(), None),
-                outcome = run_tool(&tool_specs, tools, &call, cancel, progress) => outcome,
+                next = running.next() => next,
             };
-            let (reply, ran) = outcome;
-            if ran {
-                run.tool_calls += 1;
-            }
+            let Some((index, reply)) = next else {
+                break;
+            };
+            run.tool_calls += 1;
             if reply.usage.total() > 0 || reply.cost_usd > 0.0 {
                 run.usage.add(reply.usage);
                 run.cost_usd += reply.cost_usd;
@@ -376,11 +434,25 @@ pub async fn run(
                     cost_usd: run.cost_usd,
                 });
             }
-            let text = match reply.outcome {
+            answers[index] = Some(match reply.outcome {
                 ToolOutcome::Ok(text) => text,
                 ToolOutcome::Error(text) => format!("Error: {text}"),
-            };
-            run.messages.push(Message::tool_result(&call, text));
+            });
+        }
+        let answered = out_of_calls.map_or(calls.len(), |(index, _)| index);
+        for (call, answer) in calls.iter().zip(answers).take(answered) {
+            if let Some(text) = answer {
+                run.messages.push(Message::tool_result(call, text));
+            }
+        }
+        if let Some((_, max)) = out_of_calls {
+            return run.report(
+                Ending::BudgetExhausted {
+                    budget: format!("tool calls ({max})"),
+                },
+                String::new(),
+                None,
+            );
         }
     }
 }
@@ -395,57 +467,34 @@ fn system_prompt(spec: &AgentSpec) -> String {
     prompt
 }
 
-/// Runs one call the model asked for; the flag says whether a tool actually ran.
-async fn run_tool(
+/// The arguments of one call the model asked for, or why it cannot run (an unknown tool,
+/// arguments that are not a JSON object), as the model will be told.
+fn prepare_call(
     specs: &[ToolSpec],
-    tools: &dyn ToolBox,
     call: &ToolCall,
-    cancel: &CancellationToken,
-    progress: &(dyn Fn(LoopEvent) + Send + Sync),
-) -> (ToolReply, bool) {
+) -> Result<serde_json::Map<String, Value>, String> {
     if !specs.iter().any(|s| s.name == call.name) {
         let known: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        return (
-            ToolOutcome::Error(format!(
-                "there is no tool named {:?}; the tools are: {}",
-                call.name,
-                known.join(", ")
-            ))
-            .into(),
-            false,
-        );
+        return Err(format!(
+            "there is no tool named {:?}; the tools are: {}",
+            call.name,
+            known.join(", ")
+        ));
     }
-    let arguments = if call.arguments.trim().is_empty() {
-        serde_json::Map::new()
-    } else {
-        match serde_json::from_str::<Value>(&call.arguments) {
-            Ok(Value::Object(map)) => map,
-            Ok(other) => {
-                return (
-                    ToolOutcome::Error(format!(
-                        "the arguments of {} must be a JSON object, not {other}",
-                        call.name
-                    ))
-                    .into(),
-                    false,
-                );
-            }
-            Err(e) => {
-                return (
-                    ToolOutcome::Error(format!(
-                        "the arguments of {} are not valid JSON ({e}): {}",
-                        call.name, call.arguments
-                    ))
-                    .into(),
-                    false,
-                );
-            }
-        }
-    };
-    progress(LoopEvent::ToolCall {
-        name: call.name.clone(),
-    });
-    (tools.call(&call.name, arguments, cancel).await, true)
+    if call.arguments.trim().is_empty() {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_str::<Value>(&call.arguments) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(format!(
+            "the arguments of {} must be a JSON object, not {other}",
+            call.name
+        )),
+        Err(e) => Err(format!(
+            "the arguments of {} are not valid JSON ({e}): {}",
+            call.name, call.arguments
+        )),
+    }
 }
 
 /// The answer as JSON valid against `schema` (a ```json fence around it is tolerated).

@@ -5,6 +5,9 @@
 //! model and tool themselves, never by a timer), an answer cut at the output limit, and
 //! structured output asked again once.
 
+/// A model that asks for 1,000 tool calls in one turn: the per-turn and parallel limits.
+mod tool_flood;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -252,10 +255,12 @@ impl ToolBox for Files {
 
 fn agent(max_iterations: u32, output_schema: Option<Value>) -> AgentSpec {
     AgentSpec {
-        name: "reader".into(),
-        instructions: "Read files with read_file, then answer in one sentence.".into(),
-        max_iterations,
         output_schema,
+        ..AgentSpec::new(
+            "reader",
+            "Read files with read_file, then answer in one sentence.",
+            max_iterations,
+        )
     }
 }
 

@@ -29,6 +29,26 @@ pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_PAGE_SIZE: usize = 200;
 /// Registrations one principal may hold at once over the registry API, unless configured.
 pub const DEFAULT_REGISTRY_MAX_PER_PRINCIPAL: usize = 100;
+/// MCP sessions (2025-era `Mcp-Session-Id` sessions) one endpoint holds at once, unless configured.
+pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+/// How long a session may go without a request from its client, and without an open stream,
+/// before it is closed, unless configured.
+pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// TCP connections the node serves at once, unless configured.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// How long a client may take to send a request's headers (and how long a kept-alive connection
+/// may wait idle for its next request), unless configured.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most `[node] max_sessions` and `max_connections` may be set to.
+pub const MAX_SESSIONS_OR_CONNECTIONS: usize = 1_000_000;
+/// Tool calls of one model turn an agent runs at most, unless configured
+/// (`[agents.NAME] max_tool_calls_per_turn`).
+pub const DEFAULT_MAX_TOOL_CALLS_PER_TURN: u32 = 16;
+/// Tool calls of one turn an agent runs at the same time at most, unless configured
+/// (`[agents.NAME] max_parallel_tool_calls`).
+pub const DEFAULT_MAX_PARALLEL_TOOL_CALLS: u32 = 4;
+/// The largest value either of those two settings takes.
+pub const MAX_TOOL_CALLS_LIMIT: u32 = 1024;
 /// Names that Concord keeps for its own built-in tools.
 pub const RESERVED_SERVER_NAMES: &[&str] = &["concord", "agents", "workflows"];
 /// Separator between a server name and a tool or prompt name in the gateway's namespace.
@@ -198,6 +218,10 @@ pub struct AgentSettings {
     /// servers and configured ones, by their `capabilities` and `tags`).
     pub tool_servers: Vec<concord_mesh::Selector>,
     pub max_iterations: u32,
+    /// Tool calls run per model turn at most; the model is told about the rest (default 16).
+    pub max_tool_calls_per_turn: usize,
+    /// Tool calls of one turn run at the same time at most (default 4).
+    pub max_parallel_tool_calls: usize,
     pub output_schema: Option<serde_json::Value>,
     pub budget: AgentBudget,
     /// Ask the cheapest provider that satisfies the selector first (by price per token).
@@ -452,6 +476,16 @@ pub struct NodeSettings {
     pub registry_private_networks: Vec<concord_mesh::net::Network>,
     /// Registrations one principal may hold at once over the API.
     pub registry_max_per_principal: usize,
+    /// MCP sessions one endpoint holds at once; past it `initialize` is refused (HTTP 503).
+    pub max_sessions: usize,
+    /// A session without a request from its client and without an open stream for this long
+    /// is closed.
+    pub session_idle_timeout: Duration,
+    /// TCP connections served at once; past it a new connection is answered 503 and closed.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers; also how long an idle kept-alive
+    /// connection is kept.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for NodeSettings {
@@ -467,6 +501,10 @@ impl Default for NodeSettings {
             page_size: DEFAULT_PAGE_SIZE,
             registry_private_networks: Vec::new(),
             registry_max_per_principal: DEFAULT_REGISTRY_MAX_PER_PRINCIPAL,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            session_idle_timeout: DEFAULT_SESSION_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
         }
     }
 }
@@ -499,6 +537,10 @@ pub struct ServerSpec {
     /// the roots of the client whose call it is serving. Off by default: one upstream connection
     /// serves every client, and a request made outside any call has no client to answer it.
     pub forward_roots: bool,
+    /// Trust the usage this server reports in a tool result's `_meta["concord/usage"]` (tokens,
+    /// cost) and charge it to the caller's budgets. Off by default: what an upstream reports is
+    /// a claim, and an untrusted one is dropped like every other `concord/` key it sends.
+    pub report_usage: bool,
     /// Cache the results of this server's read-only tools (`readOnlyHint`) for this long, per
     /// caller; `None`: no caching.
     pub cache_ttl: Option<Duration>,
@@ -524,6 +566,7 @@ impl ServerSpec {
             prefix: PrefixMode::default(),
             request_timeout,
             forward_roots: false,
+            report_usage: false,
             cache_ttl: None,
             tools: BTreeMap::new(),
             capabilities: Vec::new(),

@@ -9,11 +9,16 @@ use proptest::prelude::*;
 
 use super::*;
 
-/// 256 cases a property, and no regression files written into the source tree.
+/// `cases` cases a property (`PROPTEST_CASES` overrides, for a longer local run), and no
+/// regression files written into the source tree: a failure prints its minimal input.
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(cases),
         failure_persistence: None,
-        ..ProptestConfig::with_cases(cases)
+        ..ProptestConfig::default()
     }
 }
 
@@ -268,6 +273,10 @@ const NODE: &[(&str, Shape)] = &[
     ("page_size", Int),
     ("registry_private_networks", Texts),
     ("registry_max_per_principal", Int),
+    ("max_sessions", Int),
+    ("session_idle_timeout", Duration),
+    ("max_connections", Int),
+    ("header_read_timeout", Duration),
 ];
 const STATE: &[(&str, Shape)] = &[
     ("store", Text),
@@ -348,6 +357,8 @@ const AGENT: &[(&str, Shape)] = &[
     ("instructions", Text),
     ("tools", Texts),
     ("max_iterations", Int),
+    ("max_tool_calls_per_turn", Int),
+    ("max_parallel_tool_calls", Int),
     ("output_schema", Word(&["{\"type\":\"object\"}", "{", "[]"])),
     ("cost_aware", Bool),
 ];
@@ -632,4 +643,26 @@ proptest! {
             Err(message) => prop_assert!(!message.is_empty()),
         }
     }
+}
+
+/// Found by `durations_parse_or_refuse`: a number of seconds past what a `Duration` holds
+/// (`"310000000000000000m"`, any `timeout = "…"` in a config) panicked in
+/// `Duration::from_secs_f64`; it is an error now.
+#[test]
+fn huge_durations_are_refused() {
+    for text in [
+        "310000000000000000m",
+        "18446744073709551616",
+        "1e400",
+        &"9".repeat(400),
+    ] {
+        assert!(parse_duration(text).is_err(), "{text}");
+    }
+    let error = Config::from_str_at(
+        "[node]\nrequest_timeout = \"310000000000000000m\"\n",
+        Path::new(TOML_PATH),
+        &lookup,
+    )
+    .unwrap_err();
+    assert_eq!(error.key(), Some("node.request_timeout"), "{error}");
 }

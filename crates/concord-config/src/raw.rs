@@ -291,6 +291,8 @@ struct RawAgent {
     #[serde(default)]
     tools: Vec<RawToolChoice>,
     max_iterations: Option<u32>,
+    max_tool_calls_per_turn: Option<u32>,
+    max_parallel_tool_calls: Option<u32>,
     output_schema: Option<toml::Value>,
     #[serde(default)]
     budget: RawAgentBudget,
@@ -462,6 +464,24 @@ fn agents(raw: BTreeMap<String, RawAgent>, file: &Path) -> Result<Vec<AgentSetti
                 "must be at least 1",
             ));
         }
+        let per_turn = a
+            .max_tool_calls_per_turn
+            .unwrap_or(crate::DEFAULT_MAX_TOOL_CALLS_PER_TURN);
+        let parallel = a
+            .max_parallel_tool_calls
+            .unwrap_or(crate::DEFAULT_MAX_PARALLEL_TOOL_CALLS);
+        for (field, value) in [
+            ("max_tool_calls_per_turn", per_turn),
+            ("max_parallel_tool_calls", parallel),
+        ] {
+            if !(1..=crate::MAX_TOOL_CALLS_LIMIT).contains(&value) {
+                return Err(ConfigError::invalid(
+                    file,
+                    key(field),
+                    format!("expected 1 to {}, got {value}", crate::MAX_TOOL_CALLS_LIMIT),
+                ));
+            }
+        }
         let output_schema = match a.output_schema {
             None => None,
             Some(toml::Value::String(text)) => Some(serde_json::from_str(&text).map_err(|e| {
@@ -526,6 +546,8 @@ fn agents(raw: BTreeMap<String, RawAgent>, file: &Path) -> Result<Vec<AgentSetti
             tools,
             tool_servers,
             max_iterations,
+            max_tool_calls_per_turn: per_turn as usize,
+            max_parallel_tool_calls: parallel as usize,
             output_schema,
             budget: AgentBudget {
                 tokens: a.budget.tokens,
@@ -958,6 +980,10 @@ struct RawNode {
     #[serde(default)]
     registry_private_networks: Vec<String>,
     registry_max_per_principal: Option<usize>,
+    max_sessions: Option<usize>,
+    session_idle_timeout: Option<String>,
+    max_connections: Option<usize>,
+    header_read_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -979,6 +1005,9 @@ struct TomlServer {
     enabled: bool,
     #[serde(default)]
     forward_roots: bool,
+    /// Trust the usage this server reports in a tool result's `_meta["concord/usage"]`.
+    #[serde(default)]
+    report_usage: bool,
     cache_ttl: Option<String>,
     #[serde(default)]
     tools: BTreeMap<String, RawTool>,
@@ -1110,6 +1139,7 @@ struct CommonServer {
     prefix: Option<PrefixMode>,
     timeout: Option<std::time::Duration>,
     forward_roots: bool,
+    report_usage: bool,
     cache_ttl: Option<std::time::Duration>,
     tools: BTreeMap<String, ToolSettings>,
     capabilities: Vec<String>,
@@ -1181,6 +1211,7 @@ impl TomlFile {
                 prefix: raw.prefix,
                 timeout,
                 forward_roots: raw.forward_roots,
+                report_usage: raw.report_usage,
                 cache_ttl: match &raw.cache_ttl {
                     Some(text) => Some(parse_duration(text).map_err(|m| {
                         ConfigError::invalid(file, format!("servers.{name}.cache_ttl"), m)
@@ -1243,6 +1274,7 @@ impl JsonFile {
                 prefix: None,
                 timeout: raw.timeout.map(std::time::Duration::from_millis),
                 forward_roots: false,
+                report_usage: false,
                 cache_ttl: None,
                 tools: BTreeMap::new(),
                 capabilities: Vec::new(),
@@ -1331,6 +1363,48 @@ impl RawNode {
                 ));
             }
             settings.registry_max_per_principal = max;
+        }
+        for (key, value, target) in [
+            (
+                "node.max_sessions",
+                self.max_sessions,
+                &mut settings.max_sessions,
+            ),
+            (
+                "node.max_connections",
+                self.max_connections,
+                &mut settings.max_connections,
+            ),
+        ] {
+            if let Some(max) = value {
+                if !(1..=crate::MAX_SESSIONS_OR_CONNECTIONS).contains(&max) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        key,
+                        format!(
+                            "expected 1 to {}, got {max}",
+                            crate::MAX_SESSIONS_OR_CONNECTIONS
+                        ),
+                    ));
+                }
+                *target = max;
+            }
+        }
+        for (key, value, target) in [
+            (
+                "node.session_idle_timeout",
+                self.session_idle_timeout,
+                &mut settings.session_idle_timeout,
+            ),
+            (
+                "node.header_read_timeout",
+                self.header_read_timeout,
+                &mut settings.header_read_timeout,
+            ),
+        ] {
+            if let Some(text) = value {
+                *target = parse_duration(&text).map_err(|m| ConfigError::invalid(file, key, m))?;
+            }
         }
         Ok(settings)
     }
@@ -1457,6 +1531,7 @@ impl CommonServer {
             prefix: self.prefix.unwrap_or_default(),
             request_timeout: self.timeout.unwrap_or(node.request_timeout),
             forward_roots: self.forward_roots,
+            report_usage: self.report_usage,
             cache_ttl: self.cache_ttl,
             tools: self.tools,
             capabilities: checked_words(self.capabilities, file, &key(".capabilities"))?,

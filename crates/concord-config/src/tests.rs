@@ -599,6 +599,50 @@ fn registry_private_networks_and_the_per_principal_cap() {
 }
 
 #[test]
+fn session_and_connection_caps_and_timeouts() {
+    let defaults = toml("").unwrap().node;
+    assert_eq!(defaults.max_sessions, crate::DEFAULT_MAX_SESSIONS);
+    assert_eq!(defaults.max_connections, crate::DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(
+        defaults.session_idle_timeout,
+        crate::DEFAULT_SESSION_IDLE_TIMEOUT
+    );
+    assert_eq!(
+        defaults.header_read_timeout,
+        crate::DEFAULT_HEADER_READ_TIMEOUT
+    );
+    let node = toml(
+        "[node]\nmax_sessions = 3\nmax_connections = 40\nsession_idle_timeout = \"90s\"\nheader_read_timeout = \"250ms\"\n",
+    )
+    .unwrap()
+    .node;
+    assert_eq!(node.max_sessions, 3);
+    assert_eq!(node.max_connections, 40);
+    assert_eq!(node.session_idle_timeout, Duration::from_secs(90));
+    assert_eq!(node.header_read_timeout, Duration::from_millis(250));
+    refused(
+        "[node]\nmax_sessions = 0\n",
+        "node.max_sessions",
+        "expected 1 to 1000000, got 0",
+    );
+    refused(
+        "[node]\nmax_connections = 1000001\n",
+        "node.max_connections",
+        "expected 1 to 1000000, got 1000001",
+    );
+    refused(
+        "[node]\nsession_idle_timeout = \"0s\"\n",
+        "node.session_idle_timeout",
+        "expected a positive duration",
+    );
+    refused(
+        "[node]\nheader_read_timeout = \"soon\"\n",
+        "node.header_read_timeout",
+        "expected a duration like",
+    );
+}
+
+#[test]
 fn origins_need_a_scheme() {
     refused(
         "[node]\nallowed_origins = [\"https://ok.example\", \"app.example.com\"]\n",
@@ -786,4 +830,74 @@ fn with_auth_on_jwts_need_an_issuer_and_an_audience() {
     .unwrap();
     toml("[auth]\nenabled = true\n").unwrap();
     toml(&key).unwrap();
+}
+
+#[test]
+fn usage_reports_are_trusted_only_where_configured() {
+    let config = toml(
+        "[servers.meter]\ncommand = \"meter\"\nreport_usage = true\n\n[servers.other]\ncommand = \"other\"\n",
+    )
+    .unwrap();
+    assert!(config.servers[0].report_usage);
+    assert!(
+        !config.servers[1].report_usage,
+        "an upstream's usage is a claim unless configured otherwise"
+    );
+    assert!(
+        !json(r#"{"mcpServers": {"a": {"command": "a"}}}"#)
+            .unwrap()
+            .servers[0]
+            .report_usage
+    );
+    let error = toml("[servers.s]\ncommand = \"s\"\nreport_usage = \"yes\"")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("servers.s.report_usage"), "{error}");
+}
+
+#[test]
+fn agents_tool_calls_per_turn_and_in_parallel_are_bounded() {
+    let config = toml(
+        "[agents.a]\ninstructions = \"x\"\n\n[agents.b]\ninstructions = \"x\"\nmax_tool_calls_per_turn = 3\nmax_parallel_tool_calls = 1\n",
+    )
+    .unwrap();
+    let (a, b) = (&config.agents[0], &config.agents[1]);
+    assert_eq!(
+        (a.max_tool_calls_per_turn, a.max_parallel_tool_calls),
+        (16, 4)
+    );
+    assert_eq!(
+        (b.max_tool_calls_per_turn, b.max_parallel_tool_calls),
+        (3, 1)
+    );
+    for (bad, key, said) in [
+        (
+            "max_tool_calls_per_turn = 0",
+            "agents.a.max_tool_calls_per_turn",
+            "expected 1 to 1024, got 0",
+        ),
+        (
+            "max_parallel_tool_calls = 0",
+            "agents.a.max_parallel_tool_calls",
+            "expected 1 to 1024, got 0",
+        ),
+        (
+            "max_tool_calls_per_turn = 5000",
+            "agents.a.max_tool_calls_per_turn",
+            "got 5000",
+        ),
+        (
+            "max_parallel_tool_calls = -1",
+            "agents.a.max_parallel_tool_calls",
+            "",
+        ),
+    ] {
+        let error = toml(&format!("[agents.a]\ninstructions = \"x\"\n{bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(key) && error.contains(said),
+            "{bad}: {error}"
+        );
+    }
 }

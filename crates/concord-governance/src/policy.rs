@@ -98,10 +98,51 @@ pub struct RuleSet {
     rules: Vec<CompiledRule>,
 }
 
+/// The deepest nesting of brackets a rule may have.
+pub const MAX_RULE_DEPTH: usize = 12;
+/// The longest rule expression, in bytes.
+pub const MAX_RULE_LEN: usize = 4096;
+
+fn within_limits(expression: &str) -> Result<(), String> {
+    if expression.len() > MAX_RULE_LEN {
+        return Err(format!(
+            "the expression is {} bytes long; at most {MAX_RULE_LEN} are allowed",
+            expression.len()
+        ));
+    }
+    let mut depth = 0usize;
+    let mut deepest = 0usize;
+    for c in expression.chars() {
+        match c {
+            '(' | '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_RULE_DEPTH {
+        return Err(format!(
+            "the expression nests {deepest} brackets deep; at most {MAX_RULE_DEPTH} are allowed"
+        ));
+    }
+    Ok(())
+}
+
 impl RuleSet {
     pub fn compile(rules: &[PolicyRule]) -> Result<RuleSet, PolicyError> {
         let mut compiled = Vec::with_capacity(rules.len());
         for rule in rules {
+            // The CEL parser and interpreter recurse once per nesting level: a deep rule would
+            // overflow the stack (an abort no `catch_unwind` stops), so depth and length are
+            // bounded before parsing.
+            if let Err(reason) = within_limits(&rule.when) {
+                return Err(PolicyError::Parse {
+                    rule: rule.name.clone(),
+                    reason,
+                });
+            }
             // The CEL parser can panic on some malformed input instead of returning an error;
             // a bad rule must be refused, never take the node down.
             let parsed = std::panic::catch_unwind(|| Program::compile(&rule.when));
@@ -341,4 +382,39 @@ fn load(path: &Path) -> Result<Vec<PolicyRule>, PolicyError> {
 
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::*;
+
+    fn rule(when: String) -> PolicyRule {
+        PolicyRule {
+            name: "deep".into(),
+            effect: Effect::Allow,
+            when,
+        }
+    }
+
+    /// A rule nested far beyond what the parser's recursion survives is refused with a reason,
+    /// not a stack overflow that would abort the node.
+    #[test]
+    fn deep_or_long_rules_are_refused_before_parsing() {
+        let deep = format!("{}true{}", "(".repeat(400), ")".repeat(400));
+        let Err(error) = RuleSet::compile(&[rule(deep)]) else {
+            panic!("a 400-deep rule compiled");
+        };
+        assert!(error.to_string().contains("400 brackets deep"), "{error}");
+        let long = format!("true{}", " || true".repeat(1000));
+        let Err(error) = RuleSet::compile(&[rule(long)]) else {
+            panic!("an 8 KB rule compiled");
+        };
+        assert!(error.to_string().contains("at most 4096"), "{error}");
+        let fine = format!(
+            "{}true{}",
+            "(".repeat(MAX_RULE_DEPTH),
+            ")".repeat(MAX_RULE_DEPTH)
+        );
+        assert_eq!(RuleSet::compile(&[rule(fine)]).unwrap().len(), 1);
+    }
 }

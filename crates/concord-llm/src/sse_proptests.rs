@@ -6,11 +6,16 @@ use proptest::prelude::*;
 
 use super::*;
 
-/// 256 cases a property, and no regression files written into the source tree.
+/// 256 cases a property (`PROPTEST_CASES` overrides, for a longer local run), and no
+/// regression files written into the source tree: a failure prints its minimal input.
 fn config() -> ProptestConfig {
     ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(256),
         failure_persistence: None,
-        ..ProptestConfig::with_cases(256)
+        ..ProptestConfig::default()
     }
 }
 

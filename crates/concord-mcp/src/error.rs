@@ -5,6 +5,8 @@ use std::time::Duration;
 use rmcp::ErrorData as McpError;
 use rmcp::model::ErrorCode;
 use rmcp::service::ServiceError;
+use rmcp::transport::DynamicTransportError;
+use rmcp::transport::streamable_http_client::StreamableHttpError;
 use serde_json::json;
 
 /// JSON-RPC error codes Concord adds in the implementation-defined server range.
@@ -71,6 +73,14 @@ pub enum GatewayError {
     },
     #[error("server '{server}' answered {method} with an unexpected result")]
     UnexpectedResult { server: String, method: String },
+    /// The server answered, but what it sent cannot be used (too large, not JSON, not a
+    /// JSON-RPC message): the request did reach it.
+    #[error("server '{server}' sent an unusable answer to {method}: {reason}")]
+    BadAnswer {
+        server: String,
+        method: String,
+        reason: String,
+    },
     /// A peer's own JSON-RPC error (an upstream's, or the gateway's answer to the node's own
     /// client), passed through unchanged.
     #[error("{0}")]
@@ -123,26 +133,36 @@ impl GatewayError {
         }
     }
 
-    /// Converts an rmcp client error from a request to `server` into a gateway error.
+    /// Converts an rmcp client error from a request to `server` into a gateway error. What it
+    /// says is what happened, as far as the transport told: never a Rust type name.
     pub(crate) fn from_service(server: &str, method: &str, error: ServiceError) -> Self {
+        let lost = |reason: String| GatewayError::ConnectionLost {
+            server: server.to_string(),
+            method: method.to_string(),
+            reason,
+        };
         match error {
+            ServiceError::McpError(e) if crate::tap::is_stream_ended(&e) => lost(format!(
+                "the server's response stream ended before its answer (it was cut off, or one of its events exceeded {})",
+                in_mib(MAX_STREAM_EVENT_BYTES)
+            )),
             ServiceError::McpError(e) => GatewayError::Upstream(PeerError(e)),
             ServiceError::Timeout { timeout } => GatewayError::Timeout {
                 server: server.to_string(),
                 method: method.to_string(),
                 timeout,
             },
-            ServiceError::TransportClosed => GatewayError::ConnectionLost {
-                server: server.to_string(),
-                method: method.to_string(),
-                reason:
-                    "the connection closed (the server exited or hung up); it is being restarted"
-                        .to_string(),
-            },
-            ServiceError::TransportSend(e) => GatewayError::ConnectionLost {
-                server: server.to_string(),
-                method: method.to_string(),
-                reason: e.to_string(),
+            ServiceError::TransportClosed => lost(
+                "the connection closed before the server answered (the server exited or hung up)"
+                    .to_string(),
+            ),
+            ServiceError::TransportSend(e) => match transport_failure(&e) {
+                TransportFailure::BadAnswer(reason) => GatewayError::BadAnswer {
+                    server: server.to_string(),
+                    method: method.to_string(),
+                    reason,
+                },
+                TransportFailure::Broken(reason) => lost(reason),
             },
             ServiceError::Cancelled { .. } => GatewayError::Cancelled,
             _ => GatewayError::UnexpectedResult {
@@ -151,6 +171,172 @@ impl GatewayError {
             },
         }
     }
+}
+
+/// The largest event rmcp's streamable HTTP client reads from a response stream (a fixed
+/// limit of the pinned rmcp); a larger one ends the stream.
+const MAX_STREAM_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
+/// A size in words: "16 MiB" when it is a whole number of MiB, else bytes.
+fn in_mib(bytes: usize) -> String {
+    const MIB: usize = 1024 * 1024;
+    if bytes >= MIB && bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// What a failure to send a request (or to read the answer of its HTTP POST) means.
+enum TransportFailure {
+    /// The request reached the server and it answered, unusably.
+    BadAnswer(String),
+    /// The connection could not carry the request (or its answer).
+    Broken(String),
+}
+
+/// Reads an rmcp transport error: its own words for what happened, never the transport's Rust
+/// type name (which rmcp puts in the error's `Display`).
+fn transport_failure(error: &DynamicTransportError) -> TransportFailure {
+    let inner: &(dyn std::error::Error + 'static) = error.error.as_ref();
+    if let Some(http) = inner.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+        return match http {
+            StreamableHttpError::ResponseBodyTooLarge { max_size } => {
+                TransportFailure::BadAnswer(format!("the response exceeded {}", in_mib(*max_size)))
+            }
+            StreamableHttpError::UnexpectedServerResponse(text)
+                if text.starts_with("could not parse JSON response") =>
+            {
+                // rmcp's words: "could not parse JSON response as <type>: <serde error>: <body>".
+                let shape = [
+                    "did not match",
+                    "missing field",
+                    "unknown variant",
+                    "invalid type",
+                ];
+                TransportFailure::BadAnswer(if shape.iter().any(|s| text.contains(s)) {
+                    "the server sent JSON that is not a JSON-RPC message".to_string()
+                } else {
+                    "the server sent invalid JSON".to_string()
+                })
+            }
+            StreamableHttpError::Deserialize(_) => {
+                TransportFailure::BadAnswer("the server sent invalid JSON".to_string())
+            }
+            StreamableHttpError::UnexpectedContentType(content_type) => {
+                TransportFailure::BadAnswer(format!(
+                    "the server answered with content type {}, neither JSON nor an event stream",
+                    content_type.as_deref().unwrap_or("(none)")
+                ))
+            }
+            StreamableHttpError::Client(e) => {
+                TransportFailure::Broken(format!("the HTTP request failed: {}", chain(e)))
+            }
+            other => TransportFailure::Broken(chain(other)),
+        };
+    }
+    if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+        return TransportFailure::Broken(format!("writing to the server failed: {io}"));
+    }
+    TransportFailure::Broken(chain(inner))
+}
+
+/// An error and its sources, in words (`a: b: c`), without Rust type paths.
+pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        // Many errors repeat their source in their own message.
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    without_type_paths(&text)
+}
+
+/// What an rmcp service error says, in words: for messages that go to a peer or a log.
+pub(crate) fn describe_service_error(error: &ServiceError) -> String {
+    match error {
+        ServiceError::McpError(e) => e.message.to_string(),
+        ServiceError::TransportSend(e) => match transport_failure(e) {
+            TransportFailure::BadAnswer(reason) | TransportFailure::Broken(reason) => reason,
+        },
+        ServiceError::TransportClosed => "the connection closed".to_string(),
+        ServiceError::Timeout { timeout } => format!("no answer within {}", humanize(*timeout)),
+        ServiceError::Cancelled { .. } => "cancelled".to_string(),
+        other => without_type_paths(&other.to_string()),
+    }
+}
+
+/// `text` with Rust type paths (`a::b::C<…>`) replaced by "(internal)": a last guard, should a
+/// dependency print one in an error message. IPv6 addresses (`[fe80::1]`) are not paths.
+pub(crate) fn without_type_paths(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let is_start = |c: char| c.is_ascii_alphabetic() || c == '_';
+    let is_part = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let boundary = i == 0 || !(is_part(chars[i - 1]) || chars[i - 1] == ':');
+        if boundary && is_start(chars[i]) {
+            // A path: identifiers joined by `::`, each after the first starting like one.
+            let mut end = i;
+            while end < chars.len() && is_part(chars[end]) {
+                end += 1;
+            }
+            let mut separators = 0;
+            let mut looks_typed = chars[i..end]
+                .iter()
+                .any(|c| c.is_ascii_uppercase() || *c == '_');
+            while end + 2 < chars.len()
+                && chars[end] == ':'
+                && chars[end + 1] == ':'
+                && is_start(chars[end + 2])
+            {
+                separators += 1;
+                end += 2;
+                let segment = end;
+                while end < chars.len() && is_part(chars[end]) {
+                    end += 1;
+                }
+                looks_typed |= chars[segment..end]
+                    .iter()
+                    .any(|c| c.is_ascii_uppercase() || *c == '_');
+            }
+            if separators >= 2 || (separators == 1 && looks_typed) {
+                // Its generic arguments go with it.
+                if end < chars.len() && chars[end] == '<' {
+                    let mut depth = 0usize;
+                    let mut j = end;
+                    while j < chars.len() {
+                        match chars[j] {
+                            '<' => depth += 1,
+                            '>' => {
+                                depth -= 1;
+                                if depth == 0 {
+                                    break;
+                                }
+                            }
+                            _ => {}
+                        }
+                        j += 1;
+                    }
+                    end = (j + 1).min(chars.len());
+                }
+                out.push_str("(internal)");
+            } else {
+                out.extend(&chars[i..end]);
+            }
+            i = end;
+            continue;
+        }
+        out.push(chars[i]);
+        i += 1;
+    }
+    out
 }
 
 impl From<GatewayError> for McpError {
@@ -188,6 +374,10 @@ impl From<GatewayError> for McpError {
             GatewayError::UnexpectedResult { server, .. } => {
                 McpError::internal_error(message, Some(json!({ "server": server })))
             }
+            GatewayError::BadAnswer { server, reason, .. } => McpError::internal_error(
+                message,
+                Some(json!({ "server": server, "reason": reason })),
+            ),
             GatewayError::Upstream(e) => e.0,
             GatewayError::Cancelled => McpError::new(ErrorCode(-32800), message, None),
             GatewayError::UnknownRequestState => McpError::invalid_params(message, None),
@@ -209,5 +399,76 @@ impl From<GatewayError> for McpError {
                 McpError::new(inner.code, message, Some(serde_json::Value::Object(data)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_paths_are_never_printed() {
+        assert_eq!(
+            without_type_paths(
+                "Transport [concord_mcp::tap::ProgressTap<rmcp::transport::X<a::B>>] error: boom"
+            ),
+            "Transport [(internal)] error: boom"
+        );
+        assert_eq!(
+            without_type_paths("a std::io::Error and reqwest::Error"),
+            "a (internal) and (internal)"
+        );
+        // Addresses, URLs and words with colons stay.
+        for kept in [
+            "http://[::1]:8080/mcp",
+            "http://[fe80::1]/mcp",
+            "http://[2001:db8::abcd]:80/",
+            "error: a::b",
+            "HTTP 500: Internal Server Error",
+        ] {
+            assert_eq!(without_type_paths(kept), kept);
+        }
+    }
+
+    #[test]
+    fn sizes_in_words() {
+        assert_eq!(in_mib(16 * 1024 * 1024), "16 MiB");
+        assert_eq!(in_mib(1000), "1000 bytes");
+    }
+
+    #[test]
+    fn transport_errors_say_what_happened() {
+        let failure = |error: StreamableHttpError<reqwest::Error>| {
+            let error = DynamicTransportError::from_parts(
+                "concord_mcp::tap::ProgressTap<rmcp::Whatever>",
+                std::any::TypeId::of::<()>(),
+                Box::new(error),
+            );
+            GatewayError::from_service("big", "tools/call", ServiceError::TransportSend(error))
+                .to_string()
+        };
+        assert_eq!(
+            failure(StreamableHttpError::ResponseBodyTooLarge {
+                max_size: 16 * 1024 * 1024
+            }),
+            "server 'big' sent an unusable answer to tools/call: the response exceeded 16 MiB"
+        );
+        assert_eq!(
+            failure(StreamableHttpError::UnexpectedServerResponse(
+                "could not parse JSON response as ServerJsonRpcMessage: expected value at line 1 column 1: garbage".into()
+            )),
+            "server 'big' sent an unusable answer to tools/call: the server sent invalid JSON"
+        );
+        let io = DynamicTransportError::from_parts(
+            "rmcp::transport::async_rw::AsyncRwTransport<X>",
+            std::any::TypeId::of::<()>(),
+            Box::new(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+        );
+        let said = GatewayError::from_service("s", "tools/call", ServiceError::TransportSend(io))
+            .to_string();
+        assert_eq!(
+            said,
+            "the connection to server 's' was lost during tools/call: writing to the server failed: broken pipe"
+        );
     }
 }

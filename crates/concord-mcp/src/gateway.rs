@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use concord_config::{Config, PrefixMode};
@@ -488,9 +488,42 @@ impl ListChanges {
     fn any(&self) -> bool {
         self.tools || self.prompts || self.resources
     }
+
+    fn merge(&mut self, other: ListChanges) {
+        self.tools |= other.tools;
+        self.prompts |= other.prompts;
+        self.resources |= other.resources;
+    }
 }
 
-/// The downstream clients that hold a session and can receive unsolicited notifications.
+/// Log messages one session may have waiting to be sent to it at most; past it (or past
+/// [`OUTBOX_MAX_LOG_BYTES`]), new ones are dropped, counted, and the client is told how many
+/// were lost where they were lost.
+pub(crate) const OUTBOX_MAX_LOGS: usize = 256;
+/// Bytes of log messages one session may have waiting at most.
+pub(crate) const OUTBOX_MAX_LOG_BYTES: usize = 1024 * 1024;
+/// Bytes of log messages waiting in every session's outbox together at most (a message queued
+/// for several sessions counts once per session).
+pub(crate) const OUTBOX_TOTAL_LOG_BYTES: usize = 64 * 1024 * 1024;
+/// A forwarded log message's `data` is cut to about this many bytes (serialized).
+pub(crate) const MAX_FORWARDED_LOG_BYTES: usize = 64 * 1024;
+
+/// What the downstream sessions have waiting to be sent to them, for status and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DownstreamBacklog {
+    /// Sessions registered for unsolicited notifications (closed ones left out).
+    pub sessions: usize,
+    /// Open 2026-07-28 `subscriptions/listen` streams.
+    pub listeners: usize,
+    /// Log messages waiting in outboxes, and their bytes.
+    pub queued_logs: usize,
+    pub queued_bytes: usize,
+    /// Tasks delivering outboxes right now (at most one per session or stream).
+    pub delivery_tasks: usize,
+    /// Log messages dropped because a session's outbox was full, since start.
+    pub dropped_logs: u64,
+}
+
 /// A 2025-era session that can receive unsolicited notifications.
 struct DownstreamSession {
     id: u64,
@@ -501,25 +534,364 @@ struct DownstreamSession {
     /// Who asked for the logs: a server's log lines reach only sessions whose principal may
     /// use that server.
     identity: Option<crate::access::Identity>,
+    outbox: OutboxHandle,
 }
 
-#[derive(Default)]
+/// An open 2026-07-28 `subscriptions/listen` stream.
+struct DownstreamListener {
+    sink: SubscriptionSink,
+    outbox: OutboxHandle,
+}
+
+/// The downstream clients that hold a session (or a listen stream) and can receive unsolicited
+/// notifications. Nothing is sent to a client from the caller's task: each gets a bounded
+/// outbox, and one task per client delivers it while it holds something, so a client that does
+/// not read holds at most its outbox, never a task per message.
 pub(crate) struct Downstream {
     peers: Mutex<Vec<DownstreamSession>>,
     /// Open 2026-07-28 `subscriptions/listen` streams, by listen id.
-    listeners: Mutex<HashMap<u64, SubscriptionSink>>,
+    listeners: Mutex<HashMap<u64, DownstreamListener>>,
+    counters: Arc<OutboxCounters>,
+    /// How many sessions an MCP endpoint of this gateway holds, and when idle ones close.
+    pub session_limits: crate::http_server::SessionLimits,
 }
 
 impl Downstream {
-    pub fn register(&self, id: u64, peer: Peer<RoleServer>) {
-        let mut peers = self.peers.lock();
-        peers.retain(|p| !p.peer.is_transport_closed());
-        peers.push(DownstreamSession {
+    pub fn new(node: &concord_config::NodeSettings) -> Self {
+        Self {
+            peers: Mutex::default(),
+            listeners: Mutex::default(),
+            counters: Arc::default(),
+            session_limits: crate::http_server::SessionLimits::from_node(node),
+        }
+    }
+}
+
+/// Shared by every outbox: bytes waiting in all of them, tasks delivering, messages dropped.
+#[derive(Default)]
+struct OutboxCounters {
+    queued_bytes: AtomicUsize,
+    queued_logs: AtomicUsize,
+    delivery_tasks: AtomicUsize,
+    dropped_logs: AtomicU64,
+}
+
+/// A log message on its way to sessions: shared by every outbox it waits in.
+#[derive(Clone)]
+struct QueuedLog {
+    params: Arc<LoggingMessageNotificationParam>,
+    /// Its size as sent (about), counted against the bounds.
+    bytes: usize,
+}
+
+enum OutboxEntry {
+    Log(QueuedLog),
+    /// Messages dropped at this point of the stream, and the most severe level among them.
+    Gap {
+        count: u64,
+        level: LoggingLevel,
+    },
+}
+
+/// What one client has waiting: list changes (idempotent, so coalesced into flags) and log
+/// messages in order, with gaps where messages were dropped.
+#[derive(Default)]
+struct OutboxState {
+    changes: ListChanges,
+    entries: std::collections::VecDeque<OutboxEntry>,
+    logs: usize,
+    bytes: usize,
+    /// A task is delivering this outbox.
+    delivering: bool,
+    /// The client left: nothing more is queued, and the delivering task stops.
+    closed: bool,
+}
+
+struct Outbox {
+    state: Mutex<OutboxState>,
+    /// Cancelled when the client leaves the registry: interrupts a send the client never takes.
+    stop: CancellationToken,
+    counters: Arc<OutboxCounters>,
+}
+
+/// What the delivering task sends next.
+enum Delivery {
+    Changes(ListChanges),
+    Log(Arc<LoggingMessageNotificationParam>),
+    Gap { count: u64, level: LoggingLevel },
+}
+
+/// Where an outbox is delivered.
+#[derive(Clone)]
+enum Target {
+    Session(Peer<RoleServer>),
+    Listener(SubscriptionSink),
+}
+
+impl Outbox {
+    fn new(counters: Arc<OutboxCounters>) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::default(),
+            stop: CancellationToken::new(),
+            counters,
+        })
+    }
+
+    /// Queues list changes (merged into what is already waiting).
+    fn push_changes(self: &Arc<Self>, changes: ListChanges, target: &Target) {
+        let mut state = self.state.lock();
+        if state.closed {
+            return;
+        }
+        state.changes.merge(changes);
+        self.start_delivery(state, target);
+    }
+
+    /// Queues a log message, or drops it (counted) when this outbox or all of them are full.
+    fn push_log(self: &Arc<Self>, log: &QueuedLog, target: &Target) {
+        let mut state = self.state.lock();
+        if state.closed {
+            return;
+        }
+        let total = self.counters.queued_bytes.load(Ordering::Relaxed);
+        let full = state.logs >= OUTBOX_MAX_LOGS
+            || state.bytes + log.bytes > OUTBOX_MAX_LOG_BYTES
+            || total + log.bytes > OUTBOX_TOTAL_LOG_BYTES;
+        if full {
+            let level = log.params.level;
+            match state.entries.back_mut() {
+                Some(OutboxEntry::Gap {
+                    count,
+                    level: worst,
+                }) => {
+                    *count += 1;
+                    if severity(level) > severity(*worst) {
+                        *worst = level;
+                    }
+                }
+                _ => state
+                    .entries
+                    .push_back(OutboxEntry::Gap { count: 1, level }),
+            }
+            let dropped = self.counters.dropped_logs.fetch_add(1, Ordering::Relaxed) + 1;
+            // Logged at 1, 2, 4, 8…: a flood shows without flooding the log itself.
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped,
+                    "log messages for clients that do not read them fast enough dropped: over {OUTBOX_MAX_LOGS} messages or {OUTBOX_MAX_LOG_BYTES} bytes waiting for one session"
+                );
+            }
+        } else {
+            state.logs += 1;
+            state.bytes += log.bytes;
+            self.counters.queued_logs.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .queued_bytes
+                .fetch_add(log.bytes, Ordering::Relaxed);
+            state.entries.push_back(OutboxEntry::Log(log.clone()));
+        }
+        self.start_delivery(state, target);
+    }
+
+    /// Starts the delivering task unless one is running (it runs while there is something to
+    /// send and ends when the outbox is empty).
+    fn start_delivery(
+        self: &Arc<Self>,
+        mut state: parking_lot::MutexGuard<'_, OutboxState>,
+        target: &Target,
+    ) {
+        if state.delivering {
+            return;
+        }
+        state.delivering = true;
+        drop(state);
+        self.counters.delivery_tasks.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(deliver(self.clone(), target.clone()));
+    }
+
+    /// The next thing to send, or `None` (and the task ends) when nothing is left.
+    fn next(&self) -> Option<Delivery> {
+        let mut state = self.state.lock();
+        if state.closed {
+            state.delivering = false;
+            return None;
+        }
+        if state.changes.any() {
+            return Some(Delivery::Changes(std::mem::take(&mut state.changes)));
+        }
+        match state.entries.pop_front() {
+            Some(OutboxEntry::Log(log)) => {
+                state.logs -= 1;
+                state.bytes -= log.bytes;
+                self.counters.queued_logs.fetch_sub(1, Ordering::Relaxed);
+                self.counters
+                    .queued_bytes
+                    .fetch_sub(log.bytes, Ordering::Relaxed);
+                Some(Delivery::Log(log.params))
+            }
+            Some(OutboxEntry::Gap { count, level }) => Some(Delivery::Gap { count, level }),
+            None => {
+                state.delivering = false;
+                None
+            }
+        }
+    }
+
+    /// The client left: frees what waits and stops the delivering task.
+    fn close(&self) {
+        let mut state = self.state.lock();
+        state.closed = true;
+        state.entries.clear();
+        state.changes = ListChanges::default();
+        self.counters
+            .queued_logs
+            .fetch_sub(state.logs, Ordering::Relaxed);
+        self.counters
+            .queued_bytes
+            .fetch_sub(state.bytes, Ordering::Relaxed);
+        state.logs = 0;
+        state.bytes = 0;
+        drop(state);
+        self.stop.cancel();
+    }
+}
+
+/// The registry's hold on an outbox: when the client leaves the registry, the outbox is closed.
+struct OutboxHandle(Arc<Outbox>);
+
+impl Drop for OutboxHandle {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Delivers one client's outbox, one notification at a time, until it is empty or the client
+/// is gone.
+async fn deliver(outbox: Arc<Outbox>, target: Target) {
+    struct Running(Arc<OutboxCounters>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.delivery_tasks.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let _running = Running(outbox.counters.clone());
+    while let Some(delivery) = outbox.next() {
+        let sent = tokio::select! {
+            sent = target.send(delivery) => sent,
+            _ = outbox.stop.cancelled() => return,
+        };
+        if sent.is_err() && target.is_closed() {
+            outbox.close();
+            return;
+        }
+    }
+}
+
+impl Target {
+    async fn send(&self, delivery: Delivery) -> Result<(), ()> {
+        match (self, delivery) {
+            (Target::Session(peer), Delivery::Changes(changes)) => {
+                if changes.tools {
+                    peer.notify_tool_list_changed().await.map_err(drop)?;
+                }
+                if changes.prompts {
+                    peer.notify_prompt_list_changed().await.map_err(drop)?;
+                }
+                if changes.resources {
+                    peer.notify_resource_list_changed().await.map_err(drop)?;
+                }
+                Ok(())
+            }
+            (Target::Session(peer), Delivery::Log(params)) => peer
+                .notify_logging_message((*params).clone())
+                .await
+                .map_err(drop),
+            (Target::Session(peer), Delivery::Gap { count, level }) => {
+                let mut params = LoggingMessageNotificationParam::new(
+                    level,
+                    serde_json::Value::String(format!(
+                        "{count} log message{} dropped: this client did not read them as fast as they came (at most {OUTBOX_MAX_LOGS} messages or {OUTBOX_MAX_LOG_BYTES} bytes wait for one session)",
+                        if count == 1 { " was" } else { "s were" }
+                    )),
+                );
+                params.logger = Some("concord".to_string());
+                peer.notify_logging_message(params).await.map_err(drop)
+            }
+            // Each stream receives only what its filter accepted (the sink enforces it too).
+            (Target::Listener(sink), Delivery::Changes(changes)) => {
+                let accepted = sink.accepted();
+                if changes.tools && accepted.tools_list_changed == Some(true) {
+                    sink.notify_tool_list_changed().await.map_err(drop)?;
+                }
+                if changes.prompts && accepted.prompts_list_changed == Some(true) {
+                    sink.notify_prompt_list_changed().await.map_err(drop)?;
+                }
+                if changes.resources && accepted.resources_list_changed == Some(true) {
+                    sink.notify_resource_list_changed().await.map_err(drop)?;
+                }
+                Ok(())
+            }
+            // Listen streams carry no log messages (none are queued for them).
+            (Target::Listener(_), _) => Ok(()),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Target::Session(peer) => peer.is_transport_closed(),
+            // A listen stream that refuses a notification has ended (or its transport has).
+            Target::Listener(_) => true,
+        }
+    }
+}
+
+/// A log message as it is forwarded: named after the server when it names no logger, and its
+/// `data` cut when it is larger than [`MAX_FORWARDED_LOG_BYTES`].
+fn queued_log(server: &str, mut params: LoggingMessageNotificationParam) -> QueuedLog {
+    if params.logger.is_none() {
+        params.logger = Some(server.to_string());
+    }
+    let serialized = serde_json::to_string(&params.data).unwrap_or_default();
+    let mut bytes = serialized.len();
+    if bytes > MAX_FORWARDED_LOG_BYTES {
+        let mut end = MAX_FORWARDED_LOG_BYTES;
+        while !serialized.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = format!(
+            "{}… [cut by concord: this log message had {bytes} bytes; at most {MAX_FORWARDED_LOG_BYTES} are forwarded]",
+            &serialized[..end]
+        );
+        bytes = cut.len() + 2;
+        params.data = serde_json::Value::String(cut);
+    }
+    // The envelope (method, level, logger) besides the data.
+    bytes += 96 + params.logger.as_ref().map_or(0, String::len);
+    QueuedLog {
+        params: Arc::new(params),
+        bytes,
+    }
+}
+
+impl Downstream {
+    fn new_session(&self, id: u64, peer: Peer<RoleServer>) -> DownstreamSession {
+        DownstreamSession {
             id,
             peer,
             log_level: None,
             identity: None,
-        });
+            outbox: OutboxHandle(Outbox::new(self.counters.clone())),
+        }
+    }
+
+    pub fn register(&self, id: u64, peer: Peer<RoleServer>) {
+        let mut peers = self.peers.lock();
+        peers.retain(|p| !p.peer.is_transport_closed());
+        if peers.iter().any(|p| p.id == id) {
+            return;
+        }
+        let session = self.new_session(id, peer);
+        peers.push(session);
     }
 
     /// Records the log level a session asked for (`logging/setLevel`).
@@ -531,18 +903,16 @@ impl Downstream {
         identity: Option<crate::access::Identity>,
     ) {
         let mut peers = self.peers.lock();
-        match peers.iter_mut().find(|p| p.id == id) {
-            Some(session) => {
-                session.log_level = Some(level);
-                session.identity = identity;
+        let index = match peers.iter().position(|p| p.id == id) {
+            Some(index) => index,
+            None => {
+                let session = self.new_session(id, peer.clone());
+                peers.push(session);
+                peers.len() - 1
             }
-            None => peers.push(DownstreamSession {
-                id,
-                peer: peer.clone(),
-                log_level: Some(level),
-                identity,
-            }),
-        }
+        };
+        peers[index].log_level = Some(level);
+        peers[index].identity = identity;
     }
 
     /// The most verbose level any session asked for: what the upstreams are set to, since
@@ -555,95 +925,87 @@ impl Downstream {
             .min_by_key(|level| severity(*level))
     }
 
-    fn live_peers(&self) -> Vec<Peer<RoleServer>> {
-        let mut peers = self.peers.lock();
-        peers.retain(|p| !p.peer.is_transport_closed());
-        peers.iter().map(|p| p.peer.clone()).collect()
-    }
-
-    /// Sessions that asked for log messages at `level` or above, with who asked.
-    fn log_listeners(
-        &self,
-        level: LoggingLevel,
-    ) -> Vec<(Peer<RoleServer>, Option<crate::access::Identity>)> {
-        let mut peers = self.peers.lock();
-        peers.retain(|p| !p.peer.is_transport_closed());
-        peers
-            .iter()
-            .filter(|p| {
-                p.log_level
-                    .is_some_and(|wanted| severity(level) >= severity(wanted))
-            })
-            .map(|p| (p.peer.clone(), p.identity.clone()))
-            .collect()
-    }
-
     pub fn add_listener(&self, id: u64, sink: SubscriptionSink) {
-        self.listeners.lock().insert(id, sink);
+        let outbox = OutboxHandle(Outbox::new(self.counters.clone()));
+        self.listeners
+            .lock()
+            .insert(id, DownstreamListener { sink, outbox });
     }
 
     pub fn remove_listener(&self, id: u64) {
-        self.listeners.lock().remove(&id);
+        // Dropping the entry closes its outbox (and stops its delivery).
+        let removed = self.listeners.lock().remove(&id);
+        drop(removed);
     }
 
+    /// Queues list changes for every session and listen stream; each is told once however
+    /// many changes pile up before it reads.
     fn announce(&self, changes: ListChanges) {
-        let peers = self.live_peers();
-        let listeners: Vec<SubscriptionSink> = self.listeners.lock().values().cloned().collect();
-        if peers.is_empty() && listeners.is_empty() {
-            return;
+        let mut peers = self.peers.lock();
+        peers.retain(|p| !p.peer.is_transport_closed());
+        for session in peers.iter() {
+            let target = Target::Session(session.peer.clone());
+            session.outbox.0.push_changes(changes, &target);
         }
-        tokio::spawn(async move {
-            // Each stream receives only what its filter accepted; the sink enforces it.
-            for sink in listeners {
-                if changes.tools && sink.accepted().tools_list_changed == Some(true) {
-                    let _ = sink.notify_tool_list_changed().await;
-                }
-                if changes.prompts && sink.accepted().prompts_list_changed == Some(true) {
-                    let _ = sink.notify_prompt_list_changed().await;
-                }
-                if changes.resources && sink.accepted().resources_list_changed == Some(true) {
-                    let _ = sink.notify_resource_list_changed().await;
-                }
-            }
-            for peer in peers {
-                if changes.tools {
-                    let _ = peer.notify_tool_list_changed().await;
-                }
-                if changes.prompts {
-                    let _ = peer.notify_prompt_list_changed().await;
-                }
-                if changes.resources {
-                    let _ = peer.notify_resource_list_changed().await;
-                }
-            }
-        });
+        drop(peers);
+        for listener in self.listeners.lock().values() {
+            let target = Target::Listener(listener.sink.clone());
+            listener.outbox.0.push_changes(changes, &target);
+        }
     }
 
-    /// Passes an upstream's log message on to the connected clients, naming the server as the
-    /// logger when the upstream gave none.
+    /// Passes an upstream's log message on to the connected clients that asked for its level
+    /// (and whose principal may use the server), naming the server as the logger when the
+    /// upstream gave none.
     pub fn forward_log(
         &self,
         server: &str,
-        mut params: LoggingMessageNotificationParam,
+        params: LoggingMessageNotificationParam,
         may_use: impl Fn(Option<&crate::access::Identity>) -> bool,
     ) {
-        if params.logger.is_none() {
-            params.logger = Some(server.to_string());
-        }
-        let peers: Vec<_> = self
-            .log_listeners(params.level)
-            .into_iter()
-            .filter(|(_, identity)| may_use(identity.as_ref()))
-            .map(|(peer, _)| peer)
-            .collect();
-        if peers.is_empty() {
-            return;
-        }
-        tokio::spawn(async move {
-            for peer in peers {
-                let _ = peer.notify_logging_message(params.clone()).await;
+        let level = params.level;
+        // Chosen under the lock, judged by policy outside it.
+        let candidates: Vec<(
+            Arc<Outbox>,
+            Peer<RoleServer>,
+            Option<crate::access::Identity>,
+        )> = {
+            let mut peers = self.peers.lock();
+            peers.retain(|p| !p.peer.is_transport_closed());
+            peers
+                .iter()
+                .filter(|p| {
+                    p.log_level
+                        .is_some_and(|wanted| severity(level) >= severity(wanted))
+                })
+                .map(|p| (p.outbox.0.clone(), p.peer.clone(), p.identity.clone()))
+                .collect()
+        };
+        let mut log = None;
+        for (outbox, peer, identity) in candidates {
+            if !may_use(identity.as_ref()) {
+                continue;
             }
-        });
+            let log = log.get_or_insert_with(|| queued_log(server, params.clone()));
+            outbox.push_log(log, &Target::Session(peer));
+        }
+    }
+
+    /// What waits to be sent to downstream clients (closed sessions are let go first).
+    pub fn backlog(&self) -> DownstreamBacklog {
+        let sessions = {
+            let mut peers = self.peers.lock();
+            peers.retain(|p| !p.peer.is_transport_closed());
+            peers.len()
+        };
+        DownstreamBacklog {
+            sessions,
+            listeners: self.listeners.lock().len(),
+            queued_logs: self.counters.queued_logs.load(Ordering::Relaxed),
+            queued_bytes: self.counters.queued_bytes.load(Ordering::Relaxed),
+            delivery_tasks: self.counters.delivery_tasks.load(Ordering::Relaxed),
+            dropped_logs: self.counters.dropped_logs.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -1091,7 +1453,7 @@ impl Gateway {
                 breaker,
                 catalog: RwLock::default(),
                 rebuild_lock: Mutex::new(()),
-                downstream: Downstream::default(),
+                downstream: Downstream::new(&config.node),
                 router: Arc::default(),
                 subscriptions: Subscriptions::default(),
                 suspended: SuspendedCalls::default(),
@@ -1270,6 +1632,12 @@ impl Gateway {
     /// Number of tools currently exposed.
     pub fn tool_count(&self) -> usize {
         self.shared.catalog().tools.len()
+    }
+
+    /// What waits to be sent to the downstream clients (log messages, list changes), and what
+    /// was dropped because a client did not read it.
+    pub fn downstream_backlog(&self) -> DownstreamBacklog {
+        self.shared.downstream.backlog()
     }
 
     /// Calls a tool by its exposed name on the node's own behalf, as its configuration says

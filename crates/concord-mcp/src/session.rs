@@ -34,6 +34,7 @@ use crate::gateway::{
 };
 use crate::methods::McpAccess;
 use crate::subscriptions::{SessionId, Subscriber};
+use crate::tap::GATEWAY_META_PREFIX;
 use crate::upstream::hold_subscription;
 use futures::StreamExt;
 use rmcp::model::{
@@ -53,21 +54,65 @@ pub(crate) struct GatewaySession {
 }
 
 /// What the access hook asked of the upstream request of the call being served: extra `_meta`
-/// (a child budget envelope) and a deadline that caps the upstream timeout.
+/// (a child budget envelope) and a deadline that caps the upstream timeout; and where the
+/// usage its server reports is kept, when that server is trusted to report it.
 #[derive(Clone, Default)]
 struct CallShaping {
     extra_meta: rmcp::model::JsonObject,
     time_left: Option<std::time::Duration>,
+    reported_usage: Arc<parking_lot::Mutex<Option<serde_json::Value>>>,
 }
 
 tokio::task_local! {
     static CALL_SHAPING: CallShaping;
 }
 
-/// The `_meta` namespace the gateway owns (budget envelopes, the authenticated caller).
-const GATEWAY_META_PREFIX: &str = "concord/";
 /// The `_meta` key of the budget envelope a call runs under.
 const BUDGET_META: &str = "concord/budget";
+/// The `_meta` key under which a server reports what a tool call spent (tokens, cost): taken
+/// from the servers configured to report it (`report_usage`), dropped from every other.
+const USAGE_META: &str = "concord/usage";
+
+/// Takes the gateway's own `_meta` namespace (`concord/…`) out of an upstream's result, as it
+/// is taken out of a client's request: what an upstream says there (cache hits, truncation,
+/// usage, budgets) is never passed on as if the gateway had said it. Returns the usage the
+/// result claims, for the caller to accept or not.
+fn take_gateway_meta(result: &mut ServerResult) -> Option<serde_json::Value> {
+    let meta = match result {
+        ServerResult::CallToolResult(r) => &mut r.meta,
+        ServerResult::GetPromptResult(r) => &mut r.meta,
+        ServerResult::ReadResourceResult(r) => &mut r.meta,
+        ServerResult::CompleteResult(r) => &mut r.meta,
+        ServerResult::InputRequiredResult(r) => &mut r.meta,
+        ServerResult::ListToolsResult(r) => &mut r.meta,
+        ServerResult::ListPromptsResult(r) => &mut r.meta,
+        ServerResult::ListResourcesResult(r) => &mut r.meta,
+        ServerResult::ListResourceTemplatesResult(r) => &mut r.meta,
+        _ => return None,
+    };
+    let map = meta.as_mut()?;
+    let usage = map.0.remove(USAGE_META);
+    crate::tap::strip_gateway_keys(&mut map.0);
+    if map.0.is_empty() {
+        *meta = None;
+    }
+    usage
+}
+
+/// Server-to-client requests (sampling, elicitation, roots) one call may put to its caller;
+/// past it, the upstream's further requests are refused at once (never queued).
+pub(crate) const MAX_CLIENT_REQUESTS_PER_CALL: usize = 64;
+
+/// The upstream's answer to a server-to-client request past the per-call limit.
+fn too_many_client_requests(request: &ServerRequest) -> McpError {
+    McpError::invalid_request(
+        format!(
+            "{} refused: this call already put {MAX_CLIENT_REQUESTS_PER_CALL} requests to its client, the most one call may",
+            server_request_method(request)
+        ),
+        Some(serde_json::json!({ "limit": MAX_CLIENT_REQUESTS_PER_CALL })),
+    )
+}
 
 /// `_meta` keys that describe one hop of the protocol (the client's own lifecycle data in the
 /// 2026-07-28 era, and the progress token rmcp re-issues per hop); every other key, such as
@@ -103,6 +148,9 @@ pub(crate) struct InFlight {
         Box<dyn std::future::Future<Output = Result<ServerResult, ServiceError>> + Send>,
     >,
     events: tokio::sync::mpsc::UnboundedReceiver<CallEvent>,
+    /// Server-to-client requests of this call put to its caller so far (bounded by
+    /// [`MAX_CLIENT_REQUESTS_PER_CALL`]; a parked call keeps its count).
+    client_requests: usize,
     _routes: CallGuard,
 }
 
@@ -259,7 +307,13 @@ async fn ask_client(
     let method = server_request_method(&request).to_string();
     peer.send_request(request).await.map_err(|e| match e {
         rmcp::service::ServiceError::McpError(e) => e,
-        other => McpError::internal_error(format!("{method} to the client failed: {other}"), None),
+        other => McpError::internal_error(
+            format!(
+                "{method} to the client failed: {}",
+                crate::error::describe_service_error(&other)
+            ),
+            None,
+        ),
     })
 }
 
@@ -498,6 +552,7 @@ impl GatewaySession {
             upstream_id,
             response: Box::pin(handle.await_response()),
             events,
+            client_requests: 0,
             lost,
             ticket,
             _routes: routes,
@@ -539,10 +594,17 @@ impl GatewaySession {
                     CallEvent::Log(params) => {
                         relay_log(&context.peer, &call.server, log_floor, params).await;
                     }
+                    CallEvent::Request { request, reply }
+                        if call.client_requests >= MAX_CLIENT_REQUESTS_PER_CALL =>
+                    {
+                        let _ = reply.send(Err(too_many_client_requests(&request)));
+                    }
                     CallEvent::Request { request, reply } if modern => {
+                        call.client_requests += 1;
                         return self.suspend(call, request, reply, context);
                     }
                     CallEvent::Request { request, reply } => {
+                        call.client_requests += 1;
                         let peer = context.peer.clone();
                         client_requests.push(async move {
                             let answer = ask_client(&peer, request).await;
@@ -565,7 +627,12 @@ impl GatewaySession {
                         }
                     }
                     let outcome = result
-                        .map(with_result_type)
+                        .map(|mut answer| {
+                            if let Some(usage) = take_gateway_meta(&mut answer) {
+                                Self::claimed_usage(&call, usage);
+                            }
+                            with_result_type(answer)
+                        })
                         .map_err(|e| GatewayError::from_service(&call.server, call.method, e));
                     call.ticket.finish(
                         &self.shared,
@@ -598,6 +665,16 @@ impl GatewaySession {
         }
     }
 
+    /// Keeps the usage `call`'s result claims for the call's settlement, if its server is
+    /// configured to report usage (`report_usage`); a claim from any other server is dropped.
+    fn claimed_usage(call: &InFlight, usage: serde_json::Value) {
+        if !call.ticket.replica.spec.report_usage {
+            tracing::debug!(server = %call.server, "usage reported by a server not trusted to report it; ignored");
+            return;
+        }
+        let _ = CALL_SHAPING.try_with(|shaping| *shaping.reported_usage.lock() = Some(usage));
+    }
+
     /// Parks `call` until the caller answers `first` (and any other request the upstream has
     /// already queued), and tells the caller what to answer.
     fn suspend(
@@ -611,7 +688,15 @@ impl GatewaySession {
         let mut early_progress = Vec::new();
         while let Ok(event) = call.events.try_recv() {
             match event {
-                CallEvent::Request { request, reply } => pending.push((request, reply)),
+                CallEvent::Request { request, reply }
+                    if call.client_requests >= MAX_CLIENT_REQUESTS_PER_CALL =>
+                {
+                    let _ = reply.send(Err(too_many_client_requests(&request)));
+                }
+                CallEvent::Request { request, reply } => {
+                    call.client_requests += 1;
+                    pending.push((request, reply));
+                }
                 CallEvent::Progress(params) => early_progress.push(params),
                 // The caller's retry is a new request with a stream of its own; what was
                 // logged before the suspension has no stream left to go to.
@@ -654,9 +739,21 @@ impl GatewaySession {
         mut input: InputRequiredResult,
         context: &RequestContext<RoleServer>,
     ) -> Result<ServerResult, GatewayError> {
+        let mut asked = 0usize;
         for _ in 0..MAX_INPUT_ROUNDS {
             let mut responses = InputResponses::new();
-            for (key, request) in input.input_requests.take().unwrap_or_default() {
+            let requests = input.input_requests.take().unwrap_or_default();
+            asked = asked.saturating_add(requests.len());
+            if asked > MAX_CLIENT_REQUESTS_PER_CALL {
+                return Err(GatewayError::Upstream(PeerError(McpError::internal_error(
+                    format!(
+                        "server '{}' asked for more than {MAX_CLIENT_REQUESTS_PER_CALL} inputs during one call",
+                        route.server
+                    ),
+                    Some(serde_json::json!({ "limit": MAX_CLIENT_REQUESTS_PER_CALL })),
+                ))));
+            }
+            for (key, request) in requests {
                 let request = match request {
                     InputRequest::CreateMessage(r) => ServerRequest::CreateMessageRequest(r),
                     InputRequest::Elicitation(r) => ServerRequest::ElicitRequest(r),
@@ -1163,6 +1260,7 @@ impl ServerHandler for GatewaySession {
                     shaping = CallShaping {
                         extra_meta: admission.upstream_meta,
                         time_left: admission.time_left,
+                        ..CallShaping::default()
                     };
                     ticket = admission.ticket;
                 }
@@ -1178,6 +1276,7 @@ impl ServerHandler for GatewaySession {
             audited_arguments = params.arguments.clone();
         }
         let deadline = shaping.time_left;
+        let reported_usage = shaping.reported_usage.clone();
         // Read-only tools of servers with a cache TTL may be answered from the result cache.
         let cache = self.cacheable(&route.server, &route.name).map(|ttl| {
             let partition = identity
@@ -1365,10 +1464,19 @@ impl ServerHandler for GatewaySession {
                 .as_ref()
                 .and_then(|a| serde_json::to_vec(a).ok())
                 .map_or(0, |b| b.len());
-            let result_meta = match &response {
+            let mut result_meta = match &response {
                 Ok(CallToolResponse::Complete(result)) => result.meta.as_ref().map(|m| m.0.clone()),
                 _ => None,
             };
+            // What a trusted server reported spending (taken out of its result, which the
+            // caller sees without it): the one usage report settlement reads.
+            if let (Some(usage), Ok(CallToolResponse::Complete(_))) =
+                (reported_usage.lock().take(), &response)
+            {
+                result_meta
+                    .get_or_insert_with(Default::default)
+                    .insert(USAGE_META.into(), usage);
+            }
             let extra = access.record(
                 identity.as_ref(),
                 &CallOutcome {
@@ -1916,6 +2024,35 @@ mod tests {
         assert_eq!(next, None);
         assert!(page(&items, Some("bogus"), 2).is_err());
         assert!(page(&items, Some("o:99"), 2).is_err());
+    }
+
+    #[test]
+    fn an_upstreams_gateway_keys_are_taken_out_and_its_usage_handed_back() {
+        let mut result: ServerResult = serde_json::from_value(serde_json::json!({
+            "content": [{"type": "text", "text": "x"}],
+            "_meta": {"concord/cache": "hit", "concord/usage": {"tokens": 5},
+                      "concord/budget": {"left": 1}, "app/keep": true}
+        }))
+        .unwrap();
+        assert!(matches!(result, ServerResult::CallToolResult(_)));
+        let usage = take_gateway_meta(&mut result);
+        assert_eq!(usage, Some(serde_json::json!({"tokens": 5})));
+        let wire = serde_json::to_value(&result).unwrap();
+        assert_eq!(wire["_meta"], serde_json::json!({"app/keep": true}));
+
+        // Nothing but gateway keys: no `_meta` at all.
+        let mut result: ServerResult = serde_json::from_value(serde_json::json!({
+            "messages": [], "_meta": {"concord/truncated": {"handle": "h"}}
+        }))
+        .unwrap();
+        assert!(matches!(result, ServerResult::GetPromptResult(_)));
+        assert_eq!(take_gateway_meta(&mut result), None);
+        assert!(
+            serde_json::to_value(&result)
+                .unwrap()
+                .get("_meta")
+                .is_none()
+        );
     }
 
     #[test]

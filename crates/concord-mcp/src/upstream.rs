@@ -1,7 +1,7 @@
 //! One upstream MCP server: how to connect to it, and the supervisor that keeps it connected,
 //! health-checked and its lists fresh. The supervisor is the only writer of an upstream's state.
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,6 @@ use rmcp::service::{
 };
 use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::{ClientHandler, ServiceExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -166,11 +165,61 @@ impl Upstream {
 }
 
 /// Which list an upstream announced as changed.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum ListChanged {
     Tools,
     Prompts,
     Resources,
+}
+
+/// The lists an upstream announced as changed and the supervisor has not re-fetched yet. A
+/// `list_changed` notification only sets its list's flag, so however many arrive, an upstream
+/// has at most one refresh in flight (the supervisor runs them one at a time) and one pending
+/// per list: a flood of notifications costs a couple of re-lists, not one each.
+#[derive(Default)]
+struct PendingLists {
+    tools: AtomicBool,
+    prompts: AtomicBool,
+    resources: AtomicBool,
+    /// Woken when a flag is set (a permit is kept when the supervisor is busy refreshing).
+    wake: tokio::sync::Notify,
+    /// Notifications received, and refreshes they caused.
+    received: AtomicU64,
+    refreshes: AtomicU64,
+}
+
+impl PendingLists {
+    fn mark(&self, list: ListChanged) {
+        let flag = match list {
+            ListChanged::Tools => &self.tools,
+            ListChanged::Prompts => &self.prompts,
+            ListChanged::Resources => &self.resources,
+        };
+        self.received.fetch_add(1, Ordering::Relaxed);
+        flag.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Takes the pending flags (clearing them): what to re-fetch now.
+    fn take(&self) -> Option<StaleLists> {
+        let stale = StaleLists {
+            tools: self.tools.swap(false, Ordering::AcqRel),
+            prompts: self.prompts.swap(false, Ordering::AcqRel),
+            resources: self.resources.swap(false, Ordering::AcqRel),
+        };
+        (stale.tools || stale.prompts || stale.resources).then(|| {
+            self.refreshes.fetch_add(1, Ordering::Relaxed);
+            stale
+        })
+    }
+}
+
+/// The lists one refresh re-fetches.
+#[derive(Debug, Clone, Copy)]
+struct StaleLists {
+    tools: bool,
+    prompts: bool,
+    resources: bool,
 }
 
 /// The client side of one upstream connection: relays the upstream's notifications.
@@ -180,7 +229,7 @@ pub(crate) struct UpstreamClient {
     /// The logical server (subscriptions and log messages are the pool's, not one replica's).
     pool: Arc<str>,
     shared: Weak<Shared>,
-    events: mpsc::UnboundedSender<ListChanged>,
+    pending: Arc<PendingLists>,
     forward_roots: bool,
 }
 
@@ -288,15 +337,15 @@ impl ClientHandler for UpstreamClient {
     }
 
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
-        let _ = self.events.send(ListChanged::Tools);
+        self.pending.mark(ListChanged::Tools);
     }
 
     async fn on_prompt_list_changed(&self, _context: NotificationContext<RoleClient>) {
-        let _ = self.events.send(ListChanged::Prompts);
+        self.pending.mark(ListChanged::Prompts);
     }
 
     async fn on_resource_list_changed(&self, _context: NotificationContext<RoleClient>) {
-        let _ = self.events.send(ListChanged::Resources);
+        self.pending.mark(ListChanged::Resources);
     }
 }
 
@@ -564,7 +613,7 @@ async fn ping(peer: &Peer<RoleClient>, timeout: Duration) -> Result<(), String> 
 fn listen_for_changes(
     peer: Peer<RoleClient>,
     server: Arc<str>,
-    events: mpsc::UnboundedSender<ListChanged>,
+    pending: Arc<PendingLists>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let filter = SubscriptionFilter::builder()
@@ -586,9 +635,7 @@ fn listen_for_changes(
                 ServerNotification::ResourceListChangedNotification(_) => ListChanged::Resources,
                 _ => continue,
             };
-            if events.send(event).is_err() {
-                return;
-            }
+            pending.mark(event);
         }
     })
 }
@@ -641,12 +688,13 @@ pub(crate) async fn supervise(shared: Arc<Shared>, upstream: Arc<Upstream>) {
             if upstream.stop.is_cancelled() {
                 return;
             }
-            let (events_tx, mut events) = mpsc::unbounded_channel();
+            // Fresh per connection: what the previous connection announced is re-fetched anyway.
+            let pending = Arc::new(PendingLists::default());
             let handler = UpstreamClient {
                 server: upstream.name.clone(),
                 pool: upstream.pool.clone(),
                 shared: Arc::downgrade(&shared),
-                events: events_tx.clone(),
+                pending: pending.clone(),
                 forward_roots: upstream.spec.forward_roots,
             };
             let connected = tokio::select! {
@@ -656,7 +704,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, upstream: Arc<Upstream>) {
             let failure = match connected {
                 Err(reason) => reason,
                 Ok(connection) => {
-                    let outcome = serve_connection(&shared, &upstream, connection, &mut events, events_tx).await;
+                    let outcome = serve_connection(&shared, &upstream, connection, &pending).await;
                     match outcome {
                         ConnectionEnd::Shutdown => return,
                         ConnectionEnd::Failed { reason, healthy_for } => {
@@ -705,15 +753,14 @@ async fn serve_connection(
     shared: &Arc<Shared>,
     upstream: &Arc<Upstream>,
     connection: Connection,
-    events: &mut mpsc::UnboundedReceiver<ListChanged>,
-    events_tx: mpsc::UnboundedSender<ListChanged>,
+    pending: &Arc<PendingLists>,
 ) -> ConnectionEnd {
     let peer = connection.service.peer().clone();
     let _listener = is_modern_peer(&peer).then(|| {
         AbortOnDrop(listen_for_changes(
             peer.clone(),
             upstream.name.clone(),
-            events_tx,
+            pending.clone(),
         ))
     });
     peer.set_response_cache_config(rmcp::service::ClientCacheConfig::disabled())
@@ -786,11 +833,19 @@ async fn serve_connection(
                     break ConnectionEnd::Failed { reason, healthy_for: Some(connected.elapsed()) };
                 }
             }
-            Some(event) = events.recv() => {
-                if let Err(reason) = refresh(upstream, &peer, &capabilities, event, timeout).await {
-                    break ConnectionEnd::Failed { reason, healthy_for: Some(connected.elapsed()) };
+            // Whatever was announced while the previous refresh ran is fetched once now.
+            _ = pending.wake.notified() => {
+                if let Some(stale) = pending.take() {
+                    if let Err(reason) = refresh(upstream, &peer, &capabilities, stale, timeout).await {
+                        break ConnectionEnd::Failed { reason, healthy_for: Some(connected.elapsed()) };
+                    }
+                    tracing::debug!(
+                        notifications = pending.received.load(Ordering::Relaxed),
+                        refreshes = pending.refreshes.load(Ordering::Relaxed),
+                        "lists refreshed after list_changed"
+                    );
+                    shared.rebuild_catalog();
                 }
-                shared.rebuild_catalog();
             }
         }
         if connection.service.is_closed() {
@@ -813,26 +868,23 @@ async fn refresh(
     upstream: &Upstream,
     peer: &Peer<RoleClient>,
     capabilities: &ServerCapabilities,
-    event: ListChanged,
+    stale: StaleLists,
     timeout: Duration,
 ) -> Result<(), String> {
     let mut lists = (*upstream.state.read().lists).clone();
     let work = async {
-        match event {
-            ListChanged::Tools if capabilities.tools.is_some() => {
-                lists.tools = peer.list_all_tools().await.map_err(|e| e.to_string())?;
-            }
-            ListChanged::Prompts if capabilities.prompts.is_some() => {
-                lists.prompts = peer.list_all_prompts().await.map_err(|e| e.to_string())?;
-            }
-            ListChanged::Resources if capabilities.resources.is_some() => {
-                lists.resources = peer.list_all_resources().await.map_err(|e| e.to_string())?;
-                lists.templates = peer
-                    .list_all_resource_templates()
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            _ => {}
+        if stale.tools && capabilities.tools.is_some() {
+            lists.tools = peer.list_all_tools().await.map_err(|e| e.to_string())?;
+        }
+        if stale.prompts && capabilities.prompts.is_some() {
+            lists.prompts = peer.list_all_prompts().await.map_err(|e| e.to_string())?;
+        }
+        if stale.resources && capabilities.resources.is_some() {
+            lists.resources = peer.list_all_resources().await.map_err(|e| e.to_string())?;
+            lists.templates = peer
+                .list_all_resource_templates()
+                .await
+                .map_err(|e| e.to_string())?;
         }
         Ok::<_, String>(())
     };

@@ -9,6 +9,10 @@
 
 /// Stdio upstreams that misbehave: stderr abuse and crash loops.
 mod abuse;
+/// Hostile HTTP upstreams: forged `concord/` metadata, sampling floods, unusable answers.
+mod forged;
+/// Hostile peers: a client that never reads its event stream, an upstream flooding list changes.
+mod hostile;
 /// The legacy HTTP+SSE upstream transport, and configured headers on the wire.
 mod legacy_sse;
 

@@ -176,11 +176,19 @@ impl Registration {
                 ));
             }
         }
-        for capability in &self.capabilities {
+        for (index, capability) in self.capabilities.iter().enumerate() {
             if !valid_word(capability) {
                 return Err(invalid(
                     "capabilities",
                     format!("{capability:?} is not a valid name"),
+                ));
+            }
+            // The catalog indexes an entity once per capability it lists: twice would count
+            // it twice.
+            if self.capabilities[..index].contains(capability) {
+                return Err(invalid(
+                    "capabilities",
+                    format!("{capability:?} is listed twice"),
                 ));
             }
         }

@@ -275,12 +275,16 @@ fn entity_of(registration: Registration, id: &str, now: u64) -> Entity {
     }
 }
 
-/// 256 cases a property, and no regression files written into the source tree (a failure
-/// prints its minimal input; known ones are pinned as plain tests below).
+/// 256 cases a property (`PROPTEST_CASES` overrides, for a longer local run), and no
+/// regression files written into the source tree: a failure prints its minimal input.
 fn config() -> ProptestConfig {
     ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(256),
         failure_persistence: None,
-        ..ProptestConfig::with_cases(256)
+        ..ProptestConfig::default()
     }
 }
 
@@ -393,10 +397,10 @@ proptest! {
 }
 
 /// Found by `registrations_validate_or_name_the_field`: a registration listing a capability
-/// twice passes validation, and the catalog then indexes the entity twice under it, so
-/// resolving that capability counts more offers than entities (`in_namespace -
-/// offering.len()` overflows: a panic in debug builds, a count near 2^64 in release) and
-/// lists the entity twice.
+/// twice passed validation, and the catalog then indexed the entity twice under it, so
+/// resolving that capability counted more offers than entities (`in_namespace -
+/// offering.len()` overflowed: a panic in debug builds, a count near 2^64 in release) and
+/// listed the entity twice. Validation now refuses the duplicate.
 #[test]
 fn a_capability_listed_twice_resolves_once() {
     let registration: Registration = serde_json::from_value(json!({
@@ -404,8 +408,9 @@ fn a_capability_listed_twice_resolves_once() {
         "capabilities": ["search", "search"], "endpoint": {"url": "http://a"},
     }))
     .unwrap();
-    if registration.validate().is_err() {
-        return; // Refusing the duplicate at validation is a fix too.
+    if let Err(error) = registration.validate() {
+        assert_eq!(error.field(), "capabilities", "{error}");
+        return;
     }
     let catalog = Catalog::new(vec![entity_of(registration, "a@1", 0)]);
     let selector = Selector {

@@ -404,6 +404,8 @@ impl Agents {
             name: agent.name.clone(),
             instructions: agent.instructions.clone(),
             max_iterations: agent.max_iterations,
+            max_tool_calls_per_turn: agent.max_tool_calls_per_turn,
+            max_parallel_tool_calls: agent.max_parallel_tool_calls,
             output_schema: agent.output_schema.clone(),
         };
         let model = ProviderChain(providers);
@@ -958,6 +960,10 @@ fn delegated_reply(answer: &Value, failed: bool) -> ToolReply {
         cost_usd,
     }
 }
+
+#[cfg(test)]
+#[path = "agents_proptests.rs"]
+mod proptests;
 
 #[cfg(test)]
 mod tests {

@@ -176,6 +176,10 @@ pub async fn jsonrpc_edge(State(edge): State<McpEdge>, request: Request, next: N
 }
 
 #[cfg(test)]
+#[path = "edge_proptests.rs"]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -306,21 +306,15 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         gateway.clone(),
         shutdown.clone(),
     ));
-    let stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        // Small JSON-RPC answers must leave at once: without TCP_NODELAY, Nagle's algorithm and
-        // the client's delayed ACK hold each response back by about 40 ms.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        // The peer's address travels with each request (audit aggregates auth failures by it).
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    });
+    let server = tokio::spawn(serve(
+        listener,
+        app,
+        ListenLimits {
+            max_connections: config.node.max_connections,
+            header_read_timeout: config.node.header_read_timeout,
+        },
+        shutdown.clone(),
+    ));
     Ok(RunningNode {
         local_addr,
         gateway,
@@ -328,6 +322,184 @@ pub async fn start(config: &Config, options: NodeOptions) -> Result<RunningNode,
         server,
         audit: governance.map(|g| g.audit.clone()),
     })
+}
+
+/// Bounds of the node's HTTP listener (`[node] max_connections`, `header_read_timeout`).
+#[derive(Debug, Clone, Copy)]
+struct ListenLimits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+}
+
+/// Connections answered "503, at capacity" at once at most; past it a refused connection is
+/// closed without an answer (a flood of connections must not become a flood of tasks).
+const MAX_REFUSING: usize = 64;
+/// How long a refused connection gets to send its request head (an HTTP client reads an answer
+/// only once it has sent its request), and to take its 503 in all.
+const REFUSAL_HEAD_WAIT: Duration = Duration::from_secs(1);
+const REFUSAL_LIMIT: Duration = Duration::from_secs(3);
+/// The most a connection's read buffer holds: a request head larger than this is refused (431).
+/// hyper's default (about 400 KiB) would let every slow connection hold that much.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The JSON-RPC error code of a refusal at a configured capacity (concord-mcp answers a session
+/// refused at `[node] max_sessions` with the same code).
+const AT_CAPACITY: i32 = -32031;
+
+/// Serves `app` on `listener` until `stop`, then lets open connections finish (each is asked to
+/// close after its request in flight). axum::serve is not used: it has no header read timeout
+/// (hyper enforces one only with a timer, which axum::serve does not set) and no connection
+/// cap, so slow or idle connections could be held without bound.
+///
+/// At most `max_connections` connections are served at once. Past that, a new connection is
+/// accepted and answered at once with 503 and a JSON-RPC error, then closed: the client learns
+/// why instead of waiting in the kernel's accept queue for a slot that slow clients may hold,
+/// and the accept loop stays free to notice shutdown. Every served connection must send its
+/// request headers within `header_read_timeout`, which also closes kept-alive connections idle
+/// that long; a response being streamed (an SSE stream) is not subject to it. A request head
+/// may be [`MAX_HEAD_BYTES`] at most, so a connection holds that much at most while it waits.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ListenLimits,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let max = limits.max_connections.clamp(1, u32::MAX as usize);
+    let open = Arc::new(tokio::sync::Semaphore::new(max));
+    let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
+    let mut refused: u64 = 0;
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    accept_failed(error, &stop).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            refused += 1;
+            // Logged at 1, 2, 4, 8…: a flood shows without flooding the log itself.
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    refused,
+                    max_connections = max,
+                    "connection refused: the node serves its maximum of connections ([node] max_connections)"
+                );
+            }
+            refuse(stream, max, &refusing);
+            continue;
+        };
+        // Small JSON-RPC answers must leave at once: without TCP_NODELAY, Nagle's algorithm and
+        // the client's delayed ACK hold each response back by about 40 ms.
+        let _ = stream.set_nodelay(true);
+        // The peer's address travels with each request (audit aggregates auth failures by it),
+        // as axum's `into_make_service_with_connect_info::<SocketAddr>` puts it there.
+        let service = hyper_util::service::TowerToHyperService::new(tower::Layer::layer(
+            &axum::Extension(axum::extract::ConnectInfo(peer)),
+            app.clone(),
+        ));
+        let stop = stop.clone();
+        let header_read_timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(MAX_HEAD_BYTES);
+            let connection = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                ended = connection.as_mut() => {
+                    if let Err(error) = ended {
+                        tracing::debug!(%peer, %error, "connection ended");
+                    }
+                    return;
+                }
+                _ = stop.cancelled() => {}
+            }
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    // Each connection gives its permit back when it ends.
+    let _ = open.acquire_many(max as u32).await;
+    Ok(())
+}
+
+/// An accept that failed: a connection reset before it was taken is nothing; anything else
+/// (out of file descriptors) is logged and waited out a second, as axum::serve does.
+async fn accept_failed(error: std::io::Error, stop: &CancellationToken) {
+    use std::io::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(%error, "accepting a connection failed; retrying in 1 s");
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// Answers a connection past the cap with 503 and closes it: the request head is read first
+/// (briefly), then the answer written, then what else the client sent is read (a little) before
+/// closing, so the close does not reset the connection under the answer. At most
+/// [`MAX_REFUSING`] at once; the rest are just closed.
+fn refuse(stream: tokio::net::TcpStream, max: usize, refusing: &Arc<tokio::sync::Semaphore>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(slot) = refusing.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut stream = stream;
+        let body = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": null,
+            "error": {
+                "code": AT_CAPACITY,
+                "message": format!("the node already serves its maximum of {max} connections ([node] max_connections); retry shortly"),
+                "data": {"max_connections": max},
+            }
+        })
+        .to_string();
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tokio::time::timeout(REFUSAL_LIMIT, async {
+            let mut head = Vec::new();
+            let mut scratch = [0u8; 4096];
+            let _ = tokio::time::timeout(REFUSAL_HEAD_WAIT, async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match stream.read(&mut scratch).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&scratch[..n]),
+                    }
+                }
+            })
+            .await;
+            stream.write_all(answer.as_bytes()).await?;
+            stream.shutdown().await?;
+            let mut taken = 0;
+            while taken < 64 * 1024 {
+                match stream.read(&mut scratch).await? {
+                    0 => break,
+                    n => taken += n,
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    });
 }
 
 /// Turns commits into `notifications/resources/updated` for clients subscribed to

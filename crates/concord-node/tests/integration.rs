@@ -609,3 +609,6 @@ mod governance_abuse;
 
 #[path = "integration/registry_abuse.rs"]
 mod registry_abuse;
+
+#[path = "integration/hostile_clients.rs"]
+mod hostile_clients;

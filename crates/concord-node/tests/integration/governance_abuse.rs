@@ -247,7 +247,7 @@ async fn usage_upstream() -> String {
 async fn absurd_usage_reports_never_refund_or_wrap_and_are_audited() {
     let upstream = usage_upstream().await;
     let extra = format!(
-        "[servers.usage]\nurl = \"{upstream}\"\n[auth]\nenabled = true\n{EVERYONE}\
+        "[servers.usage]\nurl = \"{upstream}\"\nreport_usage = true\n[auth]\nenabled = true\n{EVERYONE}\
          [budgets.principals.alice]\ntool_calls = 100\ntokens = 1000000\ncost_usd = 1.0\n"
     );
     let (node, tokens) = TestNode::start_with_keys(&extra, &principals(&["alice"])).await;
