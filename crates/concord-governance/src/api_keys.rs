@@ -38,6 +38,10 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(buffer)
 }
 
+/// The hex digits of a key's id and of its secret (6 and 32 random bytes).
+const ID_HEX_LEN: usize = 12;
+const SECRET_HEX_LEN: usize = 64;
+
 /// Makes and stores a new key for `principal` with `roles`.
 pub async fn create(
     store: &Store,
@@ -45,8 +49,8 @@ pub async fn create(
     roles: &[String],
     now_ms: u64,
 ) -> Result<CreatedKey, AuthError> {
-    let id = random_hex(6);
-    let secret = random_hex(32);
+    let id = random_hex(ID_HEX_LEN / 2);
+    let secret = random_hex(SECRET_HEX_LEN / 2);
     let record = ApiKeyRecord {
         id: id.clone(),
         principal: principal.to_string(),
@@ -81,6 +85,17 @@ impl ApiKeyVerifier {
         let malformed = || AuthError::Invalid("malformed API key".into());
         let rest = token.strip_prefix(PREFIX).ok_or_else(malformed)?;
         let (id, secret) = rest.split_once('_').ok_or_else(malformed)?;
+        // Only the shape `create` makes reaches the cache and the store: an id of any other
+        // length or alphabet would otherwise pin whatever a stranger sends in the cache.
+        let hex = |text: &str, len: usize| {
+            text.len() == len
+                && text
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if !hex(id, ID_HEX_LEN) || !hex(secret, SECRET_HEX_LEN) {
+            return Err(malformed());
+        }
         let cached = self
             .cache
             .lock()

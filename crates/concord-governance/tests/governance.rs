@@ -1838,3 +1838,31 @@ mod abuse {
         assert!(matches!(missing, PolicyError::File(_)), "{missing:?}");
     }
 }
+
+/// Only keys of the shape `concord keys create` makes reach the lookup cache and the store: a
+/// stranger's 64 KiB "id" is refused as malformed (an unknown well-formed id is "unknown").
+#[tokio::test]
+async fn api_keys_of_another_shape_are_refused_before_any_lookup() {
+    let (_dir, store) = sqlite_store().await;
+    let auth = Authenticator::new(&settings(Vec::new(), None), store.clone()).unwrap();
+    let secret = "0".repeat(64);
+    for token in [
+        format!("ck_{}_{secret}", "a".repeat(65_536)),
+        format!("ck_ABCDEF012345_{secret}"),
+        format!("ck_0123456789a_{secret}"),
+        "ck_0123456789ab_short".to_string(),
+        format!("ck_0123456789ab_{}", "g".repeat(64)),
+    ] {
+        match auth.authenticate(Some(&bearer(&token))).await {
+            Err(AuthError::Invalid(reason)) => assert_eq!(reason, "malformed API key"),
+            other => panic!("{:.40}: {other:?}", token),
+        }
+    }
+    match auth
+        .authenticate(Some(&bearer(&format!("ck_0123456789ab_{secret}"))))
+        .await
+    {
+        Err(AuthError::Invalid(reason)) => assert_eq!(reason, "unknown API key"),
+        other => panic!("{other:?}"),
+    }
+}
