@@ -45,6 +45,11 @@ effect = "allow"
 when = '"analyst" in principal.roles && method == "tools/call" && server == "concord"'
 
 [[rules]]
+name = "analysts-read-state"
+effect = "allow"
+when = '"analyst" in principal.roles && method == "state/read"'
+
+[[rules]]
 name = "analysts-write-notes"
 effect = "allow"
 when = '"analyst" in principal.roles && method == "state/write" && namespace == "notes"'
