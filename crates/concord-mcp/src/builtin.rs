@@ -110,6 +110,12 @@ pub trait BuiltinTools: Send + Sync + 'static {
         let uri = uri.to_string();
         Box::pin(async move { Err(format!("no built-in resource {uri}")) })
     }
+    /// The decision a read of `uri` needs besides `resources/read`, as a policy method and the
+    /// name it decides on: a resource that is another surface's data (a state key) is read under
+    /// that surface's rules too.
+    fn resource_policy(&self, _uri: &str) -> Option<(&'static str, String)> {
+        None
+    }
 }
 
 pub(crate) type SharedBuiltins = Arc<dyn BuiltinTools>;

@@ -1692,6 +1692,12 @@ impl ServerHandler for GatewaySession {
         if let Some(builtins) = self.shared.builtins.clone()
             && server == self.shared.builtin_name
         {
+            if let Some((method, name)) = builtins.resource_policy(&params.uri)
+                && !self.permits(&context, method, &server, &name, None, false)
+            {
+                self.observe("resources/read", "", false);
+                return Err(GatewayError::UnknownResource(params.uri).into());
+            }
             let text = builtins
                 .read_resource(&params.uri)
                 .await

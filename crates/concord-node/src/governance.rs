@@ -182,7 +182,11 @@ impl AccessControl for PolicyAccess {
             server: request.server,
             name: request.name,
             arguments: request.arguments,
-            namespace: None,
+            // A state decision sees the key's namespace, as on the REST routes.
+            namespace: request
+                .method
+                .starts_with("state/")
+                .then(|| request.name.split('/').next().unwrap_or_default()),
             operations: &[],
         };
         let decision = if request.listing {

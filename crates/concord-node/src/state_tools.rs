@@ -257,6 +257,11 @@ impl BuiltinTools for StateTools {
         }]
     }
 
+    fn resource_policy(&self, uri: &str) -> Option<(&'static str, String)> {
+        uri.strip_prefix(STATE_URI_PREFIX)
+            .map(|key| ("state/read", key.to_string()))
+    }
+
     fn read_resource(&self, uri: &str) -> ResourceFuture {
         let state = self.state.clone();
         let key = uri.strip_prefix(STATE_URI_PREFIX).map(str::to_string);

@@ -577,3 +577,46 @@ async fn the_rate_limit_comes_before_the_decision_and_covers_opening_sessions() 
     }
     assert_eq!(opened, [200, 200, 200, 429, 429]);
 }
+
+#[tokio::test]
+async fn reading_a_state_key_as_a_resource_needs_state_read_too() {
+    let extra = "[auth]\nenabled = true\n\
+        [[policy.rules]]\nname = \"tools\"\neffect = \"allow\"\nwhen = 'method == \"tools/call\" || method == \"resources/read\" || method == \"state/write\"'\n\
+        [[policy.rules]]\nname = \"reads-but-secret\"\neffect = \"allow\"\nwhen = 'method == \"state/read\" && namespace != \"secret\"'\n";
+    let (node, tokens) = TestNode::start_with_keys(extra, &["bob".into()]).await;
+    let mut bob = Mcp::open(&node.url(), &tokens["bob"]).await;
+    for key in ["secret/plan", "open/plan"] {
+        let put = bob
+            .call(
+                "tools/call",
+                serde_json::json!({"name": "concord__state_put",
+                "arguments": {"key": key, "base_version": 0, "value": "TOPSECRET"}}),
+            )
+            .await;
+        assert_eq!(put["result"]["isError"], false, "{put}");
+    }
+    let hidden = bob
+        .call(
+            "resources/read",
+            serde_json::json!({"uri": "concord://state/secret/plan"}),
+        )
+        .await;
+    let unknown = bob
+        .call(
+            "resources/read",
+            serde_json::json!({"uri": "file:///no/such/resource"}),
+        )
+        .await;
+    assert!(!hidden.to_string().contains("TOPSECRET"), "{hidden}");
+    assert_eq!(
+        hidden["error"]["code"], unknown["error"]["code"],
+        "{hidden} vs {unknown}"
+    );
+    let open = bob
+        .call(
+            "resources/read",
+            serde_json::json!({"uri": "concord://state/open/plan"}),
+        )
+        .await;
+    assert!(open.to_string().contains("TOPSECRET"), "{open}");
+}
