@@ -23,6 +23,8 @@ pub mod codes {
     pub const BUDGET_EXHAUSTED: i32 = -32030;
     /// The policy does not allow this method (or route) to the caller.
     pub const FORBIDDEN: i32 = -32003;
+    /// The node is at a configured capacity (`[node] max_sessions`, `max_connections`).
+    pub const AT_CAPACITY: i32 = -32031;
 }
 
 /// A JSON-RPC error as a peer sent it: its message, then its code.

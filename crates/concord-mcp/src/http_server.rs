@@ -22,6 +22,7 @@ use rmcp::transport::streamable_http_server::{
 use tokio_util::sync::CancellationToken;
 
 use crate::Gateway;
+use crate::codes::AT_CAPACITY;
 
 /// Host names that always reach a loopback listener.
 const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
@@ -34,11 +35,6 @@ const LOOPBACK_ORIGINS: [&str; 6] = [
     "https://127.0.0.1:*",
     "https://[::1]:*",
 ];
-
-/// The JSON-RPC error code of a request refused because the node is at a configured capacity
-/// (sessions, connections). In the implementation-defined server range, next to the gateway's
-/// own codes.
-pub(crate) const AT_CAPACITY: i32 = -32031;
 
 /// The edge settings of the MCP endpoint.
 #[derive(Debug, Clone)]

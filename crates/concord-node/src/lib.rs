@@ -14,6 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use concord_config::Config;
+use concord_mcp::codes::AT_CAPACITY;
 use concord_mcp::{EdgeOptions, Gateway, GatewayError, GatewayOptions};
 use concord_telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
@@ -341,9 +342,6 @@ const REFUSAL_LIMIT: Duration = Duration::from_secs(3);
 /// The most a connection's read buffer holds: a request head larger than this is refused (431).
 /// hyper's default (about 400 KiB) would let every slow connection hold that much.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// The JSON-RPC error code of a refusal at a configured capacity (concord-mcp answers a session
-/// refused at `[node] max_sessions` with the same code).
-const AT_CAPACITY: i32 = -32031;
 
 /// Serves `app` on `listener` until `stop`, then lets open connections finish (each is asked to
 /// close after its request in flight). axum::serve is not used: it has no header read timeout
